@@ -1,0 +1,617 @@
+#include "mock_device.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+
+#include "../native/uapi.h"
+
+namespace vfio {
+
+using namespace vfio_uapi;
+
+namespace {
+
+// Stream record header; every record of the mock's migration stream starts
+// with one. `check` covers the header so a corrupted header is caught even
+// before its payload is.
+struct RecordHeader {
+  uint32_t magic;
+  uint16_t type;
+  uint16_t reserved;
+  uint32_t payload_len;
+  uint32_t check;
+  uint64_t arg0;
+  uint64_t arg1;
+};
+static_assert(sizeof(RecordHeader) == 32, "RecordHeader");
+
+constexpr uint32_t kRecordMagic = 0x4b434d56;  // "VMCK"
+constexpr uint32_t kStreamVersion = 1;
+enum RecordType : uint16_t {
+  kRecHeader = 1,     // arg0 = seed, arg1 = profile hash; payload = HeaderPayload
+  kRecSetup = 2,      // arg0 = offset; setup data
+  kRecChunk = 3,      // arg0 = chunk index, arg1 = version; chunk content
+  kRecInitialDone = 4,
+  kRecStopOnly = 5,   // arg0 = offset; stop-copy-only state
+  kRecEnd = 6,        // arg0 = chunk count, arg1 = digest of the content
+};
+struct HeaderPayload {
+  uint64_t state_bytes;
+  uint64_t setup_bytes;
+  uint64_t stop_copy_only_bytes;
+  uint32_t chunk_bytes;
+  uint32_t version;
+};
+static_assert(sizeof(HeaderPayload) == 32, "HeaderPayload");
+constexpr size_t kPipeBytes = 1 << 20;
+
+inline uint64_t Mix(uint64_t x) {  // splitmix64 finaliser
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+uint32_t HeaderCheck(const RecordHeader& h) {
+  uint64_t v = Mix(h.magic ^ (uint64_t(h.type) << 32) ^ (uint64_t(h.payload_len) << 48));
+  v = Mix(v ^ h.arg0);
+  v = Mix(v ^ h.arg1);
+  return uint32_t(v);
+}
+
+// Deterministic content of a record's payload: what the device "holds".
+void FillPayload(uint8_t* out, size_t len, uint64_t seed, uint16_t type, uint64_t a0, uint64_t a1) {
+  uint64_t s = Mix(seed ^ Mix(type ^ Mix(a0 ^ Mix(a1))));
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    s += 0x9e3779b97f4a7c15ull;
+    uint64_t z = s;
+    z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+    z ^= z >> 29;
+    memcpy(out + i, &z, 8);
+  }
+  if (i < len) {
+    uint64_t z = Mix(s + 1);
+    memcpy(out + i, &z, len - i);
+  }
+}
+
+uint64_t Digest64(uint64_t seed, const std::vector<uint32_t>& versions) {
+  uint64_t h = 0xcbf29ce484222325ull ^ Mix(seed);
+  for (uint32_t v : versions) {
+    h ^= v;
+    h *= 0x100000001b3ull;
+  }
+  return Mix(h ^ versions.size());
+}
+
+std::string Hex(uint64_t v) {
+  char b[17];
+  snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));
+  return b;
+}
+
+void SleepMs(double ms) {
+  if (ms > 0) std::this_thread::sleep_for(std::chrono::microseconds(int64_t(ms * 1000)));
+}
+
+}  // namespace
+
+MockDevice::MockDevice(MockProfile profile, uint64_t seed)
+    : p_(std::move(profile)), seed_(seed), state_(kStateRunning), rng_(Mix(seed ^ 0x5eed)) {
+  if (p_.chunk_bytes == 0) p_.chunk_bytes = 4096;
+  chunk_count_ = uint32_t((p_.state_bytes + p_.chunk_bytes - 1) / p_.chunk_bytes);
+  uint64_t ws = p_.dirty_working_set_bytes ? p_.dirty_working_set_bytes : p_.state_bytes;
+  working_set_chunks_ = uint32_t(std::min<uint64_t>(chunk_count_, (ws + p_.chunk_bytes - 1) / p_.chunk_bytes));
+  versions_.assign(chunk_count_, 0);
+  dirty_.assign(chunk_count_, 0);
+  last_tick_ = std::chrono::steady_clock::now();
+  info_.seed = seed;
+}
+
+MockDevice::~MockDevice() { Close(); }
+
+bool MockDevice::RunningLocked() const {
+  return state_ == kStateRunning || state_ == kStateRunningP2P || state_ == kStatePreCopy ||
+         state_ == kStatePreCopyP2P;
+}
+
+void MockDevice::AdvanceLocked() {
+  auto now = std::chrono::steady_clock::now();
+  double dt = std::chrono::duration<double>(now - last_tick_).count();
+  last_tick_ = now;
+  if (!RunningLocked() || p_.dirty_bytes_per_sec <= 0 || working_set_chunks_ == 0) return;
+  dirty_carry_ += p_.dirty_bytes_per_sec * dt / p_.chunk_bytes;
+  // Past a few passes over the working set more dirtying changes nothing the
+  // stream can see; the cap keeps a long idle gap from costing seconds here.
+  double cap = 4.0 * working_set_chunks_;
+  if (dirty_carry_ > cap) dirty_carry_ = cap;
+  uint64_t n = uint64_t(dirty_carry_);
+  dirty_carry_ -= double(n);
+  bool tracking = session_.kind == SessionKind::kSave && session_.active;
+  for (uint64_t i = 0; i < n; i++) {
+    rng_ = Mix(rng_);
+    uint32_t c = uint32_t(rng_ % working_set_chunks_);
+    versions_[c]++;
+    if (tracking && c < session_.next_first_pass_chunk && !dirty_[c]) {
+      dirty_[c] = 1;
+      dirty_count_++;
+    }
+  }
+  info_.dirtied_chunks += n;
+  dma_dirty_since_report_ += n;
+}
+
+uint64_t MockDevice::RecordBytes(uint64_t payload) const { return sizeof(RecordHeader) + payload; }
+
+static uint64_t SplitRecordsBytes(uint64_t total, uint64_t piece) {
+  if (total == 0) return 0;
+  uint64_t records = (total + piece - 1) / piece;
+  return records * sizeof(RecordHeader) + total;
+}
+
+uint64_t MockDevice::RemainingInitialLocked() const {
+  const Session& s = session_;
+  uint64_t b = 0;
+  if (!s.header_sent) b += RecordBytes(sizeof(HeaderPayload));
+  b += SplitRecordsBytes(p_.setup_bytes - s.setup_sent, p_.chunk_bytes);
+  b += uint64_t(chunk_count_ - s.next_first_pass_chunk) * RecordBytes(p_.chunk_bytes);
+  if (!s.initial_done_sent) b += RecordBytes(0);
+  return b;
+}
+
+uint64_t MockDevice::DirtyBytesLocked() const { return dirty_count_ * RecordBytes(p_.chunk_bytes); }
+
+int MockDevice::GetMigrationFlags(uint64_t* flags) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  *flags = p_.flags;
+  return 0;
+}
+
+int MockDevice::GetState(uint32_t* state) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  *state = state_;
+  return 0;
+}
+
+int MockDevice::OpenSessionLocked(SessionKind kind, int* data_fd) {
+  EndSessionLocked();
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return errno;
+  fcntl(fds[0], F_SETPIPE_SZ, int(kPipeBytes));
+  Session s;
+  s.kind = kind;
+  s.active = true;
+  s.rate_start = std::chrono::steady_clock::now();
+  if (kind == SessionKind::kSave) {
+    s.user_fd = fds[0];
+    s.device_fd = fds[1];
+    std::fill(dirty_.begin(), dirty_.end(), 0);
+    dirty_count_ = 0;
+  } else {
+    s.user_fd = fds[1];
+    s.device_fd = fds[0];
+    s.versions.assign(chunk_count_, 0);
+    s.received.assign(chunk_count_, 0);
+  }
+  session_ = std::move(s);
+  *data_fd = session_.user_fd;
+  return 0;
+}
+
+void MockDevice::EndSessionLocked() {
+  if (session_.kind == SessionKind::kNone) return;
+  if (session_.device_fd >= 0) close(session_.device_fd);
+  if (session_.user_fd >= 0) stale_fds_[session_.user_fd] = true;
+  session_ = Session{};
+  std::fill(dirty_.begin(), dirty_.end(), 0);
+  dirty_count_ = 0;
+}
+
+int MockDevice::StepLocked(uint32_t next, int* data_fd) {
+  AdvanceLocked();
+  uint32_t cur = state_;
+  if (ArcOpensDataFd(cur, next)) {
+    int err = OpenSessionLocked(next == kStateResuming ? SessionKind::kResume : SessionKind::kSave, data_fd);
+    if (err) return err;
+  } else if (cur == kStateResuming && next == kStateStop) {
+    Session& s = session_;
+    bool complete = s.header_ok && s.end_ok && s.initial_done && s.parse_buf.empty() &&
+                    s.setup_loaded == p_.setup_bytes && s.stop_only_loaded == p_.stop_copy_only_bytes &&
+                    s.chunks_received == chunk_count_;
+    if (!complete) {
+      EndSessionLocked();
+      if (p_.resume_failure_into_error) state_ = kStateError;
+      return EINVAL;
+    }
+    seed_ = s.src_seed;
+    versions_ = s.versions;
+    info_.loaded_digest = DigestOf(seed_, versions_);
+    EndSessionLocked();
+  } else if (InSavingGroup(cur) && !InSavingGroup(next)) {
+    EndSessionLocked();
+  }
+  state_ = next;
+  info_.arcs_taken++;
+  return 0;
+}
+
+int MockDevice::SetState(uint32_t target, int* data_fd) {
+  *data_fd = -1;
+  std::unique_lock<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  // ERROR cannot be requested and only a reset leaves it: the kernel's
+  // state_flags_table makes both EINVAL.
+  if (!StateSupported(target, p_.flags) || !StateSupported(state_, p_.flags)) return EINVAL;
+  while (state_ != target) {
+    uint32_t next;
+    if (NextState(state_, target, p_.flags, &next) != 0) return EINVAL;
+    double latency = p_.arc_latency_ms[state_][next];
+    if (latency < 0) latency = p_.default_arc_latency_ms;
+    if (latency > 0) {
+      l.unlock();
+      SleepMs(latency);
+      l.lock();
+      if (closed_) return EBADF;
+    }
+    for (auto& f : p_.faults) {
+      if (f.from == state_ && f.to == next && f.remaining != 0) {
+        if (f.remaining > 0) f.remaining--;
+        if (f.into_error) {
+          EndSessionLocked();
+          state_ = kStateError;
+        }
+        return f.err;
+      }
+    }
+    int fd = -1;
+    int err = StepLocked(next, &fd);
+    if (err) return err;
+    if (fd >= 0) *data_fd = fd;
+  }
+  return 0;
+}
+
+int MockDevice::GetPrecopyInfo(int data_fd, uint64_t* initial_bytes, uint64_t* dirty_bytes) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  bool current = session_.kind != SessionKind::kNone && data_fd == session_.user_fd;
+  if (!current && !stale_fds_.count(data_fd)) return EBADF;
+  if (current && session_.kind == SessionKind::kResume) return ENOTTY;
+  if (state_ != kStatePreCopy && state_ != kStatePreCopyP2P) return EINVAL;
+  if (!current) return ENODEV;
+  AdvanceLocked();
+  uint64_t initial = RemainingInitialLocked();
+  uint64_t dirty = DirtyBytesLocked();
+  // Bytes produced but not yet read are still owed; initial data precedes
+  // dirty data in the stream, so a partial record at the front is initial
+  // while any initial data is left.
+  uint64_t staged = session_.staging.size();
+  if (initial > 0 || !session_.initial_done_sent) initial += staged;
+  else dirty += staged;
+  *initial_bytes = p_.bogus_initial ? p_.bogus_initial_bytes : initial;
+  *dirty_bytes = p_.bogus_dirty ? p_.bogus_dirty_bytes : dirty;
+  return 0;
+}
+
+int MockDevice::GetStopCopySize(uint64_t* bytes) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  AdvanceLocked();
+  uint64_t total;
+  uint64_t tail = SplitRecordsBytes(p_.stop_copy_only_bytes, p_.chunk_bytes) + RecordBytes(0);
+  if (session_.kind == SessionKind::kSave && session_.active) {
+    total = RemainingInitialLocked() + DirtyBytesLocked() + session_.staging.size();
+    if (!session_.end_sent) total += tail - SplitRecordsBytes(session_.stop_only_sent, p_.chunk_bytes);
+  } else {
+    Session fresh;
+    Session saved = std::move(session_);
+    session_ = fresh;
+    total = RemainingInitialLocked() + tail;
+    session_ = std::move(saved);
+  }
+  *bytes = p_.bogus_stop_copy ? p_.bogus_stop_copy_bytes : total;
+  return 0;
+}
+
+int MockDevice::Reset() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  EndSessionLocked();
+  // A function-level reset loses the device's state, as on real hardware.
+  std::fill(versions_.begin(), versions_.end(), 0);
+  state_ = kStateRunning;
+  last_tick_ = std::chrono::steady_clock::now();
+  dma_logging_on_ = false;
+  return 0;
+}
+
+int MockDevice::DmaLoggingStart(uint64_t page_size, const std::vector<DmaRange>& ranges) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  if (!p_.dma_logging) return ENOTTY;
+  if (page_size < 4096 || (page_size & (page_size - 1)) || ranges.empty()) return EINVAL;
+  for (auto& r : ranges)
+    if (r.length == 0 || r.iova + r.length < r.iova) return EINVAL;
+  if (dma_logging_on_) return EBUSY;
+  AdvanceLocked();
+  dma_logging_on_ = true;
+  dma_dirty_since_report_ = 0;
+  return 0;
+}
+
+int MockDevice::DmaLoggingStop() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  if (!p_.dma_logging) return ENOTTY;
+  dma_logging_on_ = false;
+  return 0;
+}
+
+int MockDevice::DmaLoggingReport(uint64_t iova, uint64_t length, uint64_t page_size,
+                                 std::vector<uint64_t>* bitmap) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  if (!p_.dma_logging) return ENOTTY;
+  if (!dma_logging_on_) return EINVAL;
+  if (page_size < 4096 || (page_size & (page_size - 1)) || length == 0 || iova + length < iova) return EINVAL;
+  AdvanceLocked();
+  uint64_t pages = (length + page_size - 1) / page_size;
+  bitmap->assign((pages + 63) / 64, 0);
+  uint64_t n = std::min(pages, dma_dirty_since_report_);
+  for (uint64_t i = 0; i < n; i++) {
+    rng_ = Mix(rng_);
+    uint64_t pg = rng_ % pages;
+    (*bitmap)[pg / 64] |= 1ull << (pg % 64);
+  }
+  dma_dirty_since_report_ = 0;
+  return 0;
+}
+
+void MockDevice::ProduceLocked(Session& s, size_t max) {
+  auto emit = [&](uint16_t type, uint64_t a0, uint64_t a1, const void* payload, uint32_t len,
+                  bool generated) {
+    RecordHeader h{kRecordMagic, type, 0, len, 0, a0, a1};
+    h.check = HeaderCheck(h);
+    size_t at = s.staging.size();
+    s.staging.resize(at + sizeof h + len);
+    memcpy(&s.staging[at], &h, sizeof h);
+    uint8_t* out = reinterpret_cast<uint8_t*>(&s.staging[at + sizeof h]);
+    if (generated) FillPayload(out, len, seed_, type, a0, a1);
+    else if (len) memcpy(out, payload, len);
+    uint64_t total = sizeof h + len;
+    if (p_.corrupt_save_at_byte >= 0 && uint64_t(p_.corrupt_save_at_byte) >= s.produced &&
+        uint64_t(p_.corrupt_save_at_byte) < s.produced + total)
+      s.staging[at + (uint64_t(p_.corrupt_save_at_byte) - s.produced)] ^= 0x5a;
+    s.produced += total;
+  };
+  while (s.staging.size() < max) {
+    if (!s.header_sent) {
+      HeaderPayload hp{p_.state_bytes, p_.setup_bytes, p_.stop_copy_only_bytes, p_.chunk_bytes, kStreamVersion};
+      emit(kRecHeader, seed_, p_.profile_hash, &hp, sizeof hp, false);
+      s.header_sent = true;
+    } else if (s.setup_sent < p_.setup_bytes) {
+      uint32_t len = uint32_t(std::min<uint64_t>(p_.chunk_bytes, p_.setup_bytes - s.setup_sent));
+      emit(kRecSetup, s.setup_sent, 0, nullptr, len, true);
+      s.setup_sent += len;
+    } else if (s.next_first_pass_chunk < chunk_count_) {
+      uint32_t c = s.next_first_pass_chunk++;
+      emit(kRecChunk, c, versions_[c], nullptr, p_.chunk_bytes, true);
+    } else if (!s.initial_done_sent) {
+      emit(kRecInitialDone, 0, 0, nullptr, 0, false);
+      s.initial_done_sent = true;
+    } else if (dirty_count_ > 0) {
+      // Dirty chunks go out in index order; dirty_count_ > 0 guarantees a hit.
+      uint32_t c = 0;
+      while (!dirty_[c]) c++;
+      dirty_[c] = 0;
+      dirty_count_--;
+      emit(kRecChunk, c, versions_[c], nullptr, p_.chunk_bytes, true);
+    } else if (state_ == kStateStopCopy && s.stop_only_sent < p_.stop_copy_only_bytes) {
+      uint32_t len = uint32_t(std::min<uint64_t>(p_.chunk_bytes, p_.stop_copy_only_bytes - s.stop_only_sent));
+      emit(kRecStopOnly, s.stop_only_sent, 0, nullptr, len, true);
+      s.stop_only_sent += len;
+    } else if (state_ == kStateStopCopy && !s.end_sent) {
+      emit(kRecEnd, chunk_count_, Digest64(seed_, versions_), nullptr, 0, false);
+      s.end_sent = true;
+      info_.saved_digest = DigestOf(seed_, versions_);
+    } else {
+      break;
+    }
+  }
+}
+
+void MockDevice::ThrottleLocked(std::unique_lock<std::mutex>& lock, Session& s, size_t bytes) {
+  if (p_.max_bytes_per_sec <= 0) return;
+  s.rate_bytes += bytes;
+  auto due = s.rate_start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                std::chrono::duration<double>(double(s.rate_bytes) / p_.max_bytes_per_sec));
+  auto now = std::chrono::steady_clock::now();
+  if (due > now) {
+    lock.unlock();
+    std::this_thread::sleep_until(due);
+    lock.lock();
+  } else if (now - due > std::chrono::milliseconds(50)) {
+    // Idle time is not credit for a later burst.
+    s.rate_start = now;
+    s.rate_bytes = 0;
+  }
+}
+
+ssize_t MockDevice::ReadData(int data_fd, void* buf, size_t len) {
+  std::unique_lock<std::mutex> l(mu_);
+  if (closed_) return -EBADF;
+  bool current = session_.kind != SessionKind::kNone && data_fd == session_.user_fd;
+  if (!current) return stale_fds_.count(data_fd) ? -ENODEV : -EBADF;
+  Session& s = session_;
+  if (s.kind != SessionKind::kSave) return -EINVAL;
+  if (len == 0) return 0;
+  AdvanceLocked();
+  size_t want = std::min(len, kPipeBytes);
+  if (s.staging.size() < want) ProduceLocked(s, want);
+  size_t n = std::min(want, s.staging.size());
+  if (n == 0) {
+    if (state_ != kStateStopCopy) return -ENOMSG;
+    // End of a STOP_COPY stream: our end of the pipe closes and the real
+    // read(2) below returns 0.
+    if (s.device_fd >= 0) {
+      close(s.device_fd);
+      s.device_fd = -1;
+    }
+  } else {
+    ssize_t w = write(s.device_fd, s.staging.data(), n);
+    if (w < 0) return -errno;
+    s.staging.erase(0, size_t(w));
+    info_.bytes_read += uint64_t(w);
+    n = size_t(w);
+    ThrottleLocked(l, s, n);
+  }
+  ssize_t r = read(data_fd, buf, std::max<size_t>(n, 1));
+  if (r < 0) return -errno;
+  return r;
+}
+
+ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
+  std::unique_lock<std::mutex> l(mu_);
+  if (closed_) return -EBADF;
+  bool current = session_.kind != SessionKind::kNone && data_fd == session_.user_fd;
+  if (!current) return stale_fds_.count(data_fd) ? -ENODEV : -EBADF;
+  Session& s = session_;
+  if (s.kind != SessionKind::kResume) return -EINVAL;
+  size_t want = std::min(len, kPipeBytes);
+  ssize_t w = write(data_fd, buf, want);
+  if (w < 0) return -errno;
+  size_t at = s.parse_buf.size();
+  s.parse_buf.resize(at + size_t(w));
+  ssize_t r = read(s.device_fd, &s.parse_buf[at], size_t(w));
+  if (r != w) {
+    s.parse_buf.resize(at + size_t(std::max<ssize_t>(r, 0)));
+    return r < 0 ? -errno : -EIO;
+  }
+  info_.bytes_written += uint64_t(w);
+  bool was_initial_done = s.initial_done;
+  int err = ConsumeLocked(s);
+  if (err) return -err;
+  double load_ms = p_.load_ms_per_mib * double(w) / double(1 << 20);
+  if (!was_initial_done && s.initial_done) load_ms += p_.load_initial_ms;
+  info_.load_busy_ms += load_ms;
+  if (load_ms > 0) {
+    l.unlock();
+    SleepMs(load_ms);
+    l.lock();
+    if (closed_) return -EBADF;
+  }
+  if (session_.kind == SessionKind::kResume && session_.user_fd == data_fd) ThrottleLocked(l, session_, size_t(w));
+  return w;
+}
+
+int MockDevice::ConsumeLocked(Session& s) {
+  static thread_local std::vector<uint8_t> expect;
+  size_t off = 0;
+  int err = 0;
+  while (s.parse_buf.size() - off >= sizeof(RecordHeader)) {
+    RecordHeader h;
+    memcpy(&h, &s.parse_buf[off], sizeof h);
+    if (h.magic != kRecordMagic || h.check != HeaderCheck(h) ||
+        h.payload_len > std::max<uint32_t>(p_.chunk_bytes, sizeof(HeaderPayload))) {
+      err = EINVAL;
+      break;
+    }
+    if (s.parse_buf.size() - off < sizeof h + h.payload_len) break;
+    const uint8_t* payload = reinterpret_cast<const uint8_t*>(&s.parse_buf[off + sizeof h]);
+    auto verify = [&](uint64_t seed) {
+      expect.resize(h.payload_len);
+      FillPayload(expect.data(), h.payload_len, seed, h.type, h.arg0, h.arg1);
+      return memcmp(expect.data(), payload, h.payload_len) == 0;
+    };
+    if (s.end_ok || (!s.header_ok && h.type != kRecHeader)) {
+      err = EINVAL;
+      break;
+    }
+    switch (h.type) {
+      case kRecHeader: {
+        HeaderPayload hp;
+        if (s.header_ok || h.payload_len != sizeof hp) { err = EINVAL; break; }
+        memcpy(&hp, payload, sizeof hp);
+        if (hp.version != kStreamVersion || hp.state_bytes != p_.state_bytes || hp.chunk_bytes != p_.chunk_bytes ||
+            hp.setup_bytes != p_.setup_bytes || hp.stop_copy_only_bytes != p_.stop_copy_only_bytes ||
+            h.arg1 != p_.profile_hash) { err = EINVAL; break; }
+        s.header_ok = true;
+        s.src_seed = h.arg0;
+        break;
+      }
+      case kRecSetup:
+        if (h.arg0 != s.setup_loaded || h.arg0 + h.payload_len > p_.setup_bytes || !verify(s.src_seed)) { err = EINVAL; break; }
+        s.setup_loaded += h.payload_len;
+        break;
+      case kRecChunk:
+        if (h.arg0 >= chunk_count_ || h.payload_len != p_.chunk_bytes || h.arg1 > UINT32_MAX || !verify(s.src_seed)) { err = EINVAL; break; }
+        s.versions[h.arg0] = uint32_t(h.arg1);
+        if (!s.received[h.arg0]) {
+          s.received[h.arg0] = 1;
+          s.chunks_received++;
+        }
+        break;
+      case kRecInitialDone:
+        if (s.initial_done || s.setup_loaded != p_.setup_bytes || s.chunks_received != chunk_count_) { err = EINVAL; break; }
+        s.initial_done = true;
+        break;
+      case kRecStopOnly:
+        if (h.arg0 != s.stop_only_loaded || h.arg0 + h.payload_len > p_.stop_copy_only_bytes || !verify(s.src_seed)) { err = EINVAL; break; }
+        s.stop_only_loaded += h.payload_len;
+        break;
+      case kRecEnd:
+        if (!s.initial_done || h.arg0 != chunk_count_ || h.arg1 != Digest64(s.src_seed, s.versions)) { err = EINVAL; break; }
+        s.end_ok = true;
+        break;
+      default:
+        err = EINVAL;
+    }
+    if (err) break;
+    off += sizeof h + h.payload_len;
+  }
+  s.parse_buf.erase(0, off);
+  return err;
+}
+
+void MockDevice::CloseDataFd(int data_fd) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (session_.kind != SessionKind::kNone && data_fd == session_.user_fd) {
+    close(data_fd);
+    session_.user_fd = -1;
+  } else if (stale_fds_.erase(data_fd)) {
+    close(data_fd);
+  }
+}
+
+void MockDevice::Close() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return;
+  EndSessionLocked();
+  for (auto& kv : stale_fds_) close(kv.first);
+  stale_fds_.clear();
+  closed_ = true;
+}
+
+std::string MockDevice::DigestOf(uint64_t seed, const std::vector<uint32_t>& versions) const {
+  return Hex(Digest64(seed, versions));
+}
+
+MockInfo MockDevice::Info() {
+  std::lock_guard<std::mutex> l(mu_);
+  AdvanceLocked();
+  MockInfo i = info_;
+  i.seed = seed_;
+  i.digest = DigestOf(seed_, versions_);
+  return i;
+}
+
+}  // namespace vfio

@@ -1,0 +1,159 @@
+// The kernel-free mock VFIO migration device. It sits behind the same
+// DeviceBackend interface as the kernel backend and obeys the uAPI as the
+// kernel does: the states a flag combination allows, the kernel's arc walk
+// (vfio_mig_get_next_state), the errnos, real pipe fds as data fds with the
+// uAPI's read semantics, ERROR and reset. Its behaviour (sizes, dirty rate,
+// arc latencies, destination load cost, rate cap, faults) comes from a
+// profile; see mock-device/README.md.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../native/backend.h"
+
+namespace vfio {
+
+struct MockArcFault {
+  uint32_t from;
+  uint32_t to;
+  int err;              // errno the arc fails with
+  bool into_error;      // the device is left in ERROR
+  int64_t remaining;    // how many more times it fires; -1 = always
+};
+
+struct MockProfile {
+  std::string name;
+  uint64_t flags = 0;                 // VFIO_MIGRATION_* flags
+  uint64_t state_bytes = 0;           // mutable device state, tracked per chunk
+  uint32_t chunk_bytes = 4096;        // granularity of dirty tracking and records
+  uint64_t setup_bytes = 0;           // setup data sent first in the initial bytes
+  uint64_t stop_copy_only_bytes = 0;  // state that can only be read once stopped
+  double dirty_bytes_per_sec = 0;     // how fast running state re-dirties
+  uint64_t dirty_working_set_bytes = 0;  // 0 = whole state
+  double default_arc_latency_ms = 0;
+  double arc_latency_ms[8][8] = {};   // per single arc; < 0 = use default
+  double load_initial_ms = 0;         // destination: fixed setup cost of initial bytes
+  double load_ms_per_mib = 0;         // destination: cost per MiB written
+  double max_bytes_per_sec = 0;       // data-rate cap on reads and writes; 0 = none
+  bool resume_failure_into_error = false;
+  bool dma_logging = false;
+  std::vector<MockArcFault> faults;
+  int64_t corrupt_save_at_byte = -1;  // flip a byte of the saved stream there
+  bool bogus_initial = false;         // report these instead of the truth
+  uint64_t bogus_initial_bytes = 0;
+  bool bogus_dirty = false;
+  uint64_t bogus_dirty_bytes = 0;
+  bool bogus_stop_copy = false;
+  uint64_t bogus_stop_copy_bytes = 0;
+  uint64_t profile_hash = 0;          // identity of the state layout, checked on resume
+};
+
+// What a test can observe that the uAPI does not expose.
+struct MockInfo {
+  uint64_t seed;
+  std::string digest;          // digest of the content now
+  std::string saved_digest;    // content when the last save stream ended
+  std::string loaded_digest;   // content when the last resume completed
+  uint64_t bytes_read;         // over all sessions
+  uint64_t bytes_written;
+  uint64_t dirtied_chunks;
+  uint64_t arcs_taken;
+  double load_busy_ms;         // destination time spent loading
+};
+
+class MockDevice : public DeviceBackend {
+ public:
+  MockDevice(MockProfile profile, uint64_t seed);
+  ~MockDevice() override;
+
+  const char* Kind() const override { return "mock"; }
+  const char* OpenPath() const override { return "mock"; }
+  int GetMigrationFlags(uint64_t* flags) override;
+  int GetState(uint32_t* state) override;
+  int SetState(uint32_t state, int* data_fd) override;
+  int GetPrecopyInfo(int data_fd, uint64_t* initial_bytes, uint64_t* dirty_bytes) override;
+  int GetStopCopySize(uint64_t* stop_copy_bytes) override;
+  int Reset() override;
+  int DmaLoggingStart(uint64_t page_size, const std::vector<DmaRange>& ranges) override;
+  int DmaLoggingStop() override;
+  int DmaLoggingReport(uint64_t iova, uint64_t length, uint64_t page_size,
+                       std::vector<uint64_t>* bitmap) override;
+  ssize_t ReadData(int data_fd, void* buf, size_t len) override;
+  ssize_t WriteData(int data_fd, const void* buf, size_t len) override;
+  void CloseDataFd(int data_fd) override;
+  void Close() override;
+
+  MockInfo Info();
+
+ private:
+  enum class SessionKind { kNone, kSave, kResume };
+  struct Session {
+    SessionKind kind = SessionKind::kNone;
+    int user_fd = -1;      // the fd handed to the caller
+    int device_fd = -1;    // our end of the pipe
+    bool active = false;   // false once the device left the session's states
+    // Save side: what is left to produce.
+    bool header_sent = false;
+    uint64_t setup_sent = 0;
+    uint32_t next_first_pass_chunk = 0;
+    bool initial_done_sent = false;
+    uint64_t stop_only_sent = 0;
+    bool end_sent = false;
+    uint64_t produced = 0;  // bytes produced so far (for corrupt_save_at_byte)
+    std::string staging;    // produced but not yet written into the pipe
+    // Resume side: the parser.
+    std::string parse_buf;
+    bool header_ok = false;
+    uint64_t src_seed = 0;
+    uint64_t setup_loaded = 0;
+    uint64_t stop_only_loaded = 0;
+    bool initial_done = false;
+    bool end_ok = false;
+    uint64_t chunks_received = 0;
+    std::vector<uint32_t> versions;
+    std::vector<uint8_t> received;
+    // Rate cap bookkeeping.
+    std::chrono::steady_clock::time_point rate_start;
+    uint64_t rate_bytes = 0;
+  };
+
+  void AdvanceLocked();  // apply dirtying for the time elapsed while running
+  bool RunningLocked() const;
+  int StepLocked(uint32_t next, int* data_fd);
+  void EndSessionLocked();
+  int OpenSessionLocked(SessionKind kind, int* data_fd);
+  uint64_t RemainingInitialLocked() const;
+  uint64_t DirtyBytesLocked() const;
+  uint64_t RecordBytes(uint64_t payload) const;
+  // Produces up to max bytes of the save stream into s.staging.
+  void ProduceLocked(Session& s, size_t max);
+  int ConsumeLocked(Session& s);  // parse resume bytes; 0 or EINVAL
+  void ThrottleLocked(std::unique_lock<std::mutex>& lock, Session& s, size_t bytes);
+  std::string DigestOf(uint64_t seed, const std::vector<uint32_t>& versions) const;
+
+  MockProfile p_;
+  uint64_t seed_;
+  uint32_t chunk_count_;
+  uint32_t working_set_chunks_;
+  std::mutex mu_;
+  uint32_t state_;
+  std::vector<uint32_t> versions_;
+  std::vector<uint8_t> dirty_;      // chunk needs (re)sending in this save session
+  uint64_t dirty_count_ = 0;
+  std::chrono::steady_clock::time_point last_tick_;
+  double dirty_carry_ = 0;          // fractional chunks not yet dirtied
+  uint64_t rng_;
+  Session session_;
+  std::map<int, bool> stale_fds_;   // user fds of ended sessions still open
+  bool dma_logging_on_ = false;
+  uint64_t dma_dirty_since_report_ = 0;
+  MockInfo info_{};
+  bool closed_ = false;
+};
+
+}  // namespace vfio

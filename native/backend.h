@@ -1,0 +1,64 @@
+// One interface for every device backend: the kernel (real VFIO device fds)
+// and the mock device (mock-device/). Everything above it, the addon's worker
+// threads, the data streams and the TypeScript API, is backend-agnostic.
+//
+// Every method may block (ioctls on real drivers take milliseconds to seconds)
+// and is only ever called from the device's worker threads, never from the JS
+// main thread. Methods return 0 or a positive errno, like the kernel does.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace vfio {
+
+struct DmaRange {
+  uint64_t iova;
+  uint64_t length;
+};
+
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+
+  // "kernel" or "mock".
+  virtual const char* Kind() const = 0;
+  // How the device was opened: "cdev", "group" or "mock".
+  virtual const char* OpenPath() const = 0;
+
+  // VFIO_DEVICE_FEATURE(MIGRATION): the migration flags. ENOTTY when the
+  // device does not support migration.
+  virtual int GetMigrationFlags(uint64_t* flags) = 0;
+  // VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE) GET.
+  virtual int GetState(uint32_t* state) = 0;
+  // VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE) SET. A state that opens a data
+  // session stores its new fd in *data_fd, otherwise -1. The caller owns it.
+  virtual int SetState(uint32_t state, int* data_fd) = 0;
+  // VFIO_MIG_GET_PRECOPY_INFO on a data fd.
+  virtual int GetPrecopyInfo(int data_fd, uint64_t* initial_bytes, uint64_t* dirty_bytes) = 0;
+  // VFIO_DEVICE_FEATURE(MIG_DATA_SIZE).
+  virtual int GetStopCopySize(uint64_t* stop_copy_bytes) = 0;
+  // VFIO_DEVICE_RESET.
+  virtual int Reset() = 0;
+  // DMA dirty logging; ENOTTY where the device lacks it.
+  virtual int DmaLoggingStart(uint64_t page_size, const std::vector<DmaRange>& ranges) = 0;
+  virtual int DmaLoggingStop() = 0;
+  virtual int DmaLoggingReport(uint64_t iova, uint64_t length, uint64_t page_size,
+                               std::vector<uint64_t>* bitmap) = 0;
+
+  // read(2)/write(2) on a data fd: bytes moved, or -errno. Reads follow the
+  // uAPI: -ENOMSG at the temporary end of a PRE_COPY stream, 0 at the end of
+  // a STOP_COPY stream.
+  virtual ssize_t ReadData(int data_fd, void* buf, size_t len) = 0;
+  virtual ssize_t WriteData(int data_fd, const void* buf, size_t len) = 0;
+  // close(2) on a data fd that this device returned.
+  virtual void CloseDataFd(int data_fd) = 0;
+
+  // Releases the device (and, for the kernel, the iommufd / group / container).
+  virtual void Close() = 0;
+};
+
+}  // namespace vfio

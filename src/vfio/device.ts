@@ -1,0 +1,434 @@
+// VfioDevice: the typed device API over either backend (kernel or mock).
+// Every method that can take time returns a promise and runs off the JS
+// thread in the addon; transitions of different devices run in parallel.
+import diagnosticsChannel from 'node:diagnostics_channel';
+import { Readable, Writable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { native, type NativeDeviceHandle, type NativeMockInfo } from './native.js';
+import { VfioError, fromNative } from './errors.js';
+import { type Arc, planArcs } from './arc-planner.js';
+import { type MigrationFlags, type MigrationState, PRECOPY_STATES, SAVING_STATES, flagsFromBits, stateFromKernel, stateToKernel } from './states.js';
+import { type MockProfile, type MockProfileInput, loadProfile, toNativeProfile } from './mock-profile.js';
+
+/** Raw results of every device call, for tracing (node:diagnostics_channel). */
+export const ioctlChannel = diagnosticsChannel.channel('vfio-migration:ioctl');
+
+export interface IoctlTrace {
+  device: string;
+  operation: string;
+  args?: unknown;
+  result?: unknown;
+  error?: { code: string; errno?: number };
+  durationMs: number;
+}
+
+export interface OpenMockOptions {
+  /** A shipped profile name, a path to a profile JSON file, or a profile object. */
+  profile: string | MockProfileInput;
+  overrides?: Partial<MockProfileInput>;
+  /** Seed of the device's deterministic content. */
+  seed?: bigint | number;
+  id?: string;
+}
+
+export interface OpenKernelOptions {
+  /** /dev/vfio/devices/vfioN, a sysfs device path, or a device name (PCI address, mdev UUID). */
+  path: string;
+  /** Which open path to take; auto prefers the iommufd cdev when the device has one. */
+  via?: 'auto' | 'cdev' | 'group';
+  id?: string;
+}
+
+export type ReadResult = { kind: 'data'; bytes: Buffer } | { kind: 'no-data' } | { kind: 'end' };
+
+export interface PrecopyInfo {
+  initialBytes: bigint;
+  dirtyBytes: bigint;
+}
+
+export interface StepOptions {
+  signal?: AbortSignal;
+  /** Called before each single arc starts (the "prepare" point). */
+  onBeforeArc?: (arc: Arc) => void;
+  /** Called after each single arc completes. */
+  onArc?: (arc: Arc, durationMs: number) => void;
+}
+
+let mockCounter = 0;
+
+function abortError(signal: AbortSignal): VfioError {
+  return new VfioError('ABORT_ERR', `aborted: ${String(signal.reason ?? 'signal aborted')}`, { cause: signal.reason });
+}
+
+export class VfioDevice implements AsyncDisposable {
+  readonly id: string;
+  readonly kind: 'kernel' | 'mock';
+  readonly openPath: 'cdev' | 'group' | 'mock';
+  readonly profile?: MockProfile;
+  #handle: NativeDeviceHandle;
+  #flags?: MigrationFlags;
+  #session: DataSession | null = null;
+  #lastState: MigrationState | 'unknown' = 'unknown';
+  #closed = false;
+
+  private constructor(handle: NativeDeviceHandle, id: string, kind: 'kernel' | 'mock', openPath: 'cdev' | 'group' | 'mock', profile?: MockProfile) {
+    this.#handle = handle;
+    this.id = id;
+    this.kind = kind;
+    this.openPath = openPath;
+    this.profile = profile;
+  }
+
+  static async openMock(options: OpenMockOptions): Promise<VfioDevice> {
+    const profile = await loadProfile(options.profile, options.overrides);
+    const seed = BigInt(options.seed ?? ++mockCounter);
+    const handle = new native.NativeDevice();
+    handle.openMock(toNativeProfile(profile), seed);
+    return new VfioDevice(handle, options.id ?? `${profile.name}-${seed}`, 'mock', 'mock', profile);
+  }
+
+  static async openKernel(options: OpenKernelOptions): Promise<VfioDevice> {
+    if (typeof options?.path !== 'string' || options.path === '') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', 'openKernel: path must be a non-empty string');
+    const via = options.via ?? 'auto';
+    if (!['auto', 'cdev', 'group'].includes(via)) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `openKernel: via must be auto, cdev or group, got ${JSON.stringify(via)}`);
+    const handle = new native.NativeDevice();
+    let openPath: string;
+    try {
+      openPath = await handle.openKernel(options.path, via);
+    } catch (err) {
+      await handle.close();
+      throw fromNative(err, { device: options.path });
+    }
+    return new VfioDevice(handle, options.id ?? options.path, 'kernel', openPath as 'cdev' | 'group');
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** The open data session (save or resume), if any. */
+  get dataSession(): DataSession | null {
+    return this.#session;
+  }
+
+  async #call<T>(operation: string, fn: () => Promise<T>, args?: unknown): Promise<T> {
+    if (this.#closed) throw new VfioError('ERR_VFIO_CLOSED', `${this.id}: device is closed (${operation})`);
+    const t0 = performance.now();
+    try {
+      const result = await fn();
+      if (ioctlChannel.hasSubscribers) ioctlChannel.publish({ device: this.id, operation, args, result, durationMs: performance.now() - t0 } satisfies IoctlTrace);
+      return result;
+    } catch (err) {
+      const e = err as { code?: string; errno?: number };
+      if (ioctlChannel.hasSubscribers) ioctlChannel.publish({ device: this.id, operation, args, error: { code: String(e?.code), errno: e?.errno }, durationMs: performance.now() - t0 } satisfies IoctlTrace);
+      throw err;
+    }
+  }
+
+  async migrationFlags(): Promise<MigrationFlags> {
+    if (!this.#flags) {
+      const bits = await this.#call('migration-flags', () => this.#handle.migrationFlags()).catch((err) => {
+        throw fromNative(err, { device: this.id });
+      });
+      this.#flags = flagsFromBits(bits);
+    }
+    return { ...this.#flags };
+  }
+
+  async getState(): Promise<MigrationState> {
+    const v = await this.#call('get-state', () => this.#handle.getState()).catch((err) => {
+      throw fromNative(err, { device: this.id });
+    });
+    const state = stateFromKernel(v);
+    if (!state) throw new VfioError('EUNKNOWN', `${this.id}: the device reports unknown state ${v}`, { device: this.id });
+    this.#lastState = state;
+    return state;
+  }
+
+  async #stateAfterFailure(): Promise<MigrationState | 'unknown'> {
+    try {
+      return await this.getState();
+    } catch {
+      return 'unknown';
+    }
+  }
+
+  /**
+   * One SET of the device state; the kernel walks a combination transition
+   * itself. Returns the data session the SET opened, if any.
+   */
+  async setState(target: MigrationState, options: { signal?: AbortSignal } = {}): Promise<DataSession | null> {
+    if (options.signal?.aborted) throw abortError(options.signal);
+    const from = this.#lastState;
+    let fd: number;
+    try {
+      fd = await this.#call('set-state', () => this.#handle.setState(stateToKernel(target)), { target });
+    } catch (err) {
+      const stateAfter = await this.#stateAfterFailure();
+      this.#dropSessionUnless(stateAfter);
+      throw fromNative(err, { device: this.id, arc: { from, to: target }, stateAfter });
+    }
+    return this.#afterSet(target, fd);
+  }
+
+  /**
+   * Walks to `target` one single arc per SET, as planned from the current
+   * state and flags, calling the hooks around each arc: this is how the
+   * orchestrator emits a prepare event before and a state event after each
+   * step. Returns the data session opened on the way, if any.
+   */
+  async stepTo(target: MigrationState, options: StepOptions = {}): Promise<DataSession | null> {
+    const flags = await this.migrationFlags();
+    const current = await this.getState();
+    const arcs = planArcs(current, target, flags);
+    let opened: DataSession | null = null;
+    for (const arc of arcs) {
+      if (options.signal?.aborted) throw abortError(options.signal);
+      options.onBeforeArc?.(arc);
+      const t0 = performance.now();
+      let fd: number;
+      try {
+        fd = await this.#call('set-state', () => this.#handle.setState(stateToKernel(arc.to)), { target: arc.to });
+      } catch (err) {
+        const stateAfter = await this.#stateAfterFailure();
+        this.#dropSessionUnless(stateAfter);
+        throw fromNative(err, { device: this.id, arc, stateAfter });
+      }
+      const session = this.#afterSet(arc.to, fd);
+      if (session) opened = session;
+      options.onArc?.(arc, performance.now() - t0);
+    }
+    return opened;
+  }
+
+  #afterSet(state: MigrationState, fd: number): DataSession | null {
+    this.#lastState = state;
+    if (fd >= 0) {
+      const old = this.#session;
+      if (old) old.invalidate();
+      this.#session = new DataSession(this, this.#handle, fd, state === 'resuming' ? 'resume' : 'save');
+      return this.#session;
+    }
+    this.#dropSessionUnless(state);
+    return null;
+  }
+
+  // A data session lives while the device stays in its group of states.
+  #dropSessionUnless(state: MigrationState | 'unknown'): void {
+    const s = this.#session;
+    if (!s) return;
+    const keeps = s.direction === 'save' ? SAVING_STATES.includes(state as MigrationState) : state === 'resuming';
+    if (!keeps) {
+      s.invalidate();
+      this.#session = null;
+    }
+  }
+
+  async precopyInfo(session: DataSession | null = this.#session): Promise<PrecopyInfo> {
+    if (!session) throw new VfioError('ERR_VFIO_NO_DATA_SESSION', `${this.id}: precopy info needs a data fd (the device has no open save session)`, { device: this.id });
+    return this.#call('precopy-info', () => this.#handle.precopyInfo(session.fd)).catch((err) => {
+      throw fromNative(err, { device: this.id });
+    });
+  }
+
+  /** VFIO_DEVICE_FEATURE(MIG_DATA_SIZE): bytes still needed to complete stop-copy. */
+  async stopCopySize(): Promise<bigint> {
+    return this.#call('stop-copy-size', () => this.#handle.stopCopySize()).catch((err) => {
+      throw fromNative(err, { device: this.id });
+    });
+  }
+
+  async reset(): Promise<void> {
+    await this.#call('reset', () => this.#handle.reset()).catch((err) => {
+      throw fromNative(err, { device: this.id });
+    });
+    this.#dropSessionUnless('running');
+  }
+
+  async dmaLoggingStart(pageSize: number, ranges: { iova: number | bigint; length: number | bigint }[]): Promise<void> {
+    await this.#call('dma-logging-start', () => this.#handle.dmaLoggingStart(pageSize, ranges), { pageSize, ranges }).catch((err) => {
+      throw fromNative(err, { device: this.id });
+    });
+  }
+
+  async dmaLoggingStop(): Promise<void> {
+    await this.#call('dma-logging-stop', () => this.#handle.dmaLoggingStop()).catch((err) => {
+      throw fromNative(err, { device: this.id });
+    });
+  }
+
+  /** Dirty bitmap of [iova, iova+length), one bit per page. */
+  async dmaLoggingReport(iova: number | bigint, length: number | bigint, pageSize: number): Promise<Buffer> {
+    return this.#call('dma-logging-report', () => this.#handle.dmaLoggingReport(iova, length, pageSize)).catch((err) => {
+      throw fromNative(err, { device: this.id });
+    });
+  }
+
+  /** Mock devices only: digests and counters a test can check. */
+  mockInfo(): NativeMockInfo {
+    if (this.kind !== 'mock') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.id}: mockInfo() is only available on mock devices`);
+    return this.#handle.mockInfo();
+  }
+
+  /** Data fds of this device that are still open (for leak checks). */
+  openDataFds(): number[] {
+    return this.#handle.openDataFds();
+  }
+
+  /** The state last seen through this API (no ioctl). */
+  get lastKnownState(): MigrationState | 'unknown' {
+    return this.#lastState;
+  }
+
+  /** Closes every data fd and the device. Idempotent. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#session?.invalidate();
+    this.#session = null;
+    await this.#handle.close();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+export interface ReadStreamOptions {
+  /** Bytes per read(2) of the data fd. */
+  chunkBytes?: number;
+  /** In PRE_COPY, how long to wait before reading again after ENOMSG. */
+  pollIntervalMs?: number;
+  highWaterMark?: number;
+  signal?: AbortSignal;
+}
+
+/**
+ * A device's data fd: the save stream (PRE_COPY / STOP_COPY) or the resume
+ * stream (RESUMING). Valid while the device stays in those states.
+ */
+export class DataSession {
+  readonly device: VfioDevice;
+  readonly fd: number;
+  readonly direction: 'save' | 'resume';
+  bytesTransferred = 0;
+  #handle: NativeDeviceHandle;
+  #valid = true;
+  #closed = false;
+
+  constructor(device: VfioDevice, handle: NativeDeviceHandle, fd: number, direction: 'save' | 'resume') {
+    this.device = device;
+    this.#handle = handle;
+    this.fd = fd;
+    this.direction = direction;
+  }
+
+  /** False once the device has left the session's states (reads then fail with ENODEV). */
+  get valid(): boolean {
+    return this.#valid;
+  }
+
+  invalidate(): void {
+    this.#valid = false;
+  }
+
+  /**
+   * One read(2): bytes, `no-data` at the temporary end of a PRE_COPY stream
+   * (ENOMSG: more may come later), or `end` at the end of a STOP_COPY stream.
+   */
+  async read(maxBytes = 1 << 20): Promise<ReadResult> {
+    if (this.direction !== 'save') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.device.id}: read() on a resume session`);
+    if (!Number.isInteger(maxBytes) || maxBytes < 1) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `read(maxBytes): maxBytes must be a positive integer, got ${maxBytes}`);
+    try {
+      const bytes = await this.#handle.readData(this.fd, maxBytes);
+      if (bytes === null) return { kind: 'end' };
+      this.bytesTransferred += bytes.length;
+      return { kind: 'data', bytes };
+    } catch (err) {
+      if ((err as { code?: string }).code === 'ENOMSG') return { kind: 'no-data' };
+      throw fromNative(err, { device: this.device.id });
+    }
+  }
+
+  /** Writes all of `data` into a resume session. */
+  async write(data: Buffer): Promise<void> {
+    if (this.direction !== 'resume') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.device.id}: write() on a save session`);
+    if (!Buffer.isBuffer(data)) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', 'write(data): data must be a Buffer');
+    if (data.length === 0) return;
+    try {
+      await this.#handle.writeData(this.fd, data);
+      this.bytesTransferred += data.length;
+    } catch (err) {
+      throw fromNative(err, { device: this.device.id });
+    }
+  }
+
+  /**
+   * The save stream as a Readable with backpressure. In PRE_COPY states it
+   * emits 'drained' at each temporary end of stream and polls for more; it
+   * ends at the end of the STOP_COPY stream.
+   */
+  createReadStream(options: ReadStreamOptions = {}): Readable {
+    const chunkBytes = options.chunkBytes ?? 1 << 20;
+    const pollMs = options.pollIntervalMs ?? 10;
+    const session = this;
+    let stop = false;
+    const stream = new Readable({
+      highWaterMark: options.highWaterMark ?? 4 << 20,
+      signal: options.signal,
+      async read() {
+        try {
+          for (;;) {
+            if (stop) return;
+            const r = await session.read(chunkBytes);
+            if (r.kind === 'data') {
+              this.push(r.bytes);
+              return;
+            }
+            if (r.kind === 'end') {
+              this.push(null);
+              return;
+            }
+            this.emit('drained');
+            await sleep(pollMs);
+          }
+        } catch (err) {
+          this.destroy(err as Error);
+        }
+      },
+      destroy(err, cb) {
+        stop = true;
+        cb(err);
+      },
+    });
+    return stream;
+  }
+
+  /** The resume stream as a Writable with backpressure. */
+  createWriteStream(options: { highWaterMark?: number; signal?: AbortSignal } = {}): Writable {
+    const session = this;
+    return new Writable({
+      highWaterMark: options.highWaterMark ?? 4 << 20,
+      signal: options.signal,
+      write(chunk: Buffer, _enc, cb) {
+        session.write(chunk).then(() => cb(), cb);
+      },
+      writev(chunks, cb) {
+        session.write(Buffer.concat(chunks.map((c) => c.chunk as Buffer))).then(() => cb(), cb);
+      },
+    });
+  }
+
+  /** Closes the data fd (the device state does not change). */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#valid = false;
+    if (this.device.closed) return;
+    await this.#handle.closeDataFd(this.fd).catch((err) => {
+      throw fromNative(err, { device: this.device.id });
+    });
+  }
+}
+
+export { PRECOPY_STATES };

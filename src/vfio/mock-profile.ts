@@ -1,0 +1,283 @@
+// Mock device profiles: the documented JSON format (mock-device/README.md),
+// validated here with an error naming the field for anything wrong, then
+// normalised for the addon.
+import { readFile, readdir } from 'node:fs/promises';
+import { constants as osConstants } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { VfioError } from './errors.js';
+import { MIGRATION_FLAG_BITS, type MigrationFlagName, type MigrationState, isMigrationState, stateToKernel } from './states.js';
+import type { NativeMockProfile } from './native.js';
+
+/** A byte count: a number, or a string with a binary unit ("64KiB", "2GiB"). */
+export type ByteSize = number | string;
+
+export interface MockFault {
+  /** The single arc that fails, "from>to" with QAPI state names. */
+  arc: string;
+  /** errno name, e.g. "EIO". */
+  errno: string;
+  /** Leave the device in ERROR (only a reset leaves it). */
+  intoError?: boolean;
+  /** How many times the fault fires; omitted = every time. */
+  times?: number;
+}
+
+export interface MockProfileInput {
+  name: string;
+  description?: string;
+  /** VFIO_MIGRATION_* flags: "stop-copy" is required; "p2p", "pre-copy" optional. */
+  flags: ('stop-copy' | 'p2p' | 'pre-copy')[];
+  stateBytes: ByteSize;
+  chunkBytes?: ByteSize;
+  setupBytes?: ByteSize;
+  stopCopyOnlyBytes?: ByteSize;
+  dirtyBytesPerSec?: ByteSize;
+  dirtyWorkingSetBytes?: ByteSize;
+  /** Latency of single arcs in ms: "default" and "from>to" keys. */
+  arcLatencyMs?: Record<string, number>;
+  loadInitialMs?: number;
+  loadMsPerMiB?: number;
+  maxBytesPerSec?: ByteSize;
+  resumeFailureIntoError?: boolean;
+  dmaLogging?: boolean;
+  faults?: MockFault[];
+  corruptSaveAtByte?: number;
+  bogusPrecopyInfo?: { initialBytes?: string | number; dirtyBytes?: string | number };
+  bogusStopCopyBytes?: string | number;
+}
+
+/** A validated profile: every field present, sizes in bytes. */
+export interface MockProfile {
+  name: string;
+  description: string;
+  flags: { stopCopy: boolean; p2p: boolean; preCopy: boolean };
+  stateBytes: number;
+  chunkBytes: number;
+  setupBytes: number;
+  stopCopyOnlyBytes: number;
+  dirtyBytesPerSec: number;
+  dirtyWorkingSetBytes: number;
+  defaultArcLatencyMs: number;
+  arcLatencyMs: { from: MigrationState; to: MigrationState; ms: number }[];
+  loadInitialMs: number;
+  loadMsPerMiB: number;
+  maxBytesPerSec: number;
+  resumeFailureIntoError: boolean;
+  dmaLogging: boolean;
+  faults: { from: MigrationState; to: MigrationState; errno: string; intoError: boolean; times: number }[];
+  corruptSaveAtByte: number;
+  bogusInitialBytes?: bigint;
+  bogusDirtyBytes?: bigint;
+  bogusStopCopyBytes?: bigint;
+}
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+/** The shipped profiles: mock-device/profiles/ in the package. */
+export const PROFILES_DIR = path.resolve(here, '..', '..', '..', 'mock-device', 'profiles');
+
+const KNOWN_FIELDS = new Set([
+  'name', 'description', 'flags', 'stateBytes', 'chunkBytes', 'setupBytes', 'stopCopyOnlyBytes', 'dirtyBytesPerSec',
+  'dirtyWorkingSetBytes', 'arcLatencyMs', 'loadInitialMs', 'loadMsPerMiB', 'maxBytesPerSec', 'resumeFailureIntoError',
+  'dmaLogging', 'faults', 'corruptSaveAtByte', 'bogusPrecopyInfo', 'bogusStopCopyBytes',
+]);
+const MAX_STATE_BYTES = 64 * 2 ** 30; // 64 GiB: the chunk table must fit in memory
+const UNITS: Record<string, number> = { '': 1, B: 1, KiB: 2 ** 10, MiB: 2 ** 20, GiB: 2 ** 30, TiB: 2 ** 40 };
+
+function fail(profile: string, field: string, problem: string): never {
+  throw new VfioError('ERR_VFIO_PROFILE', `mock profile "${profile}": ${field} ${problem}`);
+}
+
+export function parseByteSize(value: unknown, profile: string, field: string): number {
+  let bytes: number;
+  if (typeof value === 'number') bytes = value;
+  else if (typeof value === 'string') {
+    const m = /^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB)?\s*$/.exec(value);
+    if (!m) fail(profile, field, `must be a byte count like 4096 or "64MiB", got ${JSON.stringify(value)}`);
+    bytes = Number(m[1]) * UNITS[m[2] ?? '']!;
+  } else fail(profile, field, `must be a byte count, got ${JSON.stringify(value)}`);
+  if (!Number.isFinite(bytes) || bytes < 0 || !Number.isSafeInteger(Math.round(bytes))) fail(profile, field, `must be a finite byte count >= 0, got ${JSON.stringify(value)}`);
+  return Math.round(bytes);
+}
+
+function parseU64(value: unknown, profile: string, field: string): bigint {
+  try {
+    if (typeof value !== 'string' && typeof value !== 'number') throw new Error();
+    const v = BigInt(value);
+    if (v < 0n || v > 0xffff_ffff_ffff_ffffn) throw new Error();
+    return v;
+  } catch {
+    fail(profile, field, `must be an unsigned 64-bit integer (number or decimal string), got ${JSON.stringify(value)}`);
+  }
+}
+
+function nonNegative(value: unknown, profile: string, field: string): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value < 0) fail(profile, field, `must be a number >= 0, got ${JSON.stringify(value)}`);
+  return value;
+}
+
+function parseArc(arc: unknown, profile: string, field: string): { from: MigrationState; to: MigrationState } {
+  const parts = typeof arc === 'string' ? arc.split('>') : [];
+  if (parts.length !== 2 || !isMigrationState(parts[0]) || !isMigrationState(parts[1]) || parts[0] === parts[1])
+    fail(profile, field, `must name a single arc as "from>to" with state names (e.g. "running-p2p>pre-copy-p2p"), got ${JSON.stringify(arc)}`);
+  return { from: parts[0], to: parts[1] };
+}
+
+export function validateProfile(input: unknown): MockProfile {
+  if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new VfioError('ERR_VFIO_PROFILE', 'mock profile must be a JSON object');
+  const o = input as Record<string, unknown>;
+  const name = o.name;
+  if (typeof name !== 'string' || !/^[a-z0-9][a-z0-9._-]*$/.test(name)) throw new VfioError('ERR_VFIO_PROFILE', `mock profile: name must be a lowercase identifier, got ${JSON.stringify(name)}`);
+  for (const key of Object.keys(o)) if (!KNOWN_FIELDS.has(key)) fail(name, key, 'is not a profile field (see mock-device/README.md)');
+
+  if (!Array.isArray(o.flags)) fail(name, 'flags', 'must be an array of "stop-copy", "p2p", "pre-copy"');
+  const flags = { stopCopy: false, p2p: false, preCopy: false };
+  const flagNames: Record<string, MigrationFlagName> = { 'stop-copy': 'stopCopy', p2p: 'p2p', 'pre-copy': 'preCopy' };
+  for (const f of o.flags) {
+    const key = typeof f === 'string' ? flagNames[f] : undefined;
+    if (!key) fail(name, 'flags', `has an unknown flag ${JSON.stringify(f)}`);
+    flags[key] = true;
+  }
+  if (!flags.stopCopy) fail(name, 'flags', 'must include "stop-copy" (the uAPI requires VFIO_MIGRATION_STOP_COPY)');
+
+  const stateBytes = parseByteSize(o.stateBytes, name, 'stateBytes');
+  if (stateBytes > MAX_STATE_BYTES) fail(name, 'stateBytes', `must be at most 64GiB, got ${stateBytes}`);
+  const chunkBytes = o.chunkBytes === undefined ? 4096 : parseByteSize(o.chunkBytes, name, 'chunkBytes');
+  if (chunkBytes < 64 || chunkBytes > 1 << 20 || chunkBytes % 8 !== 0) fail(name, 'chunkBytes', `must be a multiple of 8 between 64 and 1MiB, got ${chunkBytes}`);
+  if (stateBytes === 0 || stateBytes % chunkBytes !== 0) fail(name, 'stateBytes', `must be a non-zero multiple of chunkBytes (${chunkBytes}), got ${stateBytes}`);
+  const optBytes = (field: string) => (o[field] === undefined ? 0 : parseByteSize(o[field], name, field));
+  const dirtyWorkingSetBytes = optBytes('dirtyWorkingSetBytes') || stateBytes;
+  if (dirtyWorkingSetBytes > stateBytes) fail(name, 'dirtyWorkingSetBytes', `must not exceed stateBytes (${stateBytes})`);
+
+  let defaultArcLatencyMs = 0;
+  const arcLatencyMs: MockProfile['arcLatencyMs'] = [];
+  if (o.arcLatencyMs !== undefined) {
+    if (typeof o.arcLatencyMs !== 'object' || o.arcLatencyMs === null) fail(name, 'arcLatencyMs', 'must be an object of "from>to": ms');
+    for (const [arc, ms] of Object.entries(o.arcLatencyMs)) {
+      const v = nonNegative(ms, name, `arcLatencyMs["${arc}"]`);
+      if (arc === 'default') defaultArcLatencyMs = v;
+      else arcLatencyMs.push({ ...parseArc(arc, name, `arcLatencyMs key`), ms: v });
+    }
+  }
+
+  const faults: MockProfile['faults'] = [];
+  if (o.faults !== undefined) {
+    if (!Array.isArray(o.faults)) fail(name, 'faults', 'must be an array');
+    o.faults.forEach((f: unknown, i: number) => {
+      const field = `faults[${i}]`;
+      if (typeof f !== 'object' || f === null) fail(name, field, 'must be an object');
+      const fo = f as Record<string, unknown>;
+      for (const k of Object.keys(fo)) if (!['arc', 'errno', 'intoError', 'times'].includes(k)) fail(name, `${field}.${k}`, 'is not a fault field (arc, errno, intoError, times)');
+      const arc = parseArc(fo.arc, name, `${field}.arc`);
+      const errnoName = fo.errno;
+      if (typeof errnoName !== 'string' || !(errnoName in osConstants.errno)) fail(name, `${field}.errno`, `must be an errno name like "EIO", got ${JSON.stringify(errnoName)}`);
+      const times = fo.times === undefined ? -1 : fo.times;
+      if (typeof times !== 'number' || !Number.isInteger(times) || (times < 1 && times !== -1)) fail(name, `${field}.times`, 'must be a positive integer');
+      if (fo.intoError !== undefined && typeof fo.intoError !== 'boolean') fail(name, `${field}.intoError`, 'must be a boolean');
+      faults.push({ ...arc, errno: errnoName, intoError: fo.intoError === true, times });
+    });
+  }
+
+  const bool = (field: string) => {
+    if (o[field] !== undefined && typeof o[field] !== 'boolean') fail(name, field, 'must be a boolean');
+    return o[field] === true;
+  };
+  const num = (field: string) => (o[field] === undefined ? 0 : nonNegative(o[field], name, field));
+  const corruptSaveAtByte = o.corruptSaveAtByte === undefined ? -1 : o.corruptSaveAtByte;
+  if (typeof corruptSaveAtByte !== 'number' || !Number.isInteger(corruptSaveAtByte) || corruptSaveAtByte < -1) fail(name, 'corruptSaveAtByte', 'must be a byte offset (integer >= 0)');
+
+  const profile: MockProfile = {
+    name,
+    description: typeof o.description === 'string' ? o.description : '',
+    flags,
+    stateBytes,
+    chunkBytes,
+    setupBytes: optBytes('setupBytes'),
+    stopCopyOnlyBytes: optBytes('stopCopyOnlyBytes'),
+    dirtyBytesPerSec: optBytes('dirtyBytesPerSec'),
+    dirtyWorkingSetBytes,
+    defaultArcLatencyMs,
+    arcLatencyMs,
+    loadInitialMs: num('loadInitialMs'),
+    loadMsPerMiB: num('loadMsPerMiB'),
+    maxBytesPerSec: optBytes('maxBytesPerSec'),
+    resumeFailureIntoError: bool('resumeFailureIntoError'),
+    dmaLogging: bool('dmaLogging'),
+    faults,
+    corruptSaveAtByte,
+  };
+  if (o.bogusPrecopyInfo !== undefined) {
+    const b = o.bogusPrecopyInfo as Record<string, unknown>;
+    if (typeof b !== 'object' || b === null) fail(name, 'bogusPrecopyInfo', 'must be an object');
+    for (const k of Object.keys(b)) if (k !== 'initialBytes' && k !== 'dirtyBytes') fail(name, `bogusPrecopyInfo.${k}`, 'is not a field (initialBytes, dirtyBytes)');
+    if (b.initialBytes !== undefined) profile.bogusInitialBytes = parseU64(b.initialBytes, name, 'bogusPrecopyInfo.initialBytes');
+    if (b.dirtyBytes !== undefined) profile.bogusDirtyBytes = parseU64(b.dirtyBytes, name, 'bogusPrecopyInfo.dirtyBytes');
+  }
+  if (o.bogusStopCopyBytes !== undefined) profile.bogusStopCopyBytes = parseU64(o.bogusStopCopyBytes, name, 'bogusStopCopyBytes');
+  return profile;
+}
+
+/** Names of the shipped profiles. */
+export async function listProfiles(): Promise<string[]> {
+  const files = await readdir(PROFILES_DIR);
+  return files.filter((f) => f.endsWith('.json')).map((f) => f.slice(0, -5)).sort();
+}
+
+/**
+ * Loads a profile: a shipped profile name, a path to a JSON file, or an
+ * object; `overrides` replace fields before validation.
+ */
+export async function loadProfile(source: string | MockProfileInput, overrides: Partial<MockProfileInput> = {}): Promise<MockProfile> {
+  let input: unknown;
+  if (typeof source === 'string') {
+    // A bare name ("gpu", "faults/corrupt-save") is a shipped profile; anything else is a path.
+    const file = /^[a-z0-9][a-z0-9._/-]*$/.test(source) && !source.endsWith('.json') ? path.join(PROFILES_DIR, `${source}.json`) : source;
+    let text: string;
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (err) {
+      const known = await listProfiles().catch(() => []);
+      throw new VfioError('ERR_VFIO_PROFILE', `mock profile "${source}" not found (${(err as Error).message}); shipped profiles: ${known.join(', ')}`, { cause: err });
+    }
+    try {
+      input = JSON.parse(text);
+    } catch (err) {
+      throw new VfioError('ERR_VFIO_PROFILE', `mock profile ${file} is not valid JSON: ${(err as Error).message}`, { cause: err });
+    }
+  } else input = source;
+  return validateProfile({ ...(input as object), ...overrides });
+}
+
+/** The identity of a profile's state layout: a stream saved with one loads only into the same. */
+export function profileHash(p: MockProfile): bigint {
+  const text = [p.name, p.stateBytes, p.chunkBytes, p.setupBytes, p.stopCopyOnlyBytes].join('|');
+  let h = 0xcbf29ce484222325n;
+  for (const c of Buffer.from(text)) h = ((h ^ BigInt(c)) * 0x100000001b3n) & 0xffff_ffff_ffff_ffffn;
+  return h;
+}
+
+export function toNativeProfile(p: MockProfile): NativeMockProfile {
+  return {
+    name: p.name,
+    flags: (p.flags.stopCopy ? MIGRATION_FLAG_BITS.stopCopy : 0) | (p.flags.p2p ? MIGRATION_FLAG_BITS.p2p : 0) | (p.flags.preCopy ? MIGRATION_FLAG_BITS.preCopy : 0),
+    stateBytes: p.stateBytes,
+    chunkBytes: p.chunkBytes,
+    setupBytes: p.setupBytes,
+    stopCopyOnlyBytes: p.stopCopyOnlyBytes,
+    dirtyBytesPerSec: p.dirtyBytesPerSec,
+    dirtyWorkingSetBytes: p.dirtyWorkingSetBytes,
+    defaultArcLatencyMs: p.defaultArcLatencyMs,
+    arcLatencies: p.arcLatencyMs.map((a) => ({ from: stateToKernel(a.from), to: stateToKernel(a.to), ms: a.ms })),
+    loadInitialMs: p.loadInitialMs,
+    loadMsPerMiB: p.loadMsPerMiB,
+    maxBytesPerSec: p.maxBytesPerSec,
+    resumeFailureIntoError: p.resumeFailureIntoError,
+    dmaLogging: p.dmaLogging,
+    faults: p.faults.map((f) => ({ from: stateToKernel(f.from), to: stateToKernel(f.to), errno: osConstants.errno[f.errno as keyof typeof osConstants.errno], intoError: f.intoError, times: f.times })),
+    corruptSaveAtByte: p.corruptSaveAtByte,
+    bogusInitialBytes: p.bogusInitialBytes,
+    bogusDirtyBytes: p.bogusDirtyBytes,
+    bogusStopCopyBytes: p.bogusStopCopyBytes,
+    profileHash: profileHash(p),
+  };
+}

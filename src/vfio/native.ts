@@ -1,0 +1,75 @@
+// Loads the C++ addon (prebuilt or built by node-gyp at install time).
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+export interface NativeMockProfile {
+  name: string;
+  flags: number;
+  stateBytes: number;
+  chunkBytes: number;
+  setupBytes: number;
+  stopCopyOnlyBytes: number;
+  dirtyBytesPerSec: number;
+  dirtyWorkingSetBytes: number;
+  defaultArcLatencyMs: number;
+  arcLatencies: { from: number; to: number; ms: number }[];
+  loadInitialMs: number;
+  loadMsPerMiB: number;
+  maxBytesPerSec: number;
+  resumeFailureIntoError: boolean;
+  dmaLogging: boolean;
+  faults: { from: number; to: number; errno: number; intoError: boolean; times: number }[];
+  corruptSaveAtByte: number;
+  bogusInitialBytes?: bigint;
+  bogusDirtyBytes?: bigint;
+  bogusStopCopyBytes?: bigint;
+  profileHash: bigint;
+}
+
+export interface NativeMockInfo {
+  seed: bigint;
+  digest: string;
+  savedDigest: string;
+  loadedDigest: string;
+  bytesRead: number;
+  bytesWritten: number;
+  dirtiedChunks: number;
+  arcsTaken: number;
+  loadBusyMs: number;
+}
+
+export interface NativeDeviceHandle {
+  openKernel(path: string, via: string): Promise<string>;
+  openMock(profile: NativeMockProfile, seed: bigint): void;
+  info(): { kind: string | null; openPath: string | null; closed: boolean };
+  migrationFlags(): Promise<number>;
+  getState(): Promise<number>;
+  setState(state: number): Promise<number>;
+  precopyInfo(dataFd: number): Promise<{ initialBytes: bigint; dirtyBytes: bigint }>;
+  stopCopySize(): Promise<bigint>;
+  reset(): Promise<void>;
+  dmaLoggingStart(pageSize: number | bigint, ranges: { iova: number | bigint; length: number | bigint }[]): Promise<void>;
+  dmaLoggingStop(): Promise<void>;
+  dmaLoggingReport(iova: number | bigint, length: number | bigint, pageSize: number | bigint): Promise<Buffer>;
+  readData(dataFd: number, maxBytes: number): Promise<Buffer | null>;
+  writeData(dataFd: number, data: Buffer): Promise<number>;
+  closeDataFd(dataFd: number): Promise<void>;
+  openDataFds(): number[];
+  mockInfo(): NativeMockInfo;
+  close(): Promise<void>;
+}
+
+export interface NativeAddon {
+  NativeDevice: new () => NativeDeviceHandle;
+  nextState(current: number, target: number, flags: number): number | null;
+  uapi: Record<string, number>;
+  kernelBackend: boolean;
+}
+
+const require = createRequire(import.meta.url);
+const here = path.dirname(fileURLToPath(import.meta.url));
+// dist/src/vfio -> package root
+const packageRoot = path.resolve(here, '..', '..', '..');
+
+export const native: NativeAddon = require('node-gyp-build')(packageRoot) as NativeAddon;
