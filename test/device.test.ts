@@ -1,0 +1,216 @@
+import test from 'ava';
+import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { VfioDevice } from '../src/vfio/device.js';
+import { VfioError } from '../src/vfio/errors.js';
+import { MiB, openFdCount } from './helpers.js';
+
+const small = { stateBytes: '1MiB', dirtyWorkingSetBytes: '256KiB' } as const;
+
+test('save through a Readable and restore through a Writable: the destination holds exactly the source state', async (t) => {
+  await using src = await VfioDevice.openMock({ profile: 'nic-vf', seed: 11 });
+  await using dst = await VfioDevice.openMock({ profile: 'nic-vf', seed: 12 });
+  t.not(src.mockInfo().digest, dst.mockInfo().digest);
+  await dst.setState('stop');
+  const resume = await dst.setState('resuming');
+  const save = await src.setState('pre-copy');
+  t.truthy(save && resume);
+  const readable = save!.createReadStream();
+  let drained = 0;
+  readable.on('drained', () => {
+    drained++;
+    // After the first temporary end of stream, stop the device: the stream then runs to its end.
+    if (drained === 1) void src.setState('stop-copy');
+  });
+  await pipeline(readable, resume!.createWriteStream());
+  t.true(drained >= 1);
+  await dst.setState('stop');
+  t.is(await src.getState(), 'stop-copy');
+  t.is(dst.mockInfo().loadedDigest, src.mockInfo().savedDigest);
+  t.is(src.mockInfo().digest, src.mockInfo().savedDigest, 'a stopped device does not change');
+  await dst.setState('running');
+  t.is(dst.mockInfo().seed, src.mockInfo().seed);
+});
+
+test('PRE_COPY: ENOMSG at the temporary end, more data once the running device dirties state, precopy info tracks it', async (t) => {
+  await using dev = await VfioDevice.openMock({ profile: 'nic-vf', overrides: { ...small, dirtyBytesPerSec: '64MiB' } });
+  const s = (await dev.setState('pre-copy'))!;
+  const first = await dev.precopyInfo();
+  t.true(first.initialBytes > 1n << 20n);
+  t.is(first.dirtyBytes, 0n);
+  let r;
+  let total = 0;
+  while ((r = await s.read(64 * 1024)).kind === 'data') total += r.bytes.length;
+  t.is(r.kind, 'no-data');
+  t.true(total >= Number(first.initialBytes));
+  const drained = await dev.precopyInfo();
+  t.is(drained.initialBytes, 0n);
+  await sleep(50);
+  const later = await dev.precopyInfo();
+  t.true(later.dirtyBytes > 0n, 'a running device re-dirties its state');
+  const more = await s.read(MiB);
+  t.is(more.kind, 'data');
+});
+
+test('STOP_COPY: read returns data, then end (0) repeatedly; the fd is dead once the device leaves', async (t) => {
+  await using dev = await VfioDevice.openMock({ profile: 'serial' });
+  await dev.setState('stop');
+  const s = (await dev.setState('stop-copy'))!;
+  const size = await dev.stopCopySize();
+  let total = 0;
+  let r;
+  while ((r = await s.read(1000)).kind === 'data') total += r.bytes.length;
+  t.is(BigInt(total), size, 'MIG_DATA_SIZE predicted the stream exactly');
+  t.is((await s.read(10)).kind, 'end');
+  t.is((await s.read(10)).kind, 'end');
+  await dev.setState('stop');
+  t.false(s.valid);
+  const err = await t.throwsAsync(s.read(10), { instanceOf: VfioError });
+  t.is(err?.code, 'ENODEV');
+});
+
+test('uAPI errnos: precopy info outside PRE_COPY, wrong-direction I/O, a state the flags lack, ERROR', async (t) => {
+  await using dev = await VfioDevice.openMock({ profile: 'nic-vf', overrides: small });
+  t.is((await t.throwsAsync(dev.precopyInfo(), { instanceOf: VfioError }))?.code, 'ERR_VFIO_NO_DATA_SESSION');
+  const s = (await dev.setState('pre-copy'))!;
+  await dev.setState('stop-copy');
+  const e1 = await t.throwsAsync(dev.precopyInfo(s), { instanceOf: VfioError });
+  t.is(e1?.code, 'EINVAL');
+  t.is(e1?.operation, 'VFIO_MIG_GET_PRECOPY_INFO');
+  t.is((await t.throwsAsync(s.write(Buffer.alloc(8)), { instanceOf: VfioError }))?.code, 'ERR_VFIO_BAD_ARGUMENT');
+  const e2 = await t.throwsAsync(dev.setState('error'), { instanceOf: VfioError });
+  t.is(e2?.code, 'EINVAL');
+  t.is(e2?.stateAfter, 'stop-copy');
+  t.is(await dev.getState(), 'stop-copy');
+
+  await using serial = await VfioDevice.openMock({ profile: 'serial' });
+  const e3 = await t.throwsAsync(serial.setState('pre-copy'), { instanceOf: VfioError });
+  t.is(e3?.code, 'EINVAL');
+  t.is(e3?.stateAfter, 'running');
+});
+
+test('a failing arc reports errno, ioctl, arc and the ERROR state it left; only reset leaves ERROR and it loses state', async (t) => {
+  await using dev = await VfioDevice.openMock({ profile: 'faults/arc-fails-into-error', seed: 5, overrides: { dirtyBytesPerSec: '64MiB' } });
+  await sleep(20); // the running device changes its state
+  const digestBefore = dev.mockInfo().digest;
+  const arcs: string[] = [];
+  const err = await t.throwsAsync(dev.stepTo('stop', { onArc: (a) => arcs.push(`${a.from}>${a.to}`) }), { instanceOf: VfioError });
+  t.deepEqual(arcs, ['running>running-p2p']);
+  t.is(err?.code, 'EIO');
+  t.is(err?.errno, 5);
+  t.is(err?.operation, 'VFIO_DEVICE_FEATURE(SET MIG_DEVICE_STATE)');
+  t.deepEqual(err?.arc, { from: 'running-p2p', to: 'stop' });
+  t.is(err?.stateAfter, 'error');
+  t.regex(err!.message, /EIO.*running-p2p -> stop.*device is now error/);
+  t.is((await t.throwsAsync(dev.setState('running'), { instanceOf: VfioError }))?.code, 'EINVAL');
+  await dev.reset();
+  t.is(await dev.getState(), 'running');
+  t.not(dev.mockInfo().digest, digestBefore, 'a reset device has lost its state');
+});
+
+test('a stream from a different device profile is refused with EINVAL before anything loads', async (t) => {
+  await using src = await VfioDevice.openMock({ profile: 'serial' });
+  await using dst = await VfioDevice.openMock({ profile: 'minimal' });
+  await src.setState('stop');
+  const save = (await src.setState('stop-copy'))!;
+  const r = await save.read(MiB);
+  t.is(r.kind, 'data');
+  await dst.setState('stop');
+  const resume = (await dst.setState('resuming'))!;
+  const err = await t.throwsAsync(resume.write((r as { bytes: Buffer }).bytes), { instanceOf: VfioError });
+  t.is(err?.code, 'EINVAL');
+  t.is(err?.operation, 'write(data_fd)');
+});
+
+test.serial('no fd leaks: devices, sessions and stale fds are all closed by close()', async (t) => {
+  const before = openFdCount();
+  for (let i = 0; i < 5; i++) {
+    const dev = await VfioDevice.openMock({ profile: 'nic-vf', overrides: small });
+    await dev.setState('pre-copy');
+    await dev.setState('stop-copy');
+    await dev.setState('stop');
+    await dev.setState('resuming');
+    t.is(dev.openDataFds().length, 2, 'the stale save fd and the resume fd');
+    await dev.close();
+    await dev.close();
+  }
+  await sleep(20);
+  t.is(openFdCount(), before);
+});
+
+test('a closed device refuses calls with ERR_VFIO_CLOSED; Symbol.asyncDispose closes', async (t) => {
+  const dev = await VfioDevice.openMock({ profile: 'serial' });
+  await dev[Symbol.asyncDispose]();
+  t.true(dev.closed);
+  t.is((await t.throwsAsync(dev.getState(), { instanceOf: VfioError }))?.code, 'ERR_VFIO_CLOSED');
+});
+
+test.serial('slow arcs run off the event loop, and arcs of several devices run in parallel', async (t) => {
+  const arcMs = 150;
+  const devices = await Promise.all(
+    Array.from({ length: 8 }, (_, i) => VfioDevice.openMock({ profile: 'serial', seed: i, overrides: { arcLatencyMs: { default: arcMs } } })),
+  );
+  let ticks = 0;
+  const timer = setInterval(() => ticks++, 5);
+  const t0 = performance.now();
+  await Promise.all(devices.map((d) => d.setState('running-p2p')));
+  const elapsed = performance.now() - t0;
+  clearInterval(timer);
+  // On the JS thread a 150 ms ioctl would starve the timer; one after another, 8 would take 1200 ms.
+  t.true(ticks >= 5, `timer ticked ${ticks} times during the arcs`);
+  t.true(elapsed < 4 * arcMs, `8 parallel arcs took ${elapsed.toFixed(0)} ms`);
+  for (const d of devices) t.is(await d.getState(), 'running-p2p');
+  await Promise.all(devices.map((d) => d.close()));
+});
+
+test('AbortSignal: an aborted walk stops between arcs and says so', async (t) => {
+  await using dev = await VfioDevice.openMock({ profile: 'nic-vf', overrides: small });
+  const pre = AbortSignal.abort('operator cancelled');
+  const e1 = await t.throwsAsync(dev.stepTo('stop', { signal: pre }), { instanceOf: VfioError });
+  t.is(e1?.code, 'ABORT_ERR');
+  t.is(await dev.getState(), 'running');
+  const ctl = new AbortController();
+  const e2 = await t.throwsAsync(dev.stepTo('stop', { signal: ctl.signal, onArc: () => ctl.abort() }), { instanceOf: VfioError });
+  t.is(e2?.code, 'ABORT_ERR');
+  t.is(await dev.getState(), 'running-p2p', 'the arc in flight completed, the next one never started');
+});
+
+test('destination load cost: the initial-bytes setup time and per-MiB time are spent in the writes', async (t) => {
+  await using src = await VfioDevice.openMock({ profile: 'gpu', overrides: { stateBytes: '4MiB', setupBytes: '1MiB', stopCopyOnlyBytes: '1MiB', dirtyWorkingSetBytes: '1MiB', loadInitialMs: 120, loadMsPerMiB: 1 } });
+  await using dst = await VfioDevice.openMock({ profile: 'gpu', overrides: { stateBytes: '4MiB', setupBytes: '1MiB', stopCopyOnlyBytes: '1MiB', dirtyWorkingSetBytes: '1MiB', loadInitialMs: 120, loadMsPerMiB: 1 } });
+  await dst.setState('stop');
+  const resume = (await dst.setState('resuming'))!;
+  const save = (await src.setState('pre-copy'))!;
+  let bytes = 0;
+  let r;
+  while ((r = await save.read(MiB)).kind === 'data') {
+    await resume.write(r.bytes);
+    bytes += r.bytes.length;
+  }
+  const expectedMs = 120 + bytes / MiB;
+  t.true(Math.abs(dst.mockInfo().loadBusyMs - expectedMs) < 0.01, `${dst.mockInfo().loadBusyMs} vs ${expectedMs}`);
+});
+
+test('DMA dirty logging: start, report a bitmap, stop; ENOTTY where the device lacks it', async (t) => {
+  await using nic = await VfioDevice.openMock({ profile: 'nic-vf', overrides: small });
+  t.is((await t.throwsAsync(nic.dmaLoggingStart(1000, [{ iova: 0, length: MiB }]), { instanceOf: VfioError }))?.code, 'EINVAL');
+  await nic.dmaLoggingStart(4096, [{ iova: 0, length: 64 * MiB }]);
+  t.is((await t.throwsAsync(nic.dmaLoggingStart(4096, [{ iova: 0, length: MiB }]), { instanceOf: VfioError }))?.code, 'EBUSY');
+  await sleep(30);
+  const bitmap = await nic.dmaLoggingReport(0, 64 * MiB, 4096);
+  t.is(bitmap.length, (64 * MiB) / 4096 / 8);
+  t.true(bitmap.some((b) => b !== 0), 'a running device dirtied pages');
+  await nic.dmaLoggingStop();
+  await using minimal = await VfioDevice.openMock({ profile: 'minimal' });
+  t.is((await t.throwsAsync(minimal.dmaLoggingStart(4096, [{ iova: 0, length: MiB }]), { instanceOf: VfioError }))?.code, 'ENOTTY');
+});
+
+test('kernel devices: a bad path is a typed error, never a crash', async (t) => {
+  const err = await t.throwsAsync(VfioDevice.openKernel({ path: '/dev/vfio/devices/vfio-does-not-exist' }), { instanceOf: VfioError });
+  t.is(err?.code, 'ENOENT');
+  t.regex(err!.message, /vfio-does-not-exist/);
+  const e2 = await t.throwsAsync(VfioDevice.openKernel({ path: '0000:ff:1f.7' }), { instanceOf: VfioError });
+  t.is(e2?.code, 'ENOENT');
+  const e3 = await t.throwsAsync(VfioDevice.openKernel({ path: '/dev/vfio/devices/vfio0', via: 'bogus' as 'cdev' }), { instanceOf: VfioError });
+  t.is(e3?.code, 'ERR_VFIO_BAD_ARGUMENT');
+});

@@ -1,0 +1,65 @@
+// Our uAPI numbers and layouts against Linux 6.12's header: compiled from the
+// header itself when Debian's linux-source-6.12 is installed, and always
+// against the fixture (whose values cite that header).
+import test from 'ava';
+import { execFile } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { native } from '../src/vfio/native.js';
+
+const run = promisify(execFile);
+const fixture = JSON.parse(readFileSync(new URL('../../test/fixtures/vfio-uapi-6.12.json', import.meta.url), 'utf8')) as { numbers: Record<string, number> };
+
+test('uAPI numbers and struct sizes match the Linux 6.12 fixture', (t) => {
+  for (const [name, value] of Object.entries(fixture.numbers)) t.is(native.uapi[name], value, name);
+  t.deepEqual(Object.keys(native.uapi).sort(), Object.keys(fixture.numbers).sort());
+});
+
+const TARBALL = '/usr/src/linux-source-6.12.tar.xz';
+
+test('uAPI numbers and struct sizes match the 6.12 header compiled with gcc', async (t) => {
+  if (!existsSync(TARBALL)) {
+    // CI installs linux-source-6.12 (.ci/run); a laptop without it is covered by the fixture test.
+    t.log(`${TARBALL} not installed: compared against the fixture only`);
+    t.pass();
+    return;
+  }
+  const dir = mkdtempSync(path.join(tmpdir(), 'uapi-'));
+  await run('tar', ['-xJf', TARBALL, '-C', dir, 'linux-source-6.12/include/uapi/linux/vfio.h', 'linux-source-6.12/include/uapi/linux/iommufd.h'], { maxBuffer: 1 << 20 });
+  const inc = path.join(dir, 'inc');
+  await run('mkdir', ['-p', path.join(inc, 'linux')]);
+  await run('cp', [path.join(dir, 'linux-source-6.12/include/uapi/linux/vfio.h'), path.join(dir, 'linux-source-6.12/include/uapi/linux/iommufd.h'), path.join(inc, 'linux')]);
+  const lines = Object.keys(fixture.numbers).map((name) => {
+    const expr = name.startsWith('sizeof') ? name : name;
+    return `  printf("%s=%lu\\n", ${JSON.stringify(name)}, (unsigned long)(${expr}));`;
+  });
+  const offsets = [
+    'offsetof(struct vfio_precopy_info, initial_bytes)',
+    'offsetof(struct vfio_precopy_info, dirty_bytes)',
+    'offsetof(struct vfio_device_feature_mig_state, data_fd)',
+    'offsetof(struct vfio_device_feature_dma_logging_control, ranges)',
+    'offsetof(struct vfio_device_feature_dma_logging_report, bitmap)',
+    'sizeof(struct iommu_ioas_alloc)',
+    'VFIO_DEVICE_STATE_PRE_COPY_P2P',
+    'VFIO_DEVICE_STATE_RUNNING_P2P',
+    'VFIO_DEVICE_STATE_ERROR',
+  ].map((e) => `  printf("%s=%lu\\n", ${JSON.stringify(e)}, (unsigned long)(${e}));`);
+  const src = `#include <stdio.h>\n#include <stddef.h>\n#include <linux/vfio.h>\n#include <linux/iommufd.h>\nint main(void) {\n${lines.join('\n')}\n${offsets.join('\n')}\n  return 0;\n}\n`;
+  writeFileSync(path.join(dir, 'probe.c'), src);
+  await run('gcc', ['-D__user=', `-I${inc}`, '-o', path.join(dir, 'probe'), path.join(dir, 'probe.c')]);
+  const { stdout } = await run(path.join(dir, 'probe'));
+  const fromHeader = Object.fromEntries(stdout.trim().split('\n').map((l) => { const i = l.lastIndexOf('='); return [l.slice(0, i), Number(l.slice(i + 1))]; }));
+  for (const name of Object.keys(fixture.numbers)) t.is(native.uapi[name], fromHeader[name], `${name} vs the 6.12 header`);
+  // Layout facts the addon relies on (pinned by static_asserts in native/uapi.h).
+  t.is(fromHeader['offsetof(struct vfio_precopy_info, initial_bytes)'], 8);
+  t.is(fromHeader['offsetof(struct vfio_precopy_info, dirty_bytes)'], 16);
+  t.is(fromHeader['offsetof(struct vfio_device_feature_mig_state, data_fd)'], 4);
+  t.is(fromHeader['offsetof(struct vfio_device_feature_dma_logging_control, ranges)'], 16);
+  t.is(fromHeader['offsetof(struct vfio_device_feature_dma_logging_report, bitmap)'], 24);
+  t.is(fromHeader['sizeof(struct iommu_ioas_alloc)'], 12);
+  t.is(fromHeader.VFIO_DEVICE_STATE_PRE_COPY_P2P, 7);
+  t.is(fromHeader.VFIO_DEVICE_STATE_RUNNING_P2P, 5);
+  t.is(fromHeader.VFIO_DEVICE_STATE_ERROR, 0);
+});
