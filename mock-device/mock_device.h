@@ -7,6 +7,7 @@
 // profile; see mock-device/README.md.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -24,6 +25,34 @@ struct MockArcFault {
   int err;              // errno the arc fails with
   bool into_error;      // the device is left in ERROR
   int64_t remaining;    // how many more times it fires; -1 = always
+};
+
+// A FIFO of bytes that reuses its storage (no zero-fill, no reallocation in
+// the steady state): the save stream's staging area.
+class ByteQueue {
+ public:
+  size_t size() const { return end_ - begin_; }
+  const uint8_t* data() const { return buf_.data() + begin_; }
+  // Space for n more bytes at the back; valid until the next call.
+  uint8_t* Append(size_t n) {
+    if (begin_ == end_) begin_ = end_ = 0;
+    if (end_ + n > buf_.size()) {
+      if (begin_ > 0) {
+        std::copy(buf_.begin() + begin_, buf_.begin() + end_, buf_.begin());
+        end_ -= begin_;
+        begin_ = 0;
+      }
+      if (end_ + n > buf_.size()) buf_.resize(end_ + n);
+    }
+    uint8_t* p = buf_.data() + end_;
+    end_ += n;
+    return p;
+  }
+  void Consume(size_t n) { begin_ += std::min(n, size()); }
+
+ private:
+  std::vector<uint8_t> buf_;
+  size_t begin_ = 0, end_ = 0;
 };
 
 struct MockProfile {
@@ -105,7 +134,7 @@ class MockDevice : public DeviceBackend {
     uint64_t stop_only_sent = 0;
     bool end_sent = false;
     uint64_t produced = 0;  // bytes produced so far (for corrupt_save_at_byte)
-    std::string staging;    // produced but not yet written into the pipe
+    ByteQueue staging;      // produced but not yet written into the pipe
     // Resume side: the parser.
     std::string parse_buf;
     bool header_ok = false;
@@ -145,6 +174,7 @@ class MockDevice : public DeviceBackend {
   std::vector<uint32_t> versions_;
   std::vector<uint8_t> dirty_;      // chunk needs (re)sending in this save session
   uint64_t dirty_count_ = 0;
+  uint32_t dirty_cursor_ = 0;       // where the search for the next dirty chunk starts
   std::chrono::steady_clock::time_point last_tick_;
   double dirty_carry_ = 0;          // fractional chunks not yet dirtied
   uint64_t rng_;

@@ -30,7 +30,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
 
   static std::shared_ptr<Worker> Start(Napi::Env env, const char* name) {
     auto w = std::shared_ptr<Worker>(new Worker());
-    w->tsfn_ = Tsfn::New(env, name, 0, 1);
+    w->tsfn_ = Tsfn::New(env, name, 0, 1, nullptr, &Worker::Finalize, new std::shared_ptr<Worker>(w));
     w->tsfn_.Unref(env);  // idle workers do not keep the process alive
     std::shared_ptr<Worker> self = w;
     std::thread([self] { self->Run(); }).detach();
@@ -45,8 +45,12 @@ class Worker : public std::enable_shared_from_this<Worker> {
     cv_.notify_one();
   }
 
-  // JS thread only: the thread exits once the queued jobs have run.
-  void Shutdown() {
+  // JS thread only: the thread exits once the queued jobs have run and
+  // releases the thread-safe function; `finalized` runs on the JS thread
+  // after that, when no thread can touch Node-API any more.
+  void Shutdown(Napi::Env env, Done finalized) {
+    finalized_ = std::move(finalized);
+    tsfn_.Ref(env);  // keep the loop alive until finalization
     std::lock_guard<std::mutex> l(mu_);
     stopping_ = true;
     cv_.notify_one();
@@ -57,13 +61,24 @@ class Worker : public std::enable_shared_from_this<Worker> {
     std::shared_ptr<Worker> w = job->owner;
     if (env != nullptr) {
       job->done(env);
-      if (--w->pending_ == 0) w->tsfn_.Unref(env);
+      if (--w->pending_ == 0 && !w->stopping_requested()) w->tsfn_.Unref(env);
     }
     delete job;
   }
   using Tsfn = Napi::TypedThreadSafeFunction<void, Job, &Worker::CallJs>;
 
+  static void Finalize(Napi::Env env, std::shared_ptr<Worker>* holder, void*) {
+    std::shared_ptr<Worker> w = *holder;
+    delete holder;
+    if (w->finalized_) w->finalized_(env);
+  }
+
   Worker() = default;
+
+  bool stopping_requested() {
+    std::lock_guard<std::mutex> l(mu_);
+    return stopping_;
+  }
 
   void Run() {
     for (;;) {
@@ -87,6 +102,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   std::deque<Job*> queue_;
   bool stopping_ = false;
   size_t pending_ = 0;  // JS thread only
+  Done finalized_;      // JS thread only
 };
 
 }  // namespace vfio
