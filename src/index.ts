@@ -5,3 +5,4 @@ export * from './vfio/device.js';
 export * from './vfio/mock-profile.js';
 export * from "./vfio/conformance.js";
 export { native } from './vfio/native.js';
+export * from "./migration/index.js";

@@ -1,0 +1,70 @@
+// Channels of one migration: the main channel (control both ways, RAM) and
+// extra data channels (multifd-like) so several devices stream and load at
+// once. Each section is bound to one channel, which keeps its bytes in order.
+import type net from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES } from './wire.js';
+import type { SectionOutput } from './handler.js';
+
+export interface Channel {
+  index: number;
+  socket: net.Socket;
+  reader: FrameReader;
+  writer: FrameWriter;
+  /** Section payload bytes sent or received on this channel. */
+  dataBytes: number;
+}
+
+export function makeChannel(index: number, socket: net.Socket): Channel {
+  return { index, socket, reader: new FrameReader(socket), writer: new FrameWriter(socket), dataBytes: 0 };
+}
+
+/** Shared cap on the stream rate (max-bandwidth), bytes/s; 0 = none. */
+export class RateLimiter {
+  bytesPerSec: number;
+  #start = performance.now();
+  #bytes = 0;
+
+  constructor(bytesPerSec: number) {
+    this.bytesPerSec = bytesPerSec;
+  }
+
+  async take(bytes: number, signal?: AbortSignal): Promise<void> {
+    if (!(this.bytesPerSec > 0)) return;
+    const now = performance.now();
+    // Idle time is not credit for a later burst.
+    if (now - (this.#start + (this.#bytes / this.bytesPerSec) * 1000) > 50) {
+      this.#start = now;
+      this.#bytes = 0;
+    }
+    this.#bytes += bytes;
+    const due = this.#start + (this.#bytes / this.bytesPerSec) * 1000;
+    if (due > now) await sleep(due - now, undefined, { signal });
+  }
+}
+
+/** A section's output on its channel, split into frames within the size limit. */
+export function sectionOutput(channel: Channel, section: number, limiter: RateLimiter, signal: AbortSignal, onBytes: (n: number) => void): SectionOutput {
+  return {
+    async send(data: Buffer) {
+      for (let at = 0; at < data.length; at += MAX_FRAME_PAYLOAD_BYTES) {
+        const part = data.subarray(at, Math.min(data.length, at + MAX_FRAME_PAYLOAD_BYTES));
+        await limiter.take(part.length, signal);
+        await channel.writer.write(FrameType.SectionData, section, part);
+        channel.dataBytes += part.length;
+        onBytes(part.length);
+      }
+    },
+    async initialSent() {
+      await channel.writer.write(FrameType.InitialSent, section);
+    },
+  };
+}
+
+/** Waits for every promise; throws the first failure only after all settled. */
+export async function settleAll<T>(promises: Promise<T>[]): Promise<T[]> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r) => r.status === 'rejected');
+  if (failed) throw (failed as PromiseRejectedResult).reason;
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
+}

@@ -1,0 +1,331 @@
+// The destination side: accepts a migration, checks it in the handshake
+// before any device changes state, loads sections as they arrive (each
+// channel in parallel), then brings every device and the VM to running and
+// reports back on the return path.
+import type net from 'node:net';
+import { MigrationEvents, type MigrationStatus } from './events.js';
+import { MigrationError, describeError } from './errors.js';
+import type { HandlerContext, StateHandler } from './handler.js';
+import type { VmControl } from './vm.js';
+import { type Channel, makeChannel, settleAll } from './channels.js';
+import { FrameType, WIRE_VERSION, parseJson } from './wire.js';
+import { formatUri, listen, parseUri } from './transport.js';
+import type { HelloMessage, RunningMessage } from './source.js';
+import type { MigrationState } from '../vfio/states.js';
+
+export interface DestinationOptions {
+  handlers: StateHandler[];
+  vm: VmControl;
+}
+
+export interface IncomingResult {
+  status: MigrationStatus;
+  totalTimeMs: number;
+  loadMs: number;
+  /** VM stop on the source to VM running here, as measured here (from the source's stop time). */
+  downtimeMs: number | null;
+  digests: (string | null)[];
+  sectionBytes: number[];
+  error?: { code: string; message: string };
+}
+
+export interface IncomingOptions {
+  signal?: AbortSignal;
+  /** ms to wait for all channels once the main one said hello. */
+  channelTimeoutMs?: number;
+}
+
+export class MigrationDestination extends MigrationEvents {
+  readonly handlers: StateHandler[];
+  readonly vm: VmControl;
+  #server: net.Server | null = null;
+  #status: MigrationStatus = 'none';
+  #failure: Error | null = null;
+  #channels: Channel[] = [];
+  #sockets = new Set<net.Socket>();
+  #switchoverLimitMs = 0;
+  #sourceStoppedAt = 0;
+  #abortTimer: NodeJS.Timeout | null = null;
+  #initialPending = new Set<number>();
+  #acked = false;
+  uri: string | null = null;
+
+  constructor(options: DestinationOptions) {
+    super();
+    if (!Array.isArray(options.handlers) || options.handlers.length === 0) throw new MigrationError('ERR_MIGRATION_BAD_PARAMETER', 'a migration needs at least one state handler');
+    this.handlers = options.handlers;
+    this.vm = options.vm;
+  }
+
+  get status(): MigrationStatus {
+    return this.#status;
+  }
+
+  /** Starts listening; returns the bound URI (tcp port 0 picks a free port). */
+  async listen(uri: string): Promise<string> {
+    const { server, uri: bound } = await listen(parseUri(uri));
+    this.#server = server;
+    server.on('connection', (s) => {
+      this.#sockets.add(s);
+      s.on('close', () => this.#sockets.delete(s));
+    });
+    this.uri = formatUri(bound);
+    return this.uri;
+  }
+
+  #setStatus(status: MigrationStatus, reason?: { code: string; message: string }): void {
+    this.#status = status;
+    this.emitEvent('MIGRATION', reason ? { status, reason } : { status });
+  }
+
+  #context(): HandlerContext {
+    return {
+      signal: new AbortController().signal,
+      prepare: (device, state) => this.emitEvent('VFIO_MIGRATION', { device, state: `${state}-prepare` as `${MigrationState}-prepare` }),
+      deviceState: (device, state, arcMs) => this.emitEvent('VFIO_MIGRATION', { device, state, arcMs }),
+      warn: (message, data) => this.emitEvent('MIGRATION_WARNING', data ? { message, data } : { message }),
+    };
+  }
+
+  #fail(err: Error): void {
+    if (this.#failure) return;
+    this.#failure = err;
+    for (const s of this.#sockets) s.destroy();
+  }
+
+  /** Accepts and runs one incoming migration. */
+  async incoming(options: IncomingOptions = {}): Promise<IncomingResult> {
+    if (!this.#server) throw new MigrationError('ERR_MIGRATION_STATE', 'call listen() before incoming()');
+    if (this.#status !== 'none') throw new MigrationError('ERR_MIGRATION_STATE', `incoming() was already called (status ${this.#status})`);
+    const t0 = performance.now();
+    let loadStart = 0;
+    let loadEnd = 0;
+    const ctx = this.#context();
+    const onAbort = () => this.#fail(new MigrationError('ERR_MIGRATION_CANCELLED', String(options.signal?.reason ?? 'aborted')));
+    options.signal?.addEventListener('abort', onAbort, { once: true });
+    let setupStarted = false;
+    let main: Channel | null = null;
+    try {
+      const hello = await this.#acceptMain(options.signal);
+      main = this.#channels[0]!;
+      this.#setStatus('setup');
+      const mismatch = this.#compatibility(hello);
+      if (mismatch) {
+        const err = new MigrationError('ERR_MIGRATION_INCOMPATIBLE', mismatch);
+        await main.writer.writeJson(FrameType.Error, 0, describeError(err)).catch(() => {});
+        throw err;
+      }
+      await this.#acceptChannels(hello, options.channelTimeoutMs ?? 10_000);
+      setupStarted = true;
+      await settleAll(this.handlers.map((h) => h.loadSetup(ctx)));
+      // Every device with initial bytes must load them before the source may switch over.
+      this.handlers.forEach((h, i) => {
+        if ((h as { hasPrecopy?: boolean }).hasPrecopy || typeof h.loadInitialDone === 'function') {
+          if (h.describe().kind === 'vfio' && this.#deviceHasPrecopy(hello, i)) this.#initialPending.add(i);
+        }
+      });
+      await main.writer.writeJson(FrameType.HelloAck, 0, { wireVersion: WIRE_VERSION });
+      this.#setStatus('active');
+      if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
+      loadStart = performance.now();
+      await settleAll(this.#channels.map((ch) => this.#channelLoop(ch, hello)));
+      loadEnd = performance.now();
+      if (this.#failure) throw this.#failure;
+
+      // Everything arrived: validate and stop all devices, then RUNNING_P2P for
+      // all before any device runs (the P2P rule), then the VM.
+      await settleAll(this.handlers.map((h) => h.loadFinish(ctx)));
+      await settleAll(this.handlers.map((h) => h.loadResumeP2P(ctx)));
+      await settleAll(this.handlers.map((h) => h.loadResume(ctx)));
+      if (this.#failure) throw this.#failure;
+      await this.vm.resume();
+      if (this.#abortTimer) clearTimeout(this.#abortTimer);
+      const downtimeMs = this.#sourceStoppedAt ? performance.timeOrigin + performance.now() - this.#sourceStoppedAt : null;
+      const digests = this.handlers.map((h) => h.digest?.('loaded') ?? null);
+      const running: RunningMessage = { digests, loadMs: loadEnd - loadStart, resumeMs: performance.now() - loadEnd };
+      await main.writer.writeJson(FrameType.Running, 0, running);
+      this.#setStatus('completed');
+      await settleAll(this.handlers.map((h) => h.loadCleanup('completed', ctx)));
+      return { status: 'completed', totalTimeMs: performance.now() - t0, loadMs: loadEnd - loadStart, downtimeMs, digests, sectionBytes: this.#sectionBytes };
+    } catch (err) {
+      const cause = this.#failure ?? (err as Error);
+      this.#fail(cause);
+      if (this.#abortTimer) clearTimeout(this.#abortTimer);
+      if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, describeError(cause)).catch(() => {});
+      if (setupStarted) {
+        if (this.vm.running) await this.vm.stop();
+        await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('failed', ctx)));
+      }
+      const error = describeError(cause);
+      this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', error);
+      const e = cause as Error & { result?: IncomingResult };
+      e.result = { status: this.#status, totalTimeMs: performance.now() - t0, loadMs: loadEnd ? loadEnd - loadStart : 0, downtimeMs: null, digests: [], sectionBytes: this.#sectionBytes, error };
+      throw cause;
+    } finally {
+      options.signal?.removeEventListener('abort', onAbort);
+      for (const s of this.#sockets) s.destroy();
+    }
+  }
+
+  #sectionBytes: number[] = [];
+
+  #deviceHasPrecopy(hello: HelloMessage, index: number): boolean {
+    const h = this.handlers[index] as { hasPrecopy?: boolean };
+    void hello;
+    return h.hasPrecopy === true;
+  }
+
+  async #sendAck(main: Channel): Promise<void> {
+    if (this.#acked) return;
+    this.#acked = true;
+    await main.writer.write(FrameType.SwitchoverAck, 0);
+  }
+
+  #compatibility(hello: HelloMessage): string | null {
+    if (hello.wireVersion !== WIRE_VERSION) return `wire version ${hello.wireVersion} is not ${WIRE_VERSION}`;
+    if (!Array.isArray(hello.sections)) return 'the hello lists no sections';
+    if (hello.sections.length !== this.handlers.length) return `the source has ${hello.sections.length} sections, the destination ${this.handlers.length}`;
+    for (let i = 0; i < this.handlers.length; i++) {
+      const mine = this.handlers[i]!.describe();
+      const theirs = hello.sections[i]!;
+      if (theirs.kind !== mine.kind || theirs.compat !== mine.compat)
+        return `section ${i} (${theirs.id}) is ${theirs.kind} "${theirs.compat}" on the source but ${mine.kind} "${mine.compat}" here (${mine.id})`;
+    }
+    if (!Number.isInteger(hello.channels) || hello.channels < 1 || hello.channels > 64) return `bad channel count ${hello.channels}`;
+    return null;
+  }
+
+  async #acceptMain(signal?: AbortSignal): Promise<HelloMessage> {
+    // Connections may arrive in any order; the one that says Hello is the main channel.
+    for (;;) {
+      const socket = await this.#nextConnection(signal);
+      const ch = makeChannel(0, socket);
+      const first = await ch.reader.next().catch(() => null);
+      if (first?.type === FrameType.Hello) {
+        this.#channels[0] = ch;
+        return parseJson<HelloMessage>(first);
+      }
+      if (first?.type === FrameType.ChannelHello) {
+        this.#early.push({ ch, index: parseJson<{ index: number }>(first).index });
+        continue;
+      }
+      socket.destroy();
+    }
+  }
+
+  #early: { ch: Channel; index: number }[] = [];
+  #queue: net.Socket[] = [];
+  #waiter: ((s: net.Socket) => void) | null = null;
+
+  #nextConnection(signal?: AbortSignal): Promise<net.Socket> {
+    if (!this.#listening) {
+      this.#listening = true;
+      this.#server!.on('connection', (s) => {
+        const w = this.#waiter;
+        this.#waiter = null;
+        if (w) w(s);
+        else this.#queue.push(s);
+      });
+    }
+    const queued = this.#queue.shift();
+    if (queued) return Promise.resolve(queued);
+    return new Promise((resolve, reject) => {
+      if (this.#failure) return reject(this.#failure);
+      const onAbort = () => reject(new MigrationError('ERR_MIGRATION_CANCELLED', 'cancelled while waiting for the source'));
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.#waiter = (s) => {
+        signal?.removeEventListener('abort', onAbort);
+        resolve(s);
+      };
+    });
+  }
+  #listening = false;
+
+  async #acceptChannels(hello: HelloMessage, timeoutMs: number): Promise<void> {
+    for (const e of this.#early) {
+      e.ch.index = e.index;
+      this.#channels[e.index] = e.ch;
+    }
+    const deadline = performance.now() + timeoutMs;
+    while (this.#channels.filter(Boolean).length < hello.channels) {
+      const left = deadline - performance.now();
+      if (left <= 0) throw new MigrationError('ERR_MIGRATION_CONNECTION', `only ${this.#channels.filter(Boolean).length} of ${hello.channels} channels connected`);
+      const ac = new AbortController();
+      const timer = setTimeout(() => ac.abort(), left);
+      let socket: net.Socket;
+      try {
+        socket = await this.#nextConnection(ac.signal);
+      } finally {
+        clearTimeout(timer);
+      }
+      const ch = makeChannel(0, socket);
+      const first = await ch.reader.next();
+      if (first?.type !== FrameType.ChannelHello) throw new MigrationError('ERR_MIGRATION_PROTOCOL', 'an extra channel did not identify itself');
+      const m = parseJson<{ migrationId: string; index: number }>(first);
+      if (m.migrationId !== hello.migrationId || !Number.isInteger(m.index) || m.index < 1 || m.index >= hello.channels || this.#channels[m.index])
+        throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unexpected channel ${m.index} of migration ${m.migrationId}`);
+      ch.index = m.index;
+      this.#channels[m.index] = ch;
+    }
+  }
+
+  async #channelLoop(ch: Channel, hello: HelloMessage): Promise<void> {
+    const main = this.#channels[0]!;
+    this.#sectionBytes = this.#sectionBytes.length ? this.#sectionBytes : this.handlers.map(() => 0);
+    for (;;) {
+      if (this.#failure) throw this.#failure;
+      const frame = await ch.reader.next();
+      if (!frame) throw new MigrationError('ERR_MIGRATION_CONNECTION', `the source closed channel ${ch.index} before the end of the stream`);
+      const handler = this.handlers[frame.section];
+      switch (frame.type) {
+        case FrameType.SectionData:
+          if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `data for unknown section ${frame.section}`);
+          await handler.load(frame.payload);
+          ch.dataBytes += frame.payload.length;
+          this.#sectionBytes[frame.section]! += frame.payload.length;
+          break;
+        case FrameType.InitialSent: {
+          if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `initial marker for unknown section ${frame.section}`);
+          // Everything before the marker has been written (and so loaded) by now.
+          await handler.loadInitialDone?.();
+          await main.writer.writeJson(FrameType.InitialLoaded, 0, { section: frame.section, loadMs: 0 });
+          this.#initialPending.delete(frame.section);
+          if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
+          break;
+        }
+        case FrameType.Switchover: {
+          const m = parseJson<{ stoppedAtEpochMs: number; switchoverLimitMs: number }>(frame);
+          this.#sourceStoppedAt = m.stoppedAtEpochMs;
+          this.#switchoverLimitMs = m.switchoverLimitMs;
+          this.#armAbort();
+          break;
+        }
+        case FrameType.EndOfStream:
+          return;
+        case FrameType.Cancel:
+          throw new MigrationError('ERR_MIGRATION_CANCELLED', `the source cancelled: ${parseJson<{ reason: string }>(frame).reason}`);
+        default:
+          throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unexpected ${FrameType[frame.type]} frame on channel ${ch.index}`);
+      }
+    }
+  }
+
+  /** The destination measures too: past the source's switchover-limit it aborts and cleans up. */
+  #armAbort(): void {
+    if (!(this.#switchoverLimitMs > 0)) return;
+    const elapsed = performance.timeOrigin + performance.now() - this.#sourceStoppedAt;
+    const left = Math.max(0, this.#switchoverLimitMs - elapsed);
+    this.#abortTimer = setTimeout(() => {
+      if (this.#status === 'completed') return;
+      const measured = performance.timeOrigin + performance.now() - this.#sourceStoppedAt;
+      this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, switchoverLimitMs: this.#switchoverLimitMs, side: 'destination' });
+      this.#fail(new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past switchover-limit ${this.#switchoverLimitMs} ms`));
+    }, left);
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.#sockets) s.destroy();
+    await new Promise<void>((resolve) => (this.#server ? this.#server.close(() => resolve()) : resolve()));
+    this.#server = null;
+  }
+}

@@ -1,0 +1,28 @@
+// Typed migration errors; `code` says what failed, the message says why.
+export type MigrationErrorCode =
+  | 'ERR_MIGRATION_PROTOCOL'
+  | 'ERR_MIGRATION_VERSION'
+  | 'ERR_MIGRATION_CONNECTION'
+  | 'ERR_MIGRATION_INCOMPATIBLE'
+  | 'ERR_MIGRATION_CANCELLED'
+  | 'ERR_MIGRATION_DEVICE'
+  | 'ERR_MIGRATION_DESTINATION'
+  | 'ERR_MIGRATION_BAD_PARAMETER'
+  | 'ERR_MIGRATION_BAD_URI'
+  | 'ERR_MIGRATION_STATE'
+  | 'ERR_MIGRATION_SWITCHOVER_ABORTED';
+
+export class MigrationError extends Error {
+  override readonly name = 'MigrationError';
+  readonly code: MigrationErrorCode;
+
+  constructor(code: MigrationErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.code = code;
+  }
+}
+
+export function describeError(err: unknown): { code: string; message: string } {
+  const e = err as { code?: unknown; message?: unknown };
+  return { code: typeof e?.code === 'string' ? e.code : 'ERR_UNKNOWN', message: typeof e?.message === 'string' ? e.message : String(err) };
+}

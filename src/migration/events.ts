@@ -1,0 +1,46 @@
+// Typed migration events. Each is emitted under its own name and, for
+// consumers that want one ordered stream (the CLI's JSON lines, a QMP
+// socket), also as 'event' with its name and a timestamp.
+import { EventEmitter } from 'node:events';
+import type { MigrationState } from '../vfio/states.js';
+
+/** QEMU's MigrationStatus values that apply here. */
+export type MigrationStatus = 'none' | 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelling' | 'cancelled';
+
+export type VfioEventState = MigrationState | `${MigrationState}-prepare`;
+
+export interface MigrationEventMap {
+  /** A device changed state, or (`*-prepare`) is about to start a transition into a P2P state. */
+  VFIO_MIGRATION: { device: string; state: VfioEventState; arcMs?: number };
+  MIGRATION: { status: MigrationStatus; reason?: { code: string; message: string } };
+  MIGRATION_PASS: { pass: number; remainingBytes: number; stopcopyBytes: number; expectedDowntimeMs: number; bandwidthBytesPerSec: number };
+  MIGRATION_STALLED: { pass: number; remainingBytes: number; suggestedDowntimeLimitMs: number };
+  MIGRATION_WARNING: { message: string; data?: Record<string, unknown> };
+  SWITCHOVER_ACK: { afterMs: number };
+  SWITCHOVER_ABORT: { measuredDowntimeMs: number; switchoverLimitMs: number; side: 'source' | 'destination' };
+}
+
+export type MigrationEventName = keyof MigrationEventMap;
+
+export interface MigrationEventRecord<K extends MigrationEventName = MigrationEventName> {
+  event: K;
+  data: MigrationEventMap[K];
+  /** ms since the epoch, sub-ms precision. */
+  timestamp: number;
+}
+
+export class MigrationEvents extends EventEmitter {
+  readonly history: MigrationEventRecord[] = [];
+  keepHistory = true;
+
+  emitEvent<K extends MigrationEventName>(event: K, data: MigrationEventMap[K]): void {
+    const record: MigrationEventRecord<K> = { event, data, timestamp: performance.timeOrigin + performance.now() };
+    if (this.keepHistory) this.history.push(record);
+    this.emit(event, data, record.timestamp);
+    this.emit('event', record);
+  }
+
+  onEvent<K extends MigrationEventName>(event: K, listener: (data: MigrationEventMap[K], timestamp: number) => void): this {
+    return this.on(event, listener);
+  }
+}

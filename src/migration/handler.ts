@@ -1,0 +1,85 @@
+// State handlers: every participant of a migration (a VFIO device, guest RAM,
+// whatever the embedding VMM registers) implements one interface, the
+// analogue of QEMU's SaveVMHandlers. The orchestrator drives them through the
+// phases; they never talk to the network themselves.
+import type { MigrationState } from '../vfio/states.js';
+
+/** Data a handler still has to send, split the way the switchover decision needs it. */
+export interface PendingBytes {
+  /** What can be sent now, while the VM runs. */
+  precopyBytes: number;
+  /** What must be sent after the VM stops, if it stopped now. */
+  stopcopyBytes: number;
+  /** True at iteration boundaries (exact queries); false for cheap estimates. */
+  exact: boolean;
+}
+
+/** Identity checked in the handshake before any device changes state. */
+export interface SectionDescription {
+  id: string;
+  kind: string;
+  /** Compatibility key: a device profile, vendor data, a RAM layout... */
+  compat: string;
+}
+
+/** Where a handler's data goes: the section's channel. */
+export interface SectionOutput {
+  send(data: Buffer): Promise<void>;
+  /** Marks the end of this section's initial bytes (for switchover-ack). */
+  initialSent(): Promise<void>;
+}
+
+export interface HandlerContext {
+  signal: AbortSignal;
+  /** Before a transition into a P2P state (the `<state>-prepare` event). */
+  prepare(device: string, state: MigrationState): void;
+  /** After each device state change. */
+  deviceState(device: string, state: MigrationState, arcMs: number): void;
+  /** Observed single-arc durations, for the downtime estimate. */
+  warn(message: string, data?: Record<string, unknown>): void;
+}
+
+export interface StateHandler {
+  describe(): SectionDescription;
+
+  // ---- source ----
+  saveSetup(ctx: HandlerContext): Promise<void>;
+  pending(exact: boolean): Promise<PendingBytes>;
+  /** Sends up to about `budgetBytes` of precopy data; returns the bytes sent. */
+  savePrecopy(budgetBytes: number, out: SectionOutput): Promise<number>;
+  /** Switchover, step 1 (all handlers in parallel): stop initiating P2P DMA. */
+  saveQuiesce(ctx: HandlerContext): Promise<void>;
+  /** Switchover, step 2 (after every handler quiesced): stop and open the stop-copy stream. */
+  saveStop(ctx: HandlerContext): Promise<void>;
+  /** Sends everything that is left; returns the bytes sent. */
+  saveComplete(out: SectionOutput): Promise<number>;
+  /** Source done: `completed` leaves devices stopped; `failed` brings them back to running. */
+  saveCleanup(outcome: 'completed' | 'failed', ctx: HandlerContext): Promise<void>;
+
+  // ---- destination ----
+  loadSetup(ctx: HandlerContext): Promise<void>;
+  load(data: Buffer): Promise<void>;
+  /** The source marked the end of the initial bytes; everything before it has been loaded. */
+  loadInitialDone?(): Promise<void>;
+  /** All data arrived: validate and stop (RESUMING -> STOP). */
+  loadFinish(ctx: HandlerContext): Promise<void>;
+  /** Step 1 of resuming (all handlers in parallel): RUNNING_P2P where supported. */
+  loadResumeP2P(ctx: HandlerContext): Promise<void>;
+  /** Step 2: fully running. */
+  loadResume(ctx: HandlerContext): Promise<void>;
+  /** Destination done; `failed` resets devices. */
+  loadCleanup(outcome: 'completed' | 'failed', ctx: HandlerContext): Promise<void>;
+
+  /** Content digest, where the handler can prove what it holds (mock devices, synthetic RAM). */
+  digest?(when: 'saved' | 'loaded'): string | undefined;
+  /** Per-device figures for the query. */
+  deviceInfo?(): DeviceInfo | undefined;
+}
+
+export interface DeviceInfo {
+  id: string;
+  state: MigrationState | 'unknown';
+  transferredBytes: number;
+  pendingPrecopyBytes: number;
+  pendingStopcopyBytes: number;
+}

@@ -1,0 +1,433 @@
+// The source side of a migration: connects, checks the destination in a
+// handshake, runs precopy iterations until the pending stop-copy data fits the
+// downtime limit, then stops the VM and streams the rest. Any failure or
+// cancel leaves the VM running with every device back in RUNNING.
+import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { MigrationEvents, type MigrationStatus } from './events.js';
+import { MigrationError, describeError } from './errors.js';
+import type { DeviceInfo, HandlerContext, PendingBytes, StateHandler } from './handler.js';
+import type { VmControl } from './vm.js';
+import { type MigrationCapabilities, type MigrationParameters, DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './params.js';
+import { type Channel, RateLimiter, makeChannel, sectionOutput, settleAll } from './channels.js';
+import { FrameType, WIRE_VERSION, parseJson } from './wire.js';
+import { connect, parseUri } from './transport.js';
+import { BandwidthMeter, sumBytes, saneMs, MAX_REPORTED_BYTES } from './accounting.js';
+import { DowntimePolicy } from './policy.js';
+import type { MigrationState } from '../vfio/states.js';
+
+export interface HelloMessage {
+  wireVersion: number;
+  migrationId: string;
+  channels: number;
+  sections: ReturnType<StateHandler['describe']>[];
+  capabilities: MigrationCapabilities;
+  parameters: MigrationParameters;
+}
+
+export interface RunningMessage {
+  digests: (string | null)[];
+  loadMs: number;
+  resumeMs: number;
+}
+
+export interface MigrationInfo {
+  status: MigrationStatus;
+  totalTimeMs: number;
+  setupTimeMs: number;
+  downtimeMs: number | null;
+  expectedDowntimeMs: number;
+  /** System-wide: RAM and every device. */
+  remainingBytes: number;
+  iterations: number;
+  transferredBytes: number;
+  bandwidthBytesPerSec: number;
+  throughputMbps: number;
+  bytesByKind: Record<string, number>;
+  bytesByChannel: number[];
+  devices: DeviceInfo[];
+  stalled: boolean;
+  suggestedDowntimeLimitMs: number | null;
+  switchoverAcked: boolean;
+  warnings: string[];
+  error?: { code: string; message: string };
+  /** Per section: the source's digest at stop and the destination's after load (mock devices, synthetic RAM). */
+  digests?: { section: string; source: string | null; destination: string | null; match: boolean | null }[];
+}
+
+export interface MigrateOptions {
+  channels?: number;
+  signal?: AbortSignal;
+  /** ms to wait for the destination's handshake answer. */
+  handshakeTimeoutMs?: number;
+}
+
+export interface SourceOptions {
+  handlers: StateHandler[];
+  vm: VmControl;
+  capabilities?: Partial<MigrationCapabilities>;
+  parameters?: Partial<MigrationParameters>;
+}
+
+export class MigrationSource extends MigrationEvents {
+  readonly handlers: StateHandler[];
+  readonly vm: VmControl;
+  #caps: MigrationCapabilities;
+  #params: MigrationParameters;
+  #status: MigrationStatus = 'none';
+  #ac = new AbortController();
+  #failure: Error | null = null;
+  #channels: Channel[] = [];
+  #t0 = 0;
+  #setupDoneAt = 0;
+  #stoppedAt = 0;
+  #downtimeMs: number | null = null;
+  #endAt = 0;
+  #iterations = 0;
+  #transferred = 0;
+  #bytesByKind: Record<string, number> = {};
+  #bandwidth = new BandwidthMeter(1500);
+  #pending: PendingBytes[] = [];
+  #expectedDowntimeMs = 0;
+  #warnings: string[] = [];
+  #digests: MigrationInfo['digests'];
+  #error?: { code: string; message: string };
+  #vmStoppedByUs = false;
+  readonly policy: DowntimePolicy;
+  #ackWaiters: (() => void)[] = [];
+  #switchoverAcked = false;
+  #running: { resolve: (m: RunningMessage) => void; reject: (e: Error) => void } | null = null;
+
+  constructor(options: SourceOptions) {
+    super();
+    if (!Array.isArray(options.handlers) || options.handlers.length === 0) throw new MigrationError('ERR_MIGRATION_BAD_PARAMETER', 'a migration needs at least one state handler');
+    if (options.handlers.length > 65535) throw new MigrationError('ERR_MIGRATION_BAD_PARAMETER', 'at most 65535 state handlers');
+    this.handlers = options.handlers;
+    this.vm = options.vm;
+    this.#caps = mergeCapabilities(DEFAULT_CAPABILITIES, options.capabilities);
+    this.#params = mergeParameters(DEFAULT_PARAMETERS, options.parameters);
+    this.policy = new DowntimePolicy(this.handlers);
+  }
+
+  get status(): MigrationStatus {
+    return this.#status;
+  }
+
+  get capabilities(): MigrationCapabilities {
+    return { ...this.#caps };
+  }
+
+  get parameters(): MigrationParameters {
+    return { ...this.#params };
+  }
+
+  setCapabilities(update: Partial<MigrationCapabilities>): void {
+    if (this.#status !== 'none') throw new MigrationError('ERR_MIGRATION_STATE', `capabilities cannot change while the migration is ${this.#status}`);
+    this.#caps = mergeCapabilities(this.#caps, update);
+  }
+
+  /** Parameters may change at any time (e.g. raising downtime-limit on a stalled migration). */
+  setParameters(update: Partial<MigrationParameters>): void {
+    this.#params = mergeParameters(this.#params, update);
+  }
+
+  #setStatus(status: MigrationStatus, reason?: { code: string; message: string }): void {
+    this.#status = status;
+    this.emitEvent('MIGRATION', reason ? { status, reason } : { status });
+  }
+
+  #warn(message: string, data?: Record<string, unknown>): void {
+    if (!this.#warnings.includes(message)) {
+      this.#warnings.push(message);
+      if (this.#warnings.length > 50) this.#warnings.shift();
+    }
+    this.emitEvent('MIGRATION_WARNING', data ? { message, data } : { message });
+  }
+
+  #context(): HandlerContext {
+    return {
+      signal: this.#ac.signal,
+      prepare: (device, state) => this.emitEvent('VFIO_MIGRATION', { device, state: `${state}-prepare` as `${MigrationState}-prepare` }),
+      deviceState: (device, state, arcMs) => this.emitEvent('VFIO_MIGRATION', { device, state, arcMs }),
+      warn: (message, data) => this.#warn(message, data),
+    };
+  }
+
+  /** Cancels the migration: the VM keeps (or resumes) running on this side. */
+  cancel(reason = 'cancelled by the user'): void {
+    if (['none', 'completed', 'failed', 'cancelled'].includes(this.#status)) return;
+    this.#setStatus('cancelling');
+    this.#fail(new MigrationError('ERR_MIGRATION_CANCELLED', reason));
+  }
+
+  #fail(err: Error): void {
+    if (this.#failure) return;
+    this.#failure = err;
+    this.#ac.abort(err);
+    this.#running?.reject(err);
+    for (const ch of this.#channels) ch.socket.destroy();
+  }
+
+  #check(): void {
+    if (this.#failure) throw this.#failure;
+  }
+
+  async migrate(uri: string, options: MigrateOptions = {}): Promise<MigrationInfo> {
+    if (this.#status !== 'none') throw new MigrationError('ERR_MIGRATION_STATE', `migrate() was already called (status ${this.#status})`);
+    const target = parseUri(uri);
+    const channelCount = options.channels ?? 1;
+    if (!Number.isInteger(channelCount) || channelCount < 1 || channelCount > 64) throw new MigrationError('ERR_MIGRATION_BAD_PARAMETER', `channels must be an integer from 1 to 64, got ${channelCount}`);
+    const onAbort = () => this.cancel(String(options.signal?.reason ?? 'aborted'));
+    options.signal?.addEventListener('abort', onAbort, { once: true });
+    if (options.signal?.aborted) this.#fail(new MigrationError('ERR_MIGRATION_CANCELLED', 'aborted before start'));
+    this.#t0 = performance.now();
+    this.#setStatus('setup');
+    const ctx = this.#context();
+    let setupStarted = false;
+    try {
+      this.#check();
+      // Connect every channel and shake hands before any device changes state.
+      const migrationId = randomUUID();
+      const main = makeChannel(0, await connect(target, this.#ac.signal));
+      this.#channels.push(main);
+      this.#check();
+      const hello: HelloMessage = {
+        wireVersion: WIRE_VERSION,
+        migrationId,
+        channels: channelCount,
+        sections: this.handlers.map((h) => h.describe()),
+        capabilities: this.#caps,
+        parameters: this.#params,
+      };
+      await main.writer.writeJson(FrameType.Hello, 0, hello);
+      for (let i = 1; i < channelCount; i++) {
+        const ch = makeChannel(i, await connect(target, this.#ac.signal));
+        this.#channels.push(ch);
+        await ch.writer.writeJson(FrameType.ChannelHello, 0, { migrationId, index: i });
+      }
+      const answer = await this.#withTimeout(main.reader.next(), options.handshakeTimeoutMs ?? 10_000, 'the destination did not answer the handshake');
+      if (!answer) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection during the handshake');
+      if (answer.type === FrameType.Error) {
+        const e = parseJson<{ code: string; message: string }>(answer);
+        throw new MigrationError(e.code === 'ERR_MIGRATION_INCOMPATIBLE' ? 'ERR_MIGRATION_INCOMPATIBLE' : 'ERR_MIGRATION_DESTINATION', `destination refused: ${e.message}`);
+      }
+      if (answer.type !== FrameType.HelloAck) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `expected the handshake answer, got ${FrameType[answer.type]}`);
+      void this.#returnPath(main);
+
+      setupStarted = true;
+      await settleAll(this.handlers.map((h) => h.saveSetup(ctx)));
+      this.#check();
+      this.#setupDoneAt = performance.now();
+      this.#setStatus('active');
+
+      const limiter = new RateLimiter(this.#params['max-bandwidth']);
+      const outputs = this.handlers.map((h, i) => {
+        const ch = this.#channelFor(h, i);
+        const kind = h.describe().kind;
+        return sectionOutput(ch, i, limiter, this.#ac.signal, (n) => {
+          this.#transferred += n;
+          this.#bytesByKind[kind] = (this.#bytesByKind[kind] ?? 0) + n;
+        });
+      });
+
+      // Precopy iterations.
+      for (;;) {
+        this.#check();
+        limiter.bytesPerSec = this.#params['max-bandwidth'];
+        this.#iterations++;
+        this.#pending = await settleAll(this.handlers.map((h) => h.pending(true)));
+        const decision = this.policy.evaluate({
+          pending: this.#pending,
+          measuredBandwidthBytesPerSec: this.#bandwidth.bytesPerSec,
+          params: this.#params,
+          switchoverAckRequired: this.#caps['switchover-ack'],
+          switchoverAcked: this.#switchoverAcked,
+          iteration: this.#iterations,
+        });
+        this.#expectedDowntimeMs = decision.expectedDowntimeMs;
+        this.emitEvent('MIGRATION_PASS', {
+          pass: this.#iterations,
+          remainingBytes: decision.remainingBytes,
+          stopcopyBytes: decision.stopcopyBytes,
+          expectedDowntimeMs: decision.expectedDowntimeMs,
+          bandwidthBytesPerSec: decision.bandwidthBytesPerSec,
+        });
+        if (decision.stalledNow) this.emitEvent('MIGRATION_STALLED', { pass: this.#iterations, remainingBytes: decision.remainingBytes, suggestedDowntimeLimitMs: decision.suggestedDowntimeLimitMs! });
+        if (decision.switchover) break;
+        const budget = decision.iterationBudgetBytes;
+        const t = performance.now();
+        const groups = this.#groupsByChannel();
+        const sent = await settleAll(
+          groups.map(async (idx) => {
+            let n = 0;
+            for (const i of idx) n += await this.handlers[i]!.savePrecopy(budget, outputs[i]!);
+            return n;
+          }),
+        );
+        const bytes = sumBytes(sent);
+        const ms = performance.now() - t;
+        // Only sends that filled the pipe say something about the link.
+        if (bytes >= 256 * 1024) this.#bandwidth.record(bytes, ms);
+        if (bytes === 0) await sleep(decision.idleWaitMs, undefined, { signal: this.#ac.signal }).catch(() => {});
+      }
+
+      // Switchover: stop the VM; every device reaches a P2P state before any
+      // device stops (the P2P rule); then stop-copy for all, in parallel.
+      this.#check();
+      this.#setStatus('device');
+      this.#stoppedAt = performance.now();
+      await this.vm.stop();
+      this.#vmStoppedByUs = true;
+      await main.writer.writeJson(FrameType.Switchover, 0, { stoppedAtEpochMs: performance.timeOrigin + this.#stoppedAt, switchoverLimitMs: this.#caps['switchover-abort'] ? this.#params['switchover-limit'] : 0 });
+      const abortTimer = this.#armSwitchoverAbort();
+      try {
+        await settleAll(this.handlers.map((h) => h.saveQuiesce(ctx)));
+        this.#check();
+        await settleAll(this.handlers.map((h) => h.saveStop(ctx)));
+        this.#check();
+        const groups = this.#groupsByChannel();
+        await settleAll(
+          groups.map(async (idx) => {
+            for (const i of idx) await this.handlers[i]!.saveComplete(outputs[i]!);
+          }),
+        );
+        await settleAll(this.#channels.map((ch) => ch.writer.write(FrameType.EndOfStream, 0)));
+        const running = await new Promise<RunningMessage>((resolve, reject) => {
+          this.#running = { resolve, reject };
+          if (this.#failure) reject(this.#failure);
+        });
+        this.#downtimeMs = performance.now() - this.#stoppedAt;
+        this.#digests = this.handlers.map((h, i) => {
+          const src = h.digest?.('saved') ?? null;
+          const dst = running.digests[i] ?? null;
+          return { section: h.describe().id, source: src, destination: dst, match: src && dst ? src === dst : null };
+        });
+      } finally {
+        if (abortTimer) clearTimeout(abortTimer);
+      }
+      this.#check();
+      await settleAll(this.handlers.map((h) => h.saveCleanup('completed', ctx)));
+      this.#endAt = performance.now();
+      this.#setStatus('completed');
+      return this.query();
+    } catch (err) {
+      const cause = this.#failure ?? (err as Error);
+      this.#fail(cause);
+      this.#error = describeError(cause);
+      // Roll back: devices to RUNNING (reset from ERROR), then the VM.
+      if (setupStarted) {
+        const results = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('failed', ctx)));
+        for (const r of results) if (r.status === 'rejected') this.#warn(`rollback: ${describeError(r.reason).message}`);
+      }
+      if (this.#vmStoppedByUs && !this.vm.running) await this.vm.resume();
+      this.#endAt = performance.now();
+      this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', this.#error);
+      throw cause;
+    } finally {
+      options.signal?.removeEventListener('abort', onAbort);
+      for (const ch of this.#channels) ch.socket.destroy();
+    }
+  }
+
+  /** With switchover-abort: fail the switchover if the VM stays stopped past switchover-limit. */
+  #armSwitchoverAbort(): NodeJS.Timeout | null {
+    if (!this.#caps['switchover-abort'] || !(this.#params['switchover-limit'] > 0)) return null;
+    const limit = this.#params['switchover-limit'];
+    return setTimeout(() => {
+      const measured = performance.now() - this.#stoppedAt;
+      this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, switchoverLimitMs: limit, side: 'source' });
+      this.#fail(new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted: downtime reached ${measured.toFixed(0)} ms, past switchover-limit ${limit} ms; the VM resumes on the source`));
+    }, limit);
+  }
+
+  async #withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> {
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new MigrationError('ERR_MIGRATION_CONNECTION', message)), ms)))]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  #channelFor(h: StateHandler, index: number): Channel {
+    // RAM and other non-device sections stay on the main channel; devices
+    // spread over the extra channels so they load in parallel.
+    if (this.#channels.length === 1 || h.describe().kind !== 'vfio') return this.#channels[0]!;
+    const devices = this.handlers.slice(0, index).filter((x) => x.describe().kind === 'vfio').length;
+    return this.#channels[1 + (devices % (this.#channels.length - 1))]!;
+  }
+
+  #groupsByChannel(): number[][] {
+    const groups = new Map<number, number[]>();
+    this.handlers.forEach((h, i) => {
+      const c = this.#channelFor(h, i).index;
+      groups.set(c, [...(groups.get(c) ?? []), i]);
+    });
+    return [...groups.values()];
+  }
+
+  async #returnPath(main: Channel): Promise<void> {
+    try {
+      for (;;) {
+        const frame = await main.reader.next();
+        if (!frame) {
+          if (this.#status !== 'completed') this.#fail(new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection'));
+          return;
+        }
+        switch (frame.type) {
+          case FrameType.InitialLoaded: {
+            const m = parseJson<{ section: number; loadMs: number }>(frame);
+            this.policy.recordInitialLoad(m.section, m.loadMs);
+            break;
+          }
+          case FrameType.SwitchoverAck:
+            this.#switchoverAcked = true;
+            this.emitEvent('SWITCHOVER_ACK', { afterMs: performance.now() - this.#t0 });
+            for (const w of this.#ackWaiters.splice(0)) w();
+            break;
+          case FrameType.Running:
+            this.#running?.resolve(parseJson<RunningMessage>(frame));
+            break;
+          case FrameType.Error: {
+            const e = parseJson<{ code: string; message: string }>(frame);
+            this.#fail(new MigrationError(e.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED' ? 'ERR_MIGRATION_SWITCHOVER_ABORTED' : 'ERR_MIGRATION_DESTINATION', `destination failed: ${e.message}`));
+            return;
+          }
+          default:
+            throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unexpected ${FrameType[frame.type]} frame on the return path`);
+        }
+      }
+    } catch (err) {
+      if (!this.#failure && this.#status !== 'completed') this.#fail(err as Error);
+    }
+  }
+
+  /** What QEMU's query-migrate says, where it applies. */
+  query(): MigrationInfo {
+    const now = this.#endAt || performance.now();
+    const totalTimeMs = this.#t0 ? now - this.#t0 : 0;
+    const remainingBytes = sumBytes(this.#pending.map((p) => Math.max(p.precopyBytes, p.stopcopyBytes)));
+    const info: MigrationInfo = {
+      status: this.#status,
+      totalTimeMs,
+      setupTimeMs: this.#setupDoneAt ? this.#setupDoneAt - this.#t0 : 0,
+      downtimeMs: this.#downtimeMs,
+      expectedDowntimeMs: saneMs(this.#expectedDowntimeMs),
+      remainingBytes: this.#status === 'completed' ? 0 : Math.min(remainingBytes, MAX_REPORTED_BYTES),
+      iterations: this.#iterations,
+      transferredBytes: this.#transferred,
+      bandwidthBytesPerSec: this.#bandwidth.bytesPerSec,
+      throughputMbps: totalTimeMs > 0 ? (this.#transferred * 8) / 1e6 / (totalTimeMs / 1000) : 0,
+      bytesByKind: { ...this.#bytesByKind },
+      bytesByChannel: this.#channels.map((c) => c.dataBytes),
+      devices: this.handlers.map((h) => h.deviceInfo?.()).filter((d): d is DeviceInfo => !!d),
+      stalled: this.policy.stalled,
+      suggestedDowntimeLimitMs: this.policy.suggestedDowntimeLimitMs,
+      switchoverAcked: this.#switchoverAcked,
+      warnings: [...this.#warnings],
+    };
+    if (this.#error) info.error = this.#error;
+    if (this.#digests) info.digests = this.#digests;
+    return info;
+  }
+}

@@ -1,0 +1,204 @@
+// The migration wire format: versioned frames with a type, a section id, a
+// length and a CRC32 of the payload, over any byte stream (TCP, unix socket,
+// later TLS). The main channel carries control frames both ways (the reverse
+// direction is the return path); extra channels carry device data only.
+import { crc32 } from 'node:zlib';
+import type { Duplex } from 'node:stream';
+import { MigrationError } from './errors.js';
+
+export const WIRE_MAGIC = 0x56464d47; // "VFMG"
+export const WIRE_VERSION = 1;
+export const FRAME_HEADER_BYTES = 16;
+/** Largest payload a peer may send in one frame. */
+export const MAX_FRAME_PAYLOAD_BYTES = 8 << 20;
+/** Largest JSON control payload (hello, reports). */
+export const MAX_CONTROL_PAYLOAD_BYTES = 1 << 20;
+
+export enum FrameType {
+  // source -> destination
+  Hello = 1,
+  ChannelHello = 2,
+  SectionData = 3,
+  SectionEnd = 4, // a section's data is complete (json: section summary)
+  Switchover = 5, // the source stopped the VM (json: stoppedAtMs, switchoverLimitMs)
+  EndOfStream = 6, // nothing more on this channel
+  Cancel = 7, // json: reason
+  InitialSent = 8, // a section sent all of its initial bytes (switchover-ack)
+  // destination -> source (return path)
+  HelloAck = 32,
+  InitialLoaded = 33, // a section finished loading its initial bytes (json: section, loadMs)
+  SwitchoverAck = 34, // every device loaded its initial bytes
+  Running = 35, // the destination VM runs (json: digests, load times)
+  Error = 36, // json: code, message
+}
+
+export interface Frame {
+  type: FrameType;
+  section: number;
+  payload: Buffer;
+}
+
+export function encodeFrame(type: FrameType, section: number, payload: Buffer = Buffer.alloc(0)): Buffer[] {
+  if (payload.length > MAX_FRAME_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `frame payload of ${payload.length} bytes exceeds ${MAX_FRAME_PAYLOAD_BYTES}`);
+  const h = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  h.writeUInt32BE(WIRE_MAGIC, 0);
+  h.writeUInt8(WIRE_VERSION, 4);
+  h.writeUInt8(type, 5);
+  h.writeUInt16BE(section, 6);
+  h.writeUInt32BE(payload.length, 8);
+  h.writeUInt32BE(crc32(payload), 12);
+  return payload.length ? [h, payload] : [h];
+}
+
+export function jsonPayload(value: unknown): Buffer {
+  return Buffer.from(JSON.stringify(value));
+}
+
+export function parseJson<T>(frame: Frame): T {
+  if (frame.payload.length > MAX_CONTROL_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `control frame ${FrameType[frame.type]} of ${frame.payload.length} bytes is too large`);
+  try {
+    return JSON.parse(frame.payload.toString('utf8')) as T;
+  } catch {
+    throw new MigrationError('ERR_MIGRATION_PROTOCOL', `control frame ${FrameType[frame.type] ?? frame.type} does not hold valid JSON`);
+  }
+}
+
+/**
+ * Reads frames from a stream. `next()` resolves with the next frame, or null
+ * at a clean end of stream; a bad magic, version, length or checksum, or an
+ * end of stream inside a frame, is an ERR_MIGRATION_PROTOCOL error. Reading
+ * pauses while nobody asks for frames, so a slow loader backs up the sender.
+ */
+export class FrameReader {
+  #stream: Duplex;
+  #chunks: Buffer[] = [];
+  #buffered = 0;
+  #ended = false;
+  #error: Error | null = null;
+  #wake: (() => void) | null = null;
+  bytesRead = 0;
+
+  constructor(stream: Duplex) {
+    this.#stream = stream;
+    stream.on('readable', () => this.#notify());
+    stream.on('end', () => {
+      this.#ended = true;
+      this.#notify();
+    });
+    stream.on('close', () => {
+      this.#ended = true;
+      this.#notify();
+    });
+    stream.on('error', (err) => {
+      this.#error = err;
+      this.#notify();
+    });
+  }
+
+  #notify(): void {
+    const w = this.#wake;
+    this.#wake = null;
+    w?.();
+  }
+
+  async #fill(bytes: number): Promise<boolean> {
+    while (this.#buffered < bytes) {
+      const chunk = this.#stream.read() as Buffer | null;
+      if (chunk) {
+        this.#chunks.push(chunk);
+        this.#buffered += chunk.length;
+        continue;
+      }
+      if (this.#error) throw new MigrationError('ERR_MIGRATION_CONNECTION', `connection failed: ${this.#error.message}`, { cause: this.#error });
+      if (this.#ended) return false;
+      await new Promise<void>((resolve) => (this.#wake = resolve));
+    }
+    return true;
+  }
+
+  #take(bytes: number): Buffer {
+    let out: Buffer;
+    const first = this.#chunks[0]!;
+    if (first.length >= bytes) {
+      out = first.subarray(0, bytes);
+      if (first.length === bytes) this.#chunks.shift();
+      else this.#chunks[0] = first.subarray(bytes);
+    } else {
+      out = Buffer.allocUnsafe(bytes);
+      let at = 0;
+      while (at < bytes) {
+        const c = this.#chunks[0]!;
+        const n = Math.min(c.length, bytes - at);
+        c.copy(out, at, 0, n);
+        at += n;
+        if (n === c.length) this.#chunks.shift();
+        else this.#chunks[0] = c.subarray(n);
+      }
+    }
+    this.#buffered -= bytes;
+    this.bytesRead += bytes;
+    return out;
+  }
+
+  async next(): Promise<Frame | null> {
+    if (!(await this.#fill(FRAME_HEADER_BYTES))) {
+      if (this.#buffered > 0) throw new MigrationError('ERR_MIGRATION_PROTOCOL', 'the stream ended inside a frame header');
+      return null;
+    }
+    const h = this.#take(FRAME_HEADER_BYTES);
+    const magic = h.readUInt32BE(0);
+    if (magic !== WIRE_MAGIC) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `bad frame magic 0x${magic.toString(16)}: not a vfio-migration stream`);
+    const version = h.readUInt8(4);
+    if (version !== WIRE_VERSION) throw new MigrationError('ERR_MIGRATION_VERSION', `peer speaks wire version ${version}, this side ${WIRE_VERSION}`);
+    const type = h.readUInt8(5) as FrameType;
+    if (!(type in FrameType)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unknown frame type ${type}`);
+    const section = h.readUInt16BE(6);
+    const length = h.readUInt32BE(8);
+    if (length > MAX_FRAME_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `frame of ${length} bytes exceeds the ${MAX_FRAME_PAYLOAD_BYTES}-byte limit`);
+    if (!(await this.#fill(length))) throw new MigrationError('ERR_MIGRATION_CONNECTION', `the connection closed inside a ${FrameType[type]} frame`);
+    const payload = length ? this.#take(length) : Buffer.alloc(0);
+    if (crc32(payload) !== h.readUInt32BE(12)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
+    return { type, section, payload };
+  }
+}
+
+/** Writes frames with backpressure: resolves when the stream can take more. */
+export class FrameWriter {
+  #stream: Duplex;
+  bytesWritten = 0;
+
+  constructor(stream: Duplex) {
+    this.#stream = stream;
+  }
+
+  async write(type: FrameType, section: number, payload?: Buffer): Promise<void> {
+    const parts = encodeFrame(type, section, payload);
+    let ok = true;
+    for (const p of parts) {
+      ok = this.#stream.write(p);
+      this.bytesWritten += p.length;
+    }
+    if (!ok && !this.#stream.destroyed) {
+      await new Promise<void>((resolve, reject) => {
+        const done = (err?: Error) => {
+          this.#stream.off('drain', onDrain);
+          this.#stream.off('close', onClose);
+          this.#stream.off('error', onError);
+          if (err) reject(err);
+          else resolve();
+        };
+        const onDrain = () => done();
+        const onClose = () => done(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed while sending'));
+        const onError = (e: Error) => done(new MigrationError('ERR_MIGRATION_CONNECTION', `connection failed: ${e.message}`, { cause: e }));
+        this.#stream.on('drain', onDrain);
+        this.#stream.on('close', onClose);
+        this.#stream.on('error', onError);
+      });
+    }
+    if (this.#stream.destroyed) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection is closed');
+  }
+
+  writeJson(type: FrameType, section: number, value: unknown): Promise<void> {
+    return this.write(type, section, jsonPayload(value));
+  }
+}
