@@ -112,7 +112,9 @@ MockDevice::MockDevice(MockProfile profile, uint64_t seed)
   chunk_count_ = uint32_t((p_.state_bytes + p_.chunk_bytes - 1) / p_.chunk_bytes);
   uint64_t ws = p_.dirty_working_set_bytes ? p_.dirty_working_set_bytes : p_.state_bytes;
   working_set_chunks_ = uint32_t(std::min<uint64_t>(chunk_count_, (ws + p_.chunk_bytes - 1) / p_.chunk_bytes));
-  versions_.assign(chunk_count_, 0);
+  // The device starts with content of its own (a reset loses it).
+  versions_.resize(chunk_count_);
+  for (uint32_t i = 0; i < chunk_count_; i++) versions_[i] = uint32_t(Mix(seed ^ i) & 0xffff) + 1;
   dirty_.assign(chunk_count_, 0);
   last_tick_ = std::chrono::steady_clock::now();
   info_.seed = seed;

@@ -29,7 +29,7 @@ T0=$(lab_now)
 FRAGMENT="$KERNEL_LAB_DIR/kernel.config"
 [ -f "$FRAGMENT" ] || lab_die "missing $FRAGMENT"
 
-lab_ensure_pkgs "$KERNEL_LAB_SRC_PKG" build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils kmod
+lab_ensure_pkgs "$KERNEL_LAB_SRC_PKG" build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils
 
 SRC_VER=$(dpkg-query -W -f='${Version}' "$KERNEL_LAB_SRC_PKG")
 TARBALL="/usr/src/$KERNEL_LAB_SRC_PKG.tar.xz"

@@ -60,6 +60,7 @@ export class VfioHandler implements StateHandler {
   async saveSetup(ctx: HandlerContext): Promise<void> {
     this.#ctx = ctx;
     const flags = await this.#flagsOnce();
+    await this.device.getState();
     // The device cannot hold more than its stop-copy size at the start (with a
     // generous margin for streams that re-send dirtied state).
     const initialStopCopy = clampDeviceBytes(await this.device.stopCopySize(), MAX_REPORTED_BYTES);
