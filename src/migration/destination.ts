@@ -149,9 +149,10 @@ export class MigrationDestination extends MigrationEvents {
       return { status: 'completed', totalTimeMs: performance.now() - t0, loadMs: loadEnd - loadStart, downtimeMs, digests, sectionBytes: this.#sectionBytes };
     } catch (err) {
       const cause = this.#failure ?? (err as Error);
-      this.#fail(cause);
       if (this.#abortTimer) clearTimeout(this.#abortTimer);
+      // Tell the source why before the connections go.
       if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, describeError(cause)).catch(() => {});
+      this.#fail(cause);
       if (setupStarted) {
         if (this.vm.running) await this.vm.stop();
         await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('failed', ctx)));

@@ -96,6 +96,8 @@ export class MigrationSource extends MigrationEvents {
   readonly policy: DowntimePolicy;
   #ackWaiters: (() => void)[] = [];
   #switchoverAcked = false;
+  #returnPathDone: Promise<void> | null = null;
+  #destinationError: Error | null = null;
   #running: { resolve: (m: RunningMessage) => void; reject: (e: Error) => void } | null = null;
 
   constructor(options: SourceOptions) {
@@ -165,7 +167,10 @@ export class MigrationSource extends MigrationEvents {
     this.#failure = err;
     this.#ac.abort(err);
     this.#running?.reject(err);
-    for (const ch of this.#channels) ch.socket.destroy();
+    // Data channels go at once; the main channel only stops sending, so that
+    // an error report the destination already sent can still be read.
+    for (const ch of this.#channels) if (ch.index === 0) ch.socket.end();
+    else ch.socket.destroy();
   }
 
   #check(): void {
@@ -212,7 +217,7 @@ export class MigrationSource extends MigrationEvents {
         throw new MigrationError(e.code === 'ERR_MIGRATION_INCOMPATIBLE' ? 'ERR_MIGRATION_INCOMPATIBLE' : 'ERR_MIGRATION_DESTINATION', `destination refused: ${e.message}`);
       }
       if (answer.type !== FrameType.HelloAck) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `expected the handshake answer, got ${FrameType[answer.type]}`);
-      void this.#returnPath(main);
+      this.#returnPathDone = this.#returnPath(main);
 
       setupStarted = true;
       await settleAll(this.handlers.map((h) => h.saveSetup(ctx)));
@@ -311,8 +316,11 @@ export class MigrationSource extends MigrationEvents {
       this.#setStatus('completed');
       return this.query();
     } catch (err) {
-      const cause = this.#failure ?? (err as Error);
-      this.#fail(cause);
+      this.#fail(this.#failure ?? (err as Error));
+      // A failure seen here first (a broken pipe) is often the echo of one the
+      // destination reports on the return path: give that report a moment.
+      if (this.#returnPathDone) await Promise.race([this.#returnPathDone, sleep(250)]);
+      const cause = this.#destinationError ?? this.#failure ?? (err as Error);
       this.#error = describeError(cause);
       // Roll back: devices to RUNNING (reset from ERROR), then the VM.
       if (setupStarted) {
@@ -390,7 +398,8 @@ export class MigrationSource extends MigrationEvents {
             break;
           case FrameType.Error: {
             const e = parseJson<{ code: string; message: string }>(frame);
-            this.#fail(new MigrationError(e.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED' ? 'ERR_MIGRATION_SWITCHOVER_ABORTED' : 'ERR_MIGRATION_DESTINATION', `destination failed: ${e.message}`));
+            this.#destinationError = new MigrationError(e.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED' ? 'ERR_MIGRATION_SWITCHOVER_ABORTED' : 'ERR_MIGRATION_DESTINATION', `destination failed: ${e.message}`);
+            this.#fail(this.#destinationError);
             return;
           }
           default:

@@ -1,0 +1,190 @@
+// Migrations between real processes over real sockets: the destination is the
+// CLI's `incoming` in a child process, the source runs in the test process.
+import test from 'ava';
+import { spawn } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { MigrationSource } from '../src/migration/source.js';
+import { MigrationError } from '../src/migration/errors.js';
+import type { MigrationEventRecord } from '../src/migration/events.js';
+import { CLI, deviceArgs, sourceSide, startDestination } from './harness.js';
+import { openFdCount } from './helpers.js';
+
+const MiB = 1 << 20;
+const nic = { stateBytes: '2MiB', dirtyWorkingSetBytes: '512KiB' };
+
+const matrix: { name: string; devices: number; ram: boolean; channels: number }[] = [
+  { name: '1 device, no RAM, 1 channel', devices: 1, ram: false, channels: 1 },
+  { name: '1 device with RAM, 2 channels', devices: 1, ram: true, channels: 2 },
+  { name: '8 devices with RAM, 1 channel', devices: 8, ram: true, channels: 1 },
+  { name: '8 devices, no RAM, 4 channels', devices: 8, ram: false, channels: 4 },
+];
+
+for (const m of matrix) {
+  test.serial(`migrates ${m.name}: every destination digest equals the source's at stop, no fd leaks`, async (t) => {
+    const spec = { mock: [['nic-vf', m.devices]] as [string, number][], overrides: nic, ram: m.ram ? { sizeBytes: 32 * MiB, dirtyBytesPerSec: 16 * MiB, workingSetBytes: 4 * MiB } : undefined };
+    const fdsBefore = openFdCount();
+    const dest = await startDestination(deviceArgs(spec));
+    const side = await sourceSide(spec);
+    const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+    const info = await src.migrate(dest.uri, { channels: m.channels });
+    const destResult = await dest.result;
+    t.is(info.status, 'completed');
+    t.is(destResult?.status, 'completed');
+    t.is(info.digests?.length, m.devices + (m.ram ? 1 : 0));
+    for (const d of info.digests!) t.true(d.match === true, `${d.section}: ${d.source} -> ${d.destination}`);
+    t.false(side.vm.running, 'the source VM stays stopped after a completed migration');
+    for (const d of side.devices) t.is(await d.getState(), 'stop');
+    t.true(info.downtimeMs! > 0);
+    t.true(info.iterations >= 1);
+    t.is(info.bytesByChannel.length, m.channels);
+    // Devices spread over the extra channels; the main channel carries RAM (and control).
+    info.bytesByChannel.forEach((b, i) => t.true(i === 0 && m.channels > 1 && !m.ram ? b === 0 : b > 0, `channel ${i} carried ${b} bytes`));
+    t.is(info.remainingBytes, 0);
+    await side.close();
+    t.is(await dest.exitCode, 0);
+    t.is(destResult?.fdsAtEnd, destResult?.fdsAtStart, 'destination process fds');
+    t.is(openFdCount(), fdsBefore, 'source process fds');
+  });
+}
+
+test.serial('events: a state event per arc, a prepare event before each P2P arc, status and pass events', async (t) => {
+  const spec = { mock: [['nic-vf', 2]] as [string, number][], overrides: nic };
+  const dest = await startDestination(deviceArgs(spec));
+  const side = await sourceSide(spec);
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const records: MigrationEventRecord[] = [];
+  src.on('event', (r: MigrationEventRecord) => records.push(r));
+  await src.migrate(dest.uri);
+  await dest.result;
+  await dest.exitCode;
+  await side.close();
+  const statuses = records.filter((r) => r.event === 'MIGRATION').map((r) => (r.data as { status: string }).status);
+  t.deepEqual(statuses, ['setup', 'active', 'device', 'completed']);
+  t.true(records.some((r) => r.event === 'MIGRATION_PASS'));
+  for (const dev of side.devices) {
+    const seq = records.filter((r) => r.event === 'VFIO_MIGRATION' && (r.data as { device: string }).device === dev.id).map((r) => (r.data as { state: string }).state);
+    t.deepEqual(seq, ['pre-copy', 'pre-copy-p2p-prepare', 'pre-copy-p2p', 'stop-copy', 'stop'], dev.id);
+  }
+  // The destination's devices walk RESUMING -> STOP -> RUNNING_P2P -> RUNNING, P2P prepared.
+  const destSeq = dest.events.filter((e) => e.event === 'VFIO_MIGRATION' && e.data.device === 'nic-vf-0').map((e) => e.data.state);
+  t.deepEqual(destSeq, ['running-p2p-prepare', 'running-p2p', 'stop', 'resuming', 'stop', 'running-p2p-prepare', 'running-p2p', 'running']);
+});
+
+test.serial('a mismatched device profile is refused in the handshake, before any device changes state', async (t) => {
+  const dest = await startDestination(deviceArgs({ mock: [['serial', 1]] }));
+  const side = await sourceSide({ mock: [['nic-vf', 1]], overrides: nic });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const err = await t.throwsAsync(src.migrate(dest.uri), { instanceOf: MigrationError });
+  t.is(err?.code, 'ERR_MIGRATION_INCOMPATIBLE');
+  t.regex(err!.message, /section 0 \(nic-vf-0\) is vfio "mock:nic-vf.*" on the source but vfio "mock:serial.*" here/);
+  t.is(src.status, 'failed');
+  t.is(side.devices[0]!.mockInfo().arcsTaken, 0, 'no source device changed state');
+  t.true(side.vm.running);
+  const destResult = await dest.result;
+  t.is(destResult?.status, 'failed');
+  t.is((destResult?.error as { code: string }).code, 'ERR_MIGRATION_INCOMPATIBLE');
+  t.false(dest.events.some((e) => e.event === 'VFIO_MIGRATION'), 'no destination device changed state');
+  await side.close();
+  await dest.exitCode;
+});
+
+type Phase = 'setup' | 'precopy' | 'switchover' | 'stop-copy' | 'destination-load';
+const phases: Phase[] = ['setup', 'precopy', 'switchover', 'stop-copy', 'destination-load'];
+
+for (const how of ['cancel', 'cut'] as const) {
+  for (const phase of phases) {
+    test.serial(`${how === 'cancel' ? 'cancel' : 'connection cut'} in ${phase}: the source VM runs, devices RUNNING with their state intact, no fds leaked`, async (t) => {
+      // Destination resuming -> stop takes 400 ms, so the destination-load phase is wide enough to hit.
+      const spec = { mock: [['nic-vf', 3]] as [string, number][], overrides: { ...nic, dirtyBytesPerSec: 0 }, ram: { sizeBytes: 16 * MiB, dirtyBytesPerSec: 64 * MiB, workingSetBytes: 8 * MiB } };
+      const fdsBefore = openFdCount();
+      const dest = await startDestination([...deviceArgs({ ...spec, overrides: { ...spec.overrides, arcLatencyMs: { default: 2, 'resuming>stop': 400 } } })]);
+      const side = await sourceSide(spec);
+      const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
+      const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { 'downtime-limit': 2000 } });
+      let fired = false;
+      const fire = () => {
+        if (fired) return;
+        fired = true;
+        if (how === 'cancel') src.cancel(`test cancel in ${phase}`);
+        else dest.proc.kill('SIGKILL');
+      };
+      src.on('event', (r: MigrationEventRecord) => {
+        const d = r.data as { status?: string; pass?: number; state?: string };
+        if (phase === 'setup' && r.event === 'VFIO_MIGRATION' && d.state === 'pre-copy') fire();
+        if (phase === 'precopy' && r.event === 'MIGRATION_PASS' && d.pass === 1) setImmediate(fire);
+        if (phase === 'switchover' && r.event === 'MIGRATION' && d.status === 'device') fire();
+        if (phase === 'stop-copy' && r.event === 'VFIO_MIGRATION' && d.state === 'stop-copy') fire();
+      });
+      if (phase === 'destination-load') {
+        // Fire once the destination is validating (its resuming -> stop arc is in flight).
+        const poll = setInterval(() => {
+          if (dest.events.some((e) => e.event === 'VFIO_MIGRATION' && e.data.state === 'stop' && dest.events.some((x) => x.data.state === 'resuming'))) {
+            clearInterval(poll);
+            fire();
+          }
+        }, 1);
+        // The device reaches stop after 400 ms; watch for the end of the stream instead.
+        src.on('event', (r: MigrationEventRecord) => {
+          if (r.event === 'VFIO_MIGRATION' && (r.data as { state: string }).state === 'stop-copy' && r.data && (r.data as { device: string }).device === 'nic-vf-2') setTimeout(fire, 150);
+        });
+        t.teardown(() => clearInterval(poll));
+      }
+      const err = await t.throwsAsync(src.migrate(dest.uri, { channels: 2 }));
+      t.true(fired, 'the phase was reached');
+      t.is(src.status, how === 'cancel' ? 'cancelled' : 'failed', `status ${src.status}: ${err?.message}`);
+      t.truthy(src.query().error?.message);
+      t.true(side.vm.running, 'the source VM runs');
+      for (const d of side.devices) t.is(await d.getState(), 'running', d.id);
+      t.deepEqual(side.devices.map((d) => d.mockInfo().digest), digestsBefore, 'device state intact (nothing reset)');
+      await side.close();
+      if (how === 'cut') t.not(await dest.exitCode, 0);
+      else {
+        const r = await dest.result;
+        t.not(r?.status, 'completed');
+        t.is(r?.fdsAtEnd, r?.fdsAtStart, 'destination fds');
+        await dest.exitCode;
+      }
+      await sleep(20);
+      t.is(openFdCount(), fdsBefore, 'source fds');
+    });
+  }
+}
+
+test.serial('a stream the destination device rejects fails the migration and rolls the source back', async (t) => {
+  const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: nic };
+  const dest = await startDestination(deviceArgs(spec));
+  const side = await sourceSide({ ...spec, overrides: { ...nic, corruptSaveAtByte: 5000 } });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const err = await t.throwsAsync(src.migrate(dest.uri), { instanceOf: MigrationError });
+  t.is(err?.code, 'ERR_MIGRATION_DESTINATION');
+  t.regex(err!.message, /EINVAL/);
+  t.is(await side.devices[0]!.getState(), 'running');
+  t.true(side.vm.running);
+  const r = await dest.result;
+  t.is(r?.status, 'failed');
+  await side.close();
+  await dest.exitCode;
+});
+
+test.serial('bad arguments are clear errors: URI, channels, capabilities, parameters, CLI usage', async (t) => {
+  const side = await sourceSide({ mock: [['serial', 1]] });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  t.is((await t.throwsAsync(src.migrate('http://x'), { instanceOf: MigrationError }))?.code, 'ERR_MIGRATION_BAD_URI');
+  const src2 = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  t.is((await t.throwsAsync(src2.migrate('tcp:127.0.0.1:1', { channels: 0 }), { instanceOf: MigrationError }))?.code, 'ERR_MIGRATION_BAD_PARAMETER');
+  const src3 = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const e3 = await t.throwsAsync(src3.migrate('tcp:127.0.0.1:1'), { instanceOf: MigrationError });
+  t.is(e3?.code, 'ERR_MIGRATION_CONNECTION');
+  t.true(side.vm.running);
+  t.throws(() => new MigrationSource({ handlers: side.handlers, vm: side.vm, capabilities: { 'warp-drive': true } as never }), { message: /unknown capability "warp-drive"/ });
+  t.throws(() => new MigrationSource({ handlers: side.handlers, vm: side.vm, capabilities: { 'return-path': false, 'switchover-ack': true } }), { message: /"switchover-ack" requires capability "return-path"/ });
+  t.throws(() => new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { 'downtime-limit': -5 } }), { message: /"downtime-limit" must be a number between/ });
+  t.throws(() => new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { 'downtime-limit': '300' as never } }), { message: /must be a number/ });
+  await side.close();
+  const cli = spawn(process.execPath, [CLI, 'migrate', '--mock', 'serial'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  cli.stderr.on('data', (d) => (stderr += d));
+  const code = await new Promise((r) => cli.on('exit', r));
+  t.is(code, 2);
+  t.regex(stderr, /migrate needs --to <uri>/);
+});
