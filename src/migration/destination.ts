@@ -8,7 +8,7 @@ import { MigrationError, describeError } from './errors.js';
 import type { HandlerContext, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
 import { type Channel, makeChannel, settleAll } from './channels.js';
-import { FrameType, WIRE_VERSION, parseJson } from './wire.js';
+import { type Frame, FrameType, WIRE_VERSION, parseJson } from './wire.js';
 import { formatUri, listen, parseUri } from './transport.js';
 import type { HelloMessage, RunningMessage } from './source.js';
 import type { MigrationState } from '../vfio/states.js';
@@ -273,9 +273,16 @@ export class MigrationDestination extends MigrationEvents {
   async #channelLoop(ch: Channel, hello: HelloMessage): Promise<void> {
     const main = this.#channels[0]!;
     this.#sectionBytes = this.#sectionBytes.length ? this.#sectionBytes : this.handlers.map(() => 0);
+    // One frame read ahead: the socket is drained while a device loads.
+    let ahead: Promise<Frame | null> = ch.reader.next();
+    ahead.catch(() => {});
     for (;;) {
       if (this.#failure) throw this.#failure;
-      const frame = await ch.reader.next();
+      const frame = await ahead;
+      if (frame && frame.type !== FrameType.EndOfStream) {
+        ahead = ch.reader.next();
+        ahead.catch(() => {});
+      }
       if (!frame) throw new MigrationError('ERR_MIGRATION_CONNECTION', `the source closed channel ${ch.index} before the end of the stream`);
       const handler = this.handlers[frame.section];
       switch (frame.type) {

@@ -1,6 +1,6 @@
 // The VFIO device state handler: drives one VfioDevice through the migration
 // and turns its data fd into section data.
-import type { DataSession, VfioDevice } from '../vfio/device.js';
+import type { DataSession, ReadResult, VfioDevice } from '../vfio/device.js';
 import type { Arc } from '../vfio/arc-planner.js';
 import { type MigrationFlags, type MigrationState, P2P_QUIESCED_STATES, PRECOPY_STATES } from '../vfio/states.js';
 import type { DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler } from './handler.js';
@@ -85,18 +85,29 @@ export class VfioHandler implements StateHandler {
     return this.#pending;
   }
 
+  /** A read issued ahead of time, so the device produces while the network sends. */
+  #readAhead: Promise<ReadResult> | null = null;
+
+  #read(session: DataSession): Promise<ReadResult> {
+    const r = this.#readAhead ?? session.read(READ_BYTES);
+    this.#readAhead = null;
+    return r;
+  }
+
   async savePrecopy(budgetBytes: number, out: SectionOutput): Promise<number> {
     const session = this.#session;
     if (!session || !PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState)) return 0;
     let sent = 0;
     while (sent < budgetBytes) {
-      const r = await session.read(Math.max(4096, Math.min(READ_BYTES, budgetBytes - sent)));
+      const r = await this.#read(session);
       if (r.kind !== 'data') break;
+      // Read the next chunk while this one goes out, unless the budget is spent.
+      if (sent + r.bytes.length < budgetBytes) this.#readAhead = session.read(READ_BYTES);
       await out.send(r.bytes);
       sent += r.bytes.length;
     }
     this.transferredBytes += sent;
-    if (!this.#initialSent) {
+    if (!this.#initialSent && !this.#readAhead) {
       const info = await this.device.precopyInfo(session);
       if (info.initialBytes === 0n) {
         this.#initialSent = true;
@@ -133,9 +144,10 @@ export class VfioHandler implements StateHandler {
     if (!session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: no data session`);
     let sent = 0;
     for (;;) {
-      const r = await session.read(READ_BYTES);
+      const r = await this.#read(session);
       if (r.kind === 'end') break;
       if (r.kind === 'no-data') throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: ENOMSG in stop-copy`);
+      this.#readAhead = session.read(READ_BYTES);
       await out.send(r.bytes);
       sent += r.bytes.length;
     }
@@ -146,6 +158,9 @@ export class VfioHandler implements StateHandler {
   async #closeSession(): Promise<void> {
     const s = this.#session;
     this.#session = null;
+    // A read still in flight finishes on the data thread before the close there.
+    await this.#readAhead?.catch(() => {});
+    this.#readAhead = null;
     await s?.close().catch(() => {});
   }
 

@@ -86,10 +86,11 @@ export async function returnToRunning(dev: VfioDevice): Promise<void> {
 type Sink = (bytes: Buffer) => Promise<void>;
 
 /** Reads a save session to its end (STOP_COPY) or its temporary end (PRE_COPY), streaming into `sink`. */
-async function drain(session: DataSession, limitBytes: number, sink?: Sink): Promise<{ bytes: number; end: 'end' | 'no-data' | 'limit' }> {
+async function drain(session: DataSession, limitBytes: number, sink?: Sink): Promise<{ bytes: number; end: 'end' | 'no-data' | 'limit'; via?: string }> {
   let bytes = 0;
   while (bytes < limitBytes) {
     const r = await session.read(MiB);
+    if (r.kind === 'no-data') return { bytes, end: r.kind, via: r.via };
     if (r.kind !== 'data') return { bytes, end: r.kind };
     bytes += r.bytes.length;
     if (sink) await sink(r.bytes);
@@ -258,7 +259,7 @@ const checks: Record<CheckName, (ctx: Ctx) => Promise<string>> = {
       expect(session, 'no data fd');
       const first = await drain(session, limitBytes);
       expect(first.end === 'no-data', `pre-copy stream never reached its temporary end (ENOMSG) within ${limitBytes} bytes`);
-      notes.push(`pre-copy: ENOMSG after ${first.bytes} bytes`);
+      notes.push(`pre-copy: temporary end after ${first.bytes} bytes (${first.via === 'ENOMSG' ? 'ENOMSG' : 'read returned 0, not ENOMSG'})`);
       await dev.setState('stop-copy');
     } else {
       session = await dev.setState('stop-copy');
@@ -337,7 +338,9 @@ const checks: Record<CheckName, (ctx: Ctx) => Promise<string>> = {
         await peer.setState('stop');
         const session = await peer.setState('resuming');
         expect(session, 'no data fd');
-        // Damage the stream around its middle: 16 bytes overwritten, or everything from there on dropped.
+        // Damage the stream: its first 16 bytes overwritten (every driver
+        // validates its header; payload checks vary), or everything from the
+        // middle on dropped.
         const middle = expected > 0 && expected < Number(SANE_BYTES) ? Math.floor(expected / 2) : 4096;
         let offset = 0;
         let rejected: string | null = null;
@@ -346,7 +349,7 @@ const checks: Record<CheckName, (ctx: Ctx) => Promise<string>> = {
           offset += chunk.length;
           if (rejected) return;
           let out: Buffer | null = chunk;
-          if (kind === 'corrupted' && start <= middle && middle < offset) out = Buffer.from(chunk).fill(0xa5, middle - start, Math.min(chunk.length, middle - start + 16));
+          if (kind === 'corrupted' && start < 16) out = Buffer.from(chunk).fill(0xa5, 0, Math.min(chunk.length, 16 - start));
           if (kind === 'truncated') out = start >= middle ? null : chunk.subarray(0, Math.min(chunk.length, middle - start));
           if (!out || out.length === 0) return;
           try {

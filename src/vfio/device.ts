@@ -39,7 +39,12 @@ export interface OpenKernelOptions {
   id?: string;
 }
 
-export type ReadResult = { kind: 'data'; bytes: Buffer } | { kind: 'no-data' } | { kind: 'end' };
+/**
+ * One read of a data fd. `no-data` is the temporary end of a PRE_COPY stream:
+ * ENOMSG as the uAPI asks, or a 0-byte read from drivers that return 0 there
+ * (the kernel's mtty sample does); `via` says which.
+ */
+export type ReadResult = { kind: 'data'; bytes: Buffer } | { kind: 'no-data'; via: 'ENOMSG' | 'zero' } | { kind: 'end' };
 
 export interface PrecopyInfo {
   initialBytes: bigint;
@@ -341,11 +346,14 @@ export class DataSession {
     if (!Number.isInteger(maxBytes) || maxBytes < 1) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `read(maxBytes): maxBytes must be a positive integer, got ${maxBytes}`);
     try {
       const bytes = await this.#handle.readData(this.fd, maxBytes);
-      if (bytes === null) return { kind: 'end' };
+      if (bytes === null) {
+        // In PRE_COPY states the stream cannot have ended for good: more may come.
+        return PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState) ? { kind: 'no-data', via: 'zero' } : { kind: 'end' };
+      }
       this.bytesTransferred += bytes.length;
       return { kind: 'data', bytes };
     } catch (err) {
-      if ((err as { code?: string }).code === 'ENOMSG') return { kind: 'no-data' };
+      if ((err as { code?: string }).code === 'ENOMSG') return { kind: 'no-data', via: 'ENOMSG' };
       throw fromNative(err, { device: this.device.id });
     }
   }
