@@ -5,6 +5,7 @@
       "sources": [
         "native/addon.cc",
         "native/uapi.cc",
+        "native/crc32c.cc",
         "native/kernel_backend.cc",
         "mock-device/mock_device.cc"
       ],

@@ -614,7 +614,12 @@ Napi::Object UapiNumbers(Napi::Env env) {
   return o;
 }
 
+Napi::Value Crc32cJs(const Napi::CallbackInfo& info);
+void InitCrc32c();
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  InitCrc32c();
+  exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));
   env.AddCleanupHook([] { g_env_tearing_down = true; });
   exports.Set("NativeDevice", NativeDevice::Init(env));
   exports.Set("nextState", Napi::Function::New(env, NextStateJs));

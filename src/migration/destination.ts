@@ -13,6 +13,9 @@ import { formatUri, listen, parseUri } from './transport.js';
 import type { HelloMessage, RunningMessage } from './source.js';
 import type { MigrationState } from '../vfio/states.js';
 
+/** Section loads one channel may have queued on the devices at once. */
+const MAX_INFLIGHT_LOADS = 4;
+
 export interface DestinationOptions {
   handlers: StateHandler[];
   vm: VmControl;
@@ -273,6 +276,12 @@ export class MigrationDestination extends MigrationEvents {
   async #channelLoop(ch: Channel, hello: HelloMessage): Promise<void> {
     const main = this.#channels[0]!;
     this.#sectionBytes = this.#sectionBytes.length ? this.#sectionBytes : this.handlers.map(() => 0);
+    // Loads are issued without waiting for the previous one: the device's data
+    // thread runs them in order while this loop checks the next frames.
+    const inflight: Promise<void>[] = [];
+    const settleLoads = async () => {
+      while (inflight.length) await inflight.shift();
+    };
     // One frame read ahead: the socket is drained while a device loads.
     let ahead: Promise<Frame | null> = ch.reader.next();
     ahead.catch(() => {});
@@ -288,13 +297,19 @@ export class MigrationDestination extends MigrationEvents {
       switch (frame.type) {
         case FrameType.SectionData:
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `data for unknown section ${frame.section}`);
-          await handler.load(frame.payload);
+          {
+            const load = handler.load(frame.payload);
+            load.catch(() => {}); // awaited below; this only keeps it from counting as unhandled meanwhile
+            inflight.push(load);
+            if (inflight.length >= MAX_INFLIGHT_LOADS) await inflight.shift();
+          }
           ch.dataBytes += frame.payload.length;
           this.#sectionBytes[frame.section]! += frame.payload.length;
           break;
         case FrameType.InitialSent: {
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `initial marker for unknown section ${frame.section}`);
-          // Everything before the marker has been written (and so loaded) by now.
+          // Everything before the marker has been loaded once the loads settle.
+          await settleLoads();
           await handler.loadInitialDone?.();
           await main.writer.writeJson(FrameType.InitialLoaded, 0, { section: frame.section, loadMs: 0 });
           this.#initialPending.delete(frame.section);
@@ -309,6 +324,7 @@ export class MigrationDestination extends MigrationEvents {
           break;
         }
         case FrameType.EndOfStream:
+          await settleLoads();
           return;
         case FrameType.Cancel:
           throw new MigrationError('ERR_MIGRATION_CANCELLED', `the source cancelled: ${parseJson<{ reason: string }>(frame).reason}`);

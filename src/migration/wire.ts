@@ -1,8 +1,8 @@
 // The migration wire format: versioned frames with a type, a section id, a
-// length and a CRC32 of the payload, over any byte stream (TCP, unix socket,
+// length and a CRC32C of the payload, over any byte stream (TCP, unix socket,
 // later TLS). The main channel carries control frames both ways (the reverse
 // direction is the return path); extra channels carry device data only.
-import { crc32 } from 'node:zlib';
+import { native } from '../vfio/native.js';
 import type { Duplex } from 'node:stream';
 import { MigrationError } from './errors.js';
 
@@ -46,7 +46,7 @@ export function encodeFrame(type: FrameType, section: number, payload: Buffer = 
   h.writeUInt8(type, 5);
   h.writeUInt16BE(section, 6);
   h.writeUInt32BE(payload.length, 8);
-  h.writeUInt32BE(crc32(payload), 12);
+  h.writeUInt32BE(native.crc32c(payload), 12);
   return payload.length ? [h, payload] : [h];
 }
 
@@ -78,9 +78,19 @@ export class FrameReader {
   #wake: (() => void) | null = null;
   bytesRead = 0;
 
+  /** Past this many buffered bytes the socket is paused (backpressure to the sender). */
+  static readonly MAX_BUFFERED_BYTES = 16 << 20;
+
   constructor(stream: Duplex) {
     this.#stream = stream;
-    stream.on('readable', () => this.#notify());
+    // 'data' hands over the socket's chunks as they are; read() would
+    // concatenate everything buffered into one new Buffer each time.
+    stream.on('data', (chunk: Buffer) => {
+      this.#chunks.push(chunk);
+      this.#buffered += chunk.length;
+      if (this.#buffered > FrameReader.MAX_BUFFERED_BYTES) stream.pause();
+      this.#notify();
+    });
     stream.on('end', () => {
       this.#ended = true;
       this.#notify();
@@ -103,14 +113,9 @@ export class FrameReader {
 
   async #fill(bytes: number): Promise<boolean> {
     while (this.#buffered < bytes) {
-      const chunk = this.#stream.read() as Buffer | null;
-      if (chunk) {
-        this.#chunks.push(chunk);
-        this.#buffered += chunk.length;
-        continue;
-      }
       if (this.#error) throw new MigrationError('ERR_MIGRATION_CONNECTION', `connection failed: ${this.#error.message}`, { cause: this.#error });
       if (this.#ended) return false;
+      if (this.#stream.isPaused()) this.#stream.resume();
       await new Promise<void>((resolve) => (this.#wake = resolve));
     }
     return true;
@@ -137,6 +142,7 @@ export class FrameReader {
     }
     this.#buffered -= bytes;
     this.bytesRead += bytes;
+    if (this.#buffered < FrameReader.MAX_BUFFERED_BYTES / 2 && this.#stream.isPaused() && !this.#ended) this.#stream.resume();
     return out;
   }
 
@@ -157,7 +163,7 @@ export class FrameReader {
     if (length > MAX_FRAME_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `frame of ${length} bytes exceeds the ${MAX_FRAME_PAYLOAD_BYTES}-byte limit`);
     if (!(await this.#fill(length))) throw new MigrationError('ERR_MIGRATION_CONNECTION', `the connection closed inside a ${FrameType[type]} frame`);
     const payload = length ? this.#take(length) : Buffer.alloc(0);
-    if (crc32(payload) !== h.readUInt32BE(12)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
+    if (native.crc32c(payload) !== h.readUInt32BE(12)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
     return { type, section, payload };
   }
 }

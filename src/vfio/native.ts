@@ -64,6 +64,8 @@ export interface NativeAddon {
   NativeDevice: new () => NativeDeviceHandle;
   nextState(current: number, target: number, flags: number): number | null;
   uapi: Record<string, number>;
+  /** CRC32C (Castagnoli) of the bytes, hardware-accelerated where the CPU allows. */
+  crc32c(data: Uint8Array): number;
   kernelBackend: boolean;
 }
 
