@@ -456,24 +456,41 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                });
   }
 
-  // writeData(fd, buffer) -> bytes written (all of them, unless an error).
+  // writeData(fd, buffer | buffer[]) -> bytes written (all of them, unless an
+  // error). An array is written in order, as one write job.
   Napi::Value WriteData(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     int fd = FdArg(info);
-    if (!info[1].IsBuffer()) throw Napi::TypeError::New(env, "writeData(fd, buffer): buffer must be a Buffer");
-    Napi::Buffer<uint8_t> buf = info[1].As<Napi::Buffer<uint8_t>>();
-    auto keep = std::make_shared<Napi::Reference<Napi::Buffer<uint8_t>>>(Napi::Persistent(buf));
-    const uint8_t* data = buf.Data();
-    size_t len = buf.Length();
+    std::vector<Napi::Buffer<uint8_t>> bufs;
+    if (info[1].IsBuffer()) bufs.push_back(info[1].As<Napi::Buffer<uint8_t>>());
+    else if (info[1].IsArray()) {
+      Napi::Array a = info[1].As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); i++) {
+        Napi::Value v = a.Get(i);
+        if (!v.IsBuffer()) throw Napi::TypeError::New(env, "writeData(fd, buffers): every element must be a Buffer");
+        bufs.push_back(v.As<Napi::Buffer<uint8_t>>());
+      }
+    } else throw Napi::TypeError::New(env, "writeData(fd, data): data must be a Buffer or an array of Buffers");
+    struct Part { const uint8_t* data; size_t len; };
+    auto parts = std::make_shared<std::vector<Part>>();
+    auto keep = std::make_shared<std::vector<Napi::Reference<Napi::Buffer<uint8_t>>>>();
+    for (auto& b : bufs) {
+      parts->push_back({b.Data(), b.Length()});
+      keep->push_back(Napi::Persistent(b));
+    }
     auto b = backend_;
     auto written = std::make_shared<size_t>(0);
     return Run(env, true,
-               [b, fd, data, len, written](Result& r) {
-                 while (*written < len) {
-                   ssize_t n = b->WriteData(fd, data + *written, len - *written);
-                   if (n < 0) { r.err = int(-n); r.op = "write(data_fd)"; return; }
-                   if (n == 0) { r.err = EIO; r.op = "write(data_fd) made no progress"; return; }
-                   *written += size_t(n);
+               [b, fd, parts, written](Result& r) {
+                 for (const Part& p : *parts) {
+                   size_t done = 0;
+                   while (done < p.len) {
+                     ssize_t n = b->WriteData(fd, p.data + done, p.len - done);
+                     if (n < 0) { r.err = int(-n); r.op = "write(data_fd)"; return; }
+                     if (n == 0) { r.err = EIO; r.op = "write(data_fd) made no progress"; return; }
+                     done += size_t(n);
+                     *written += size_t(n);
+                   }
                  }
                },
                [written, keep](Napi::Env env) { return Napi::Number::New(env, double(*written)); });

@@ -1,6 +1,8 @@
 // CRC32C (Castagnoli) for the migration wire format: the SSE4.2 instruction
 // where the CPU has it (~10+ GB/s, cheap enough to run on the JS thread),
 // else slicing-by-8 tables.
+#include "crc32c.h"
+
 #include <napi.h>
 
 #include <cstdint>
@@ -60,8 +62,8 @@ bool g_hw = false;
 
 }  // namespace
 
-uint32_t Crc32c(const uint8_t* p, size_t n) {
-  uint32_t crc = 0xffffffffu;
+uint32_t Crc32c(const uint8_t* p, size_t n, uint32_t previous) {
+  uint32_t crc = ~previous;
 #if defined(__x86_64__)
   if (g_hw) return ~Crc32cHw(crc, p, n);
 #endif
@@ -78,9 +80,10 @@ void InitCrc32c() {
 
 Napi::Value Crc32cJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsTypedArray()) throw Napi::TypeError::New(env, "crc32c(data): data must be a Buffer or Uint8Array");
+  if (!info[0].IsTypedArray()) throw Napi::TypeError::New(env, "crc32c(data, previous?): data must be a Buffer or Uint8Array");
   Napi::Uint8Array a = info[0].As<Napi::Uint8Array>();
-  return Napi::Number::New(env, Crc32c(a.Data(), a.ByteLength()));
+  uint32_t previous = info[1].IsNumber() ? info[1].As<Napi::Number>().Uint32Value() : 0;
+  return Napi::Number::New(env, Crc32c(a.Data(), a.ByteLength(), previous));
 }
 
 }  // namespace vfio

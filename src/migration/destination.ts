@@ -298,13 +298,13 @@ export class MigrationDestination extends MigrationEvents {
         case FrameType.SectionData:
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `data for unknown section ${frame.section}`);
           {
-            const load = handler.load(frame.payload);
+            const load = handler.load(frame.parts);
             load.catch(() => {}); // awaited below; this only keeps it from counting as unhandled meanwhile
             inflight.push(load);
             if (inflight.length >= MAX_INFLIGHT_LOADS) await inflight.shift();
           }
-          ch.dataBytes += frame.payload.length;
-          this.#sectionBytes[frame.section]! += frame.payload.length;
+          ch.dataBytes += frame.length;
+          this.#sectionBytes[frame.section]! += frame.length;
           break;
         case FrameType.InitialSent: {
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `initial marker for unknown section ${frame.section}`);

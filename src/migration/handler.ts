@@ -58,7 +58,8 @@ export interface StateHandler {
 
   // ---- destination ----
   loadSetup(ctx: HandlerContext): Promise<void>;
-  load(data: Buffer): Promise<void>;
+  /** Section data in arrival order; `parts` together are one frame's payload. */
+  load(parts: readonly Buffer[]): Promise<void>;
   /** The source marked the end of the initial bytes; everything before it has been loaded. */
   loadInitialDone?(): Promise<void>;
   /** All data arrived: validate and stop (RESUMING -> STOP). */

@@ -176,7 +176,8 @@ export class RamHandler implements StateHandler {
     this.#dirtyCount = 0;
   }
 
-  async load(data: Buffer): Promise<void> {
+  async load(parts: readonly Buffer[]): Promise<void> {
+    const data = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
     const rec = this.#recordBytes();
     if (data.length < 4 || (data.length - 4) % rec !== 0) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `RAM section: batch of ${data.length} bytes is not whole pages`);
     const seed = data.readUInt32LE(0);

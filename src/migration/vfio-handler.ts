@@ -198,10 +198,10 @@ export class VfioHandler implements StateHandler {
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: no data fd in resuming`);
   }
 
-  async load(data: Buffer): Promise<void> {
+  async load(parts: readonly Buffer[]): Promise<void> {
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: data arrived outside resuming`);
-    await this.#session.write(data);
-    this.transferredBytes += data.length;
+    await this.#session.write(parts);
+    for (const p of parts) this.transferredBytes += p.length;
   }
 
   async loadFinish(ctx: HandlerContext): Promise<void> {

@@ -35,7 +35,25 @@ export enum FrameType {
 export interface Frame {
   type: FrameType;
   section: number;
-  payload: Buffer;
+  length: number;
+  /** The payload as it arrived, in socket-sized pieces (no copy). */
+  parts: Buffer[];
+  /** The payload in one Buffer (joined on first use). */
+  readonly payload: Buffer;
+}
+
+export function makeFrame(type: FrameType, section: number, parts: Buffer[]): Frame {
+  let joined: Buffer | null = null;
+  return {
+    type,
+    section,
+    length: parts.reduce((n, p) => n + p.length, 0),
+    parts,
+    get payload() {
+      joined ??= parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+      return joined;
+    },
+  };
 }
 
 export function encodeFrame(type: FrameType, section: number, payload: Buffer = Buffer.alloc(0)): Buffer[] {
@@ -121,6 +139,32 @@ export class FrameReader {
     return true;
   }
 
+  /** The next `bytes` as the buffered pieces they are in (no copy). */
+  #takeParts(bytes: number): Buffer[] {
+    const parts: Buffer[] = [];
+    let left = bytes;
+    while (left > 0) {
+      const c = this.#chunks[0]!;
+      if (c.length <= left) {
+        parts.push(c);
+        this.#chunks.shift();
+        left -= c.length;
+      } else {
+        parts.push(c.subarray(0, left));
+        this.#chunks[0] = c.subarray(left);
+        left = 0;
+      }
+    }
+    this.#consumed(bytes);
+    return parts;
+  }
+
+  #consumed(bytes: number): void {
+    this.#buffered -= bytes;
+    this.bytesRead += bytes;
+    if (this.#buffered < FrameReader.MAX_BUFFERED_BYTES / 2 && this.#stream.isPaused() && !this.#ended) this.#stream.resume();
+  }
+
   #take(bytes: number): Buffer {
     let out: Buffer;
     const first = this.#chunks[0]!;
@@ -140,9 +184,7 @@ export class FrameReader {
         else this.#chunks[0] = c.subarray(n);
       }
     }
-    this.#buffered -= bytes;
-    this.bytesRead += bytes;
-    if (this.#buffered < FrameReader.MAX_BUFFERED_BYTES / 2 && this.#stream.isPaused() && !this.#ended) this.#stream.resume();
+    this.#consumed(bytes);
     return out;
   }
 
@@ -162,9 +204,11 @@ export class FrameReader {
     const length = h.readUInt32BE(8);
     if (length > MAX_FRAME_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `frame of ${length} bytes exceeds the ${MAX_FRAME_PAYLOAD_BYTES}-byte limit`);
     if (!(await this.#fill(length))) throw new MigrationError('ERR_MIGRATION_CONNECTION', `the connection closed inside a ${FrameType[type]} frame`);
-    const payload = length ? this.#take(length) : Buffer.alloc(0);
-    if (native.crc32c(payload) !== h.readUInt32BE(12)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
-    return { type, section, payload };
+    const parts = length ? this.#takeParts(length) : [];
+    let crc = 0;
+    for (const p of parts) crc = native.crc32c(p, crc);
+    if (crc !== h.readUInt32BE(12)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
+    return makeFrame(type, section, parts);
   }
 }
 

@@ -358,14 +358,16 @@ export class DataSession {
     }
   }
 
-  /** Writes all of `data` into a resume session. */
-  async write(data: Buffer): Promise<void> {
+  /** Writes all of `data` (a Buffer, or Buffers written in order) into a resume session. */
+  async write(data: Buffer | readonly Buffer[]): Promise<void> {
     if (this.direction !== 'resume') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.device.id}: write() on a save session`);
-    if (!Buffer.isBuffer(data)) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', 'write(data): data must be a Buffer');
-    if (data.length === 0) return;
+    const parts = Buffer.isBuffer(data) ? [data] : data;
+    if (!Array.isArray(parts) || !parts.every((p) => Buffer.isBuffer(p))) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', 'write(data): data must be a Buffer or an array of Buffers');
+    const bytes = parts.reduce((n, p) => n + p.length, 0);
+    if (bytes === 0) return;
     try {
-      await this.#handle.writeData(this.fd, data);
-      this.bytesTransferred += data.length;
+      await this.#handle.writeData(this.fd, Buffer.isBuffer(data) ? data : parts);
+      this.bytesTransferred += bytes;
     } catch (err) {
       throw fromNative(err, { device: this.device.id });
     }

@@ -53,7 +53,7 @@ export interface NativeDeviceHandle {
   dmaLoggingStop(): Promise<void>;
   dmaLoggingReport(iova: number | bigint, length: number | bigint, pageSize: number | bigint): Promise<Buffer>;
   readData(dataFd: number, maxBytes: number): Promise<Buffer | null>;
-  writeData(dataFd: number, data: Buffer): Promise<number>;
+  writeData(dataFd: number, data: Buffer | readonly Buffer[]): Promise<number>;
   closeDataFd(dataFd: number): Promise<void>;
   openDataFds(): number[];
   mockInfo(): NativeMockInfo;
@@ -65,7 +65,7 @@ export interface NativeAddon {
   nextState(current: number, target: number, flags: number): number | null;
   uapi: Record<string, number>;
   /** CRC32C (Castagnoli) of the bytes, hardware-accelerated where the CPU allows. */
-  crc32c(data: Uint8Array): number;
+  crc32c(data: Uint8Array, previous?: number): number;
   kernelBackend: boolean;
 }
 
