@@ -10,7 +10,7 @@ import { CLI, deviceArgs, sourceSide, startDestination } from './harness.js';
 import { openFdCount } from './helpers.js';
 
 const MiB = 1 << 20;
-const nic = { stateBytes: '2MiB', dirtyWorkingSetBytes: '512KiB' };
+const nic = { stateBytes: '2MiB', dirtyWorkingSetBytes: '512KiB', arcLatencyMs: { default: 2 } };
 
 const matrix: { name: string; devices: number; ram: boolean; channels: number }[] = [
   { name: '1 device, no RAM, 1 channel', devices: 1, ram: false, channels: 1 },

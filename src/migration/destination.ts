@@ -8,7 +8,7 @@ import { MigrationError, describeError } from './errors.js';
 import type { HandlerContext, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
 import { type Channel, makeChannel, settleAll } from './channels.js';
-import { type Frame, FrameType, WIRE_VERSION, parseJson } from './wire.js';
+import { type Frame, FrameType, type LoadReportMessage, WIRE_VERSION, parseJson } from './wire.js';
 import { formatUri, listen, parseUri } from './transport.js';
 import type { HelloMessage, RunningMessage } from './source.js';
 import type { MigrationState } from '../vfio/states.js';
@@ -128,6 +128,7 @@ export class MigrationDestination extends MigrationEvents {
         }
       });
       await main.writer.writeJson(FrameType.HelloAck, 0, { wireVersion: WIRE_VERSION });
+      await this.#sendLoadReport(main);
       this.#setStatus('active');
       if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
       loadStart = performance.now();
@@ -172,6 +173,16 @@ export class MigrationDestination extends MigrationEvents {
   }
 
   #sectionBytes: number[] = [];
+  #reportedAt = 0;
+
+  /** Tells the source what this side's devices need at switchover (for its downtime estimate). */
+  async #sendLoadReport(main: Channel): Promise<void> {
+    const sections: LoadReportMessage['sections'] = [];
+    this.handlers.forEach((h, section) => {
+      if (h.resumeDeviceTimeMs) sections.push({ section, resumeDeviceMs: h.resumeDeviceTimeMs(), loadMsPerMiB: h.loadMsPerMiB?.() ?? null });
+    });
+    if (sections.length) await main.writer.writeJson(FrameType.LoadReport, 0, { sections } satisfies LoadReportMessage);
+  }
 
   #deviceHasPrecopy(hello: HelloMessage, index: number): boolean {
     const h = this.handlers[index] as { hasPrecopy?: boolean };
@@ -305,6 +316,11 @@ export class MigrationDestination extends MigrationEvents {
           }
           ch.dataBytes += frame.length;
           this.#sectionBytes[frame.section]! += frame.length;
+          // Keep the source's estimate current: a report every 64 MiB loaded.
+          if ((this.#reportedAt += frame.length) >= 64 << 20) {
+            this.#reportedAt = 0;
+            await this.#sendLoadReport(main);
+          }
           break;
         case FrameType.InitialSent: {
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `initial marker for unknown section ${frame.section}`);
@@ -312,14 +328,15 @@ export class MigrationDestination extends MigrationEvents {
           await settleLoads();
           await handler.loadInitialDone?.();
           await main.writer.writeJson(FrameType.InitialLoaded, 0, { section: frame.section, loadMs: 0 });
+          await this.#sendLoadReport(main);
           this.#initialPending.delete(frame.section);
           if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
           break;
         }
         case FrameType.Switchover: {
-          const m = parseJson<{ stoppedAtEpochMs: number; switchoverLimitMs: number }>(frame);
+          const m = parseJson<{ stoppedAtEpochMs: number; abortAfterMs: number }>(frame);
           this.#sourceStoppedAt = m.stoppedAtEpochMs;
-          this.#switchoverLimitMs = m.switchoverLimitMs;
+          this.#switchoverLimitMs = m.abortAfterMs;
           this.#armAbort();
           break;
         }
@@ -334,17 +351,28 @@ export class MigrationDestination extends MigrationEvents {
     }
   }
 
-  /** The destination measures too: past the source's switchover-limit it aborts and cleans up. */
+  /**
+   * The destination measures too: past the source's threshold it aborts,
+   * tells the source, and cleans up. Time runs from the source's stop (same
+   * clock on one host); a skewed clock falls back to this side's receipt.
+   */
   #armAbort(): void {
     if (!(this.#switchoverLimitMs > 0)) return;
-    const elapsed = performance.timeOrigin + performance.now() - this.#sourceStoppedAt;
-    const left = Math.max(0, this.#switchoverLimitMs - elapsed);
+    const now = performance.timeOrigin + performance.now();
+    let elapsed = now - this.#sourceStoppedAt;
+    if (!(elapsed >= 0 && elapsed < this.#switchoverLimitMs * 10)) {
+      this.#sourceStoppedAt = now;
+      elapsed = 0;
+    }
     this.#abortTimer = setTimeout(() => {
       if (this.#status === 'completed') return;
       const measured = performance.timeOrigin + performance.now() - this.#sourceStoppedAt;
-      this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, switchoverLimitMs: this.#switchoverLimitMs, side: 'destination' });
-      this.#fail(new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past switchover-limit ${this.#switchoverLimitMs} ms`));
-    }, left);
+      this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs: this.#switchoverLimitMs, side: 'destination' });
+      const err = new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past downtime-limit + switchover-limit (${this.#switchoverLimitMs} ms)`);
+      const main = this.#channels[0];
+      const tell = main && !main.socket.destroyed ? main.writer.writeJson(FrameType.Error, 0, describeError(err)).catch(() => {}) : Promise.resolve();
+      void tell.then(() => this.#fail(err));
+    }, Math.max(0, this.#switchoverLimitMs - elapsed));
   }
 
   async close(): Promise<void> {

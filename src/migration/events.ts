@@ -17,7 +17,7 @@ export interface MigrationEventMap {
   MIGRATION_STALLED: { pass: number; remainingBytes: number; suggestedDowntimeLimitMs: number };
   MIGRATION_WARNING: { message: string; data?: Record<string, unknown> };
   SWITCHOVER_ACK: { afterMs: number };
-  SWITCHOVER_ABORT: { measuredDowntimeMs: number; switchoverLimitMs: number; side: 'source' | 'destination' };
+  SWITCHOVER_ABORT: { measuredDowntimeMs: number; abortAfterMs: number; side: 'source' | 'destination' };
 }
 
 export type MigrationEventName = keyof MigrationEventMap;

@@ -71,6 +71,13 @@ export interface StateHandler {
   /** Destination done; `failed` resets devices. */
   loadCleanup(outcome: 'completed' | 'failed', ctx: HandlerContext): Promise<void>;
 
+  /** Source: expected time of this device's switchover arcs (quiesce, stop-copy), learned from arcs seen so far. */
+  switchoverDeviceTimeMs?(): number;
+  /** Destination: expected time of the resume arcs (resuming -> stop -> running-p2p -> running). */
+  resumeDeviceTimeMs?(): number;
+  /** Destination: observed load cost, ms per MiB written (null before anything was measured). */
+  loadMsPerMiB?(): number | null;
+
   /** Content digest, where the handler can prove what it holds (mock devices, synthetic RAM). */
   digest?(when: 'saved' | 'loaded'): string | undefined;
   /** Per-device figures for the query. */
@@ -83,4 +90,6 @@ export interface DeviceInfo {
   transferredBytes: number;
   pendingPrecopyBytes: number;
   pendingStopcopyBytes: number;
+  /** The device's share of the expected downtime, ms: arcs on both sides and load beyond the transfer. */
+  expectedSwitchover?: { sourceArcsMs: number; destinationArcsMs: number; loadMs: number };
 }

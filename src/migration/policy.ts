@@ -1,10 +1,14 @@
 // The convergence policy: when to switch over, and the downtime to expect.
 // Downtime is not only bytes over bandwidth: devices spend time on their
-// transitions and on loading. The policy learns those times from what this
-// migration has observed and adds them to the estimate.
+// transitions and on loading. The device-aware policy learns those times from
+// what this migration has observed (arcs on both sides, the destination's
+// load rate) and adds them to the estimate. The classic policy reproduces
+// QEMU's: stop-copy bytes over bandwidth, nothing else.
 import type { PendingBytes, StateHandler } from './handler.js';
 import type { MigrationParameters } from './params.js';
 import { MAX_REPORTED_MS, saneMs, sumBytes, transferMs } from './accounting.js';
+
+export type PolicyKind = 'device-aware' | 'classic';
 
 export interface PolicyInputs {
   pending: PendingBytes[];
@@ -15,12 +19,20 @@ export interface PolicyInputs {
   iteration: number;
 }
 
+export interface DeviceEstimate {
+  sourceArcsMs: number;
+  destinationArcsMs: number;
+  /** Destination load time of this device's stop-copy data beyond what overlaps the transfer. */
+  loadMs: number;
+}
+
 export interface PolicyDecision {
   switchover: boolean;
   reason: string;
   expectedDowntimeMs: number;
-  /** Of which data-size-independent device time. */
+  /** Of which data-size-independent device time (arcs), ms. */
   deviceTimeMs: number;
+  transferMs: number;
   remainingBytes: number;
   stopcopyBytes: number;
   precopyBytes: number;
@@ -29,26 +41,30 @@ export interface PolicyDecision {
   suggestedDowntimeLimitMs: number | null;
   iterationBudgetBytes: number;
   idleWaitMs: number;
+  devices: (DeviceEstimate | null)[];
 }
 
-/** Time a device needs at switchover that does not depend on its data size, ms. */
-export interface DeviceTimeSource {
-  switchoverDeviceTimeMs?(): number;
-}
+/** Fixed cost of a switchover beyond devices and data: stopping the VM, the final round trip. */
+const SWITCHOVER_OVERHEAD_MS = 3;
 
 export class DowntimePolicy {
-  readonly handlers: (StateHandler & DeviceTimeSource)[];
+  readonly handlers: StateHandler[];
+  readonly kind: PolicyKind;
   /** Destination-reported load times of the initial bytes, per section. */
   readonly initialLoadMs = new Map<number, number>();
-  /** Destination-reported device time at switchover (its arcs), per section. */
+  /** Destination-reported resume arc time, per section. */
   readonly destinationDeviceMs = new Map<number, number>();
+  /** Destination-reported load cost, ms per MiB, per section. */
+  readonly loadMsPerMiB = new Map<number, number>();
   stalled = false;
   suggestedDowntimeLimitMs: number | null = null;
+  last: PolicyDecision | null = null;
   #bestRemaining = Infinity;
   #sinceProgress = 0;
 
-  constructor(handlers: StateHandler[]) {
-    this.handlers = handlers as (StateHandler & DeviceTimeSource)[];
+  constructor(handlers: StateHandler[], kind: PolicyKind = 'device-aware') {
+    this.handlers = handlers;
+    this.kind = kind;
   }
 
   recordInitialLoad(section: number, loadMs: number): void {
@@ -56,18 +72,26 @@ export class DowntimePolicy {
   }
 
   recordDestinationDeviceTime(section: number, ms: number): void {
-    if (Number.isFinite(ms) && ms >= 0) this.destinationDeviceMs.set(section, ms);
+    if (Number.isFinite(ms) && ms >= 0) this.destinationDeviceMs.set(section, saneMs(ms));
   }
 
-  /** Device transitions run in parallel across devices: the slowest one counts. */
-  deviceTimeMs(): number {
-    let worst = 0;
-    this.handlers.forEach((h, i) => {
-      const own = h.switchoverDeviceTimeMs?.() ?? 0;
-      const dest = this.destinationDeviceMs.get(i) ?? 0;
-      worst = Math.max(worst, saneMs(own + dest));
+  recordLoadRate(section: number, msPerMiB: number): void {
+    if (Number.isFinite(msPerMiB) && msPerMiB >= 0) this.loadMsPerMiB.set(section, saneMs(msPerMiB));
+  }
+
+  /** Per device: arcs on both sides, and load beyond the transfer (devices run in parallel). */
+  deviceEstimates(pending: PendingBytes[], transferMsTotal: number): (DeviceEstimate | null)[] {
+    return this.handlers.map((h, i) => {
+      if (!h.switchoverDeviceTimeMs) return null;
+      const bytes = pending[i]?.stopcopyBytes ?? 0;
+      const rate = this.loadMsPerMiB.get(i);
+      const load = rate === undefined ? 0 : saneMs((bytes / (1 << 20)) * rate);
+      return {
+        sourceArcsMs: saneMs(h.switchoverDeviceTimeMs()),
+        destinationArcsMs: this.destinationDeviceMs.get(i) ?? 0,
+        loadMs: Math.max(0, load - transferMsTotal),
+      };
     });
-    return worst;
   }
 
   evaluate(input: PolicyInputs): PolicyDecision {
@@ -77,12 +101,25 @@ export class DowntimePolicy {
     const remainingBytes = sumBytes(input.pending.map((p) => Math.max(p.precopyBytes, p.stopcopyBytes)));
     let bandwidth = params['avail-switchover-bandwidth'] > 0 ? params['avail-switchover-bandwidth'] : input.measuredBandwidthBytesPerSec;
     if (params['max-bandwidth'] > 0 && !(params['avail-switchover-bandwidth'] > 0)) bandwidth = bandwidth > 0 ? Math.min(bandwidth, params['max-bandwidth']) : params['max-bandwidth'];
-    const deviceTimeMs = this.deviceTimeMs();
     const known = bandwidth > 0;
-    const expectedDowntimeMs = known ? saneMs(transferMs(stopcopyBytes, bandwidth) + deviceTimeMs) : stopcopyBytes === 0 ? deviceTimeMs : MAX_REPORTED_MS;
+    const xferMs = known ? transferMs(stopcopyBytes, bandwidth) : stopcopyBytes === 0 ? 0 : MAX_REPORTED_MS;
+    const devices = this.kind === 'classic' ? this.handlers.map(() => null) : this.deviceEstimates(input.pending, xferMs);
+    // Source arcs, then the data (with any load that outlasts it), then the
+    // destination's arcs; each phase waits for the slowest device.
+    let srcArcs = 0;
+    let dstArcs = 0;
+    let extraLoad = 0;
+    for (const d of devices) {
+      if (!d) continue;
+      srcArcs = Math.max(srcArcs, d.sourceArcsMs);
+      dstArcs = Math.max(dstArcs, d.destinationArcsMs);
+      extraLoad = Math.max(extraLoad, d.loadMs);
+    }
+    const deviceTimeMs = this.kind === 'classic' ? 0 : saneMs(srcArcs + dstArcs + extraLoad + SWITCHOVER_OVERHEAD_MS);
+    const expectedDowntimeMs = saneMs(xferMs + deviceTimeMs);
     const limit = params['downtime-limit'];
 
-    // Stall: remaining has not shrunk for stall-iterations passes.
+    // Stall: remaining has not shrunk for stall-iterations passes while the estimate misses the limit.
     let stalledNow = false;
     if (remainingBytes < this.#bestRemaining * 0.98) {
       this.#bestRemaining = remainingBytes;
@@ -92,7 +129,8 @@ export class DowntimePolicy {
       if (!this.stalled) stalledNow = true;
       this.stalled = true;
     }
-    // The smallest limit that converges now: what a switchover would cost now, plus a margin.
+    if (this.stalled && expectedDowntimeMs <= limit) this.stalled = false;
+    // The smallest limit that converges now: what a switchover would cost now, plus a margin for noise.
     this.suggestedDowntimeLimitMs = this.stalled && expectedDowntimeMs < MAX_REPORTED_MS ? Math.ceil(expectedDowntimeMs * 1.15 + 10) : null;
 
     let switchover = false;
@@ -107,20 +145,23 @@ export class DowntimePolicy {
       reason = 'no precopy data and no bandwidth measurement: switching over';
     } else reason = `expected downtime ${expectedDowntimeMs.toFixed(0)} ms exceeds downtime-limit ${limit} ms`;
 
-    const iterationBudgetBytes = Math.max(8 << 20, Math.floor(bandwidth * 0.5));
-    return {
+    const decision: PolicyDecision = {
       switchover,
       reason,
       expectedDowntimeMs,
       deviceTimeMs,
+      transferMs: xferMs,
       remainingBytes,
       stopcopyBytes,
       precopyBytes,
       bandwidthBytesPerSec: bandwidth,
       stalledNow,
       suggestedDowntimeLimitMs: this.suggestedDowntimeLimitMs,
-      iterationBudgetBytes,
+      iterationBudgetBytes: Math.max(8 << 20, Math.floor(bandwidth * 0.5)),
       idleWaitMs: 10,
+      devices,
     };
+    this.last = decision;
+    return decision;
   }
 }

@@ -10,10 +10,10 @@ import type { DeviceInfo, HandlerContext, PendingBytes, StateHandler } from './h
 import type { VmControl } from './vm.js';
 import { type MigrationCapabilities, type MigrationParameters, DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './params.js';
 import { type Channel, RateLimiter, makeChannel, sectionOutput, settleAll } from './channels.js';
-import { FrameType, WIRE_VERSION, parseJson } from './wire.js';
+import { FrameType, type LoadReportMessage, WIRE_VERSION, parseJson } from './wire.js';
 import { connect, parseUri } from './transport.js';
 import { BandwidthMeter, sumBytes, saneMs, MAX_REPORTED_BYTES } from './accounting.js';
-import { DowntimePolicy } from './policy.js';
+import { DowntimePolicy, type PolicyKind } from './policy.js';
 import type { MigrationState } from '../vfio/states.js';
 
 export interface HelloMessage {
@@ -37,6 +37,10 @@ export interface MigrationInfo {
   setupTimeMs: number;
   downtimeMs: number | null;
   expectedDowntimeMs: number;
+  /** Of which data-size-independent device time (arcs, load beyond the transfer), ms. */
+  expectedDeviceTimeMs: number;
+  /** After a failed or aborted switchover: VM stop to the VM running again here, ms. */
+  vmDowntimeOnAbortMs: number | null;
   /** System-wide: RAM and every device. */
   remainingBytes: number;
   iterations: number;
@@ -65,6 +69,8 @@ export interface MigrateOptions {
 export interface SourceOptions {
   handlers: StateHandler[];
   vm: VmControl;
+  /** The convergence policy; 'classic' reproduces QEMU's bytes-over-bandwidth rule (for comparison). */
+  policy?: PolicyKind;
   capabilities?: Partial<MigrationCapabilities>;
   parameters?: Partial<MigrationParameters>;
 }
@@ -108,7 +114,7 @@ export class MigrationSource extends MigrationEvents {
     this.vm = options.vm;
     this.#caps = mergeCapabilities(DEFAULT_CAPABILITIES, options.capabilities);
     this.#params = mergeParameters(DEFAULT_PARAMETERS, options.parameters);
-    this.policy = new DowntimePolicy(this.handlers);
+    this.policy = new DowntimePolicy(this.handlers, options.policy ?? 'device-aware');
   }
 
   get status(): MigrationStatus {
@@ -283,7 +289,7 @@ export class MigrationSource extends MigrationEvents {
       this.#stoppedAt = performance.now();
       await this.vm.stop();
       this.#vmStoppedByUs = true;
-      await main.writer.writeJson(FrameType.Switchover, 0, { stoppedAtEpochMs: performance.timeOrigin + this.#stoppedAt, switchoverLimitMs: this.#caps['switchover-abort'] ? this.#params['switchover-limit'] : 0 });
+      await main.writer.writeJson(FrameType.Switchover, 0, { stoppedAtEpochMs: performance.timeOrigin + this.#stoppedAt, abortAfterMs: this.#abortAfterMs() });
       const abortTimer = this.#armSwitchoverAbort();
       try {
         await settleAll(this.handlers.map((h) => h.saveQuiesce(ctx)));
@@ -327,7 +333,10 @@ export class MigrationSource extends MigrationEvents {
         const results = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('failed', ctx)));
         for (const r of results) if (r.status === 'rejected') this.#warn(`rollback: ${describeError(r.reason).message}`);
       }
-      if (this.#vmStoppedByUs && !this.vm.running) await this.vm.resume();
+      if (this.#vmStoppedByUs && !this.vm.running) {
+        await this.vm.resume();
+        this.#resumedAfterMs = performance.now() - this.#stoppedAt;
+      }
       this.#endAt = performance.now();
       this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', this.#error);
       throw cause;
@@ -337,16 +346,27 @@ export class MigrationSource extends MigrationEvents {
     }
   }
 
-  /** With switchover-abort: fail the switchover if the VM stays stopped past switchover-limit. */
+  /**
+   * With switchover-abort, the downtime past which the switchover is aborted:
+   * downtime-limit plus switchover-limit (a limit of 300 and 10 bounds the
+   * downtime to 310 ms, as the QEMU proposal puts it). 0 = never.
+   */
+  #abortAfterMs(): number {
+    return this.#caps['switchover-abort'] ? this.#params['downtime-limit'] + this.#params['switchover-limit'] : 0;
+  }
+
   #armSwitchoverAbort(): NodeJS.Timeout | null {
-    if (!this.#caps['switchover-abort'] || !(this.#params['switchover-limit'] > 0)) return null;
-    const limit = this.#params['switchover-limit'];
+    const after = this.#abortAfterMs();
+    if (!(after > 0)) return null;
     return setTimeout(() => {
       const measured = performance.now() - this.#stoppedAt;
-      this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, switchoverLimitMs: limit, side: 'source' });
-      this.#fail(new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted: downtime reached ${measured.toFixed(0)} ms, past switchover-limit ${limit} ms; the VM resumes on the source`));
-    }, limit);
+      this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs: after, side: 'source' });
+      this.#fail(new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted: downtime reached ${measured.toFixed(0)} ms, past downtime-limit + switchover-limit (${after} ms); the VM resumes on the source`));
+    }, after);
   }
+
+  /** Time from VM stop to the VM running again on the source, after an aborted or failed switchover. */
+  #resumedAfterMs: number | null = null;
 
   async #withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> {
     let timer: NodeJS.Timeout | undefined;
@@ -386,6 +406,15 @@ export class MigrationSource extends MigrationEvents {
           case FrameType.InitialLoaded: {
             const m = parseJson<{ section: number; loadMs: number }>(frame);
             this.policy.recordInitialLoad(m.section, m.loadMs);
+            break;
+          }
+          case FrameType.LoadReport: {
+            const m = parseJson<LoadReportMessage>(frame);
+            for (const r of m.sections ?? []) {
+              if (!Number.isInteger(r.section) || r.section < 0 || r.section >= this.handlers.length) continue;
+              this.policy.recordDestinationDeviceTime(r.section, r.resumeDeviceMs);
+              if (r.loadMsPerMiB !== null) this.policy.recordLoadRate(r.section, r.loadMsPerMiB);
+            }
             break;
           }
           case FrameType.SwitchoverAck:
@@ -429,7 +458,15 @@ export class MigrationSource extends MigrationEvents {
       throughputMbps: totalTimeMs > 0 ? (this.#transferred * 8) / 1e6 / (totalTimeMs / 1000) : 0,
       bytesByKind: { ...this.#bytesByKind },
       bytesByChannel: this.#channels.map((c) => c.dataBytes),
-      devices: this.handlers.map((h) => h.deviceInfo?.()).filter((d): d is DeviceInfo => !!d),
+      devices: this.handlers
+        .map((h, i) => {
+          const d = h.deviceInfo?.();
+          const est = this.policy.last?.devices[i];
+          return d && est ? { ...d, expectedSwitchover: est } : d;
+        })
+        .filter((d): d is DeviceInfo => !!d),
+      expectedDeviceTimeMs: this.policy.last?.deviceTimeMs ?? 0,
+      vmDowntimeOnAbortMs: this.#resumedAfterMs,
       stalled: this.policy.stalled,
       suggestedDowntimeLimitMs: this.policy.suggestedDowntimeLimitMs,
       switchoverAcked: this.#switchoverAcked,

@@ -9,6 +9,27 @@ import { MigrationError } from './errors.js';
 
 const READ_BYTES = 1 << 20;
 
+/**
+ * Arc latencies learned across migrations in this process, per device model
+ * (the compatibility key): a retry, or the next migration of the same model,
+ * starts from what earlier ones observed, including arcs a migration only
+ * takes at switchover (pre-copy -> pre-copy-p2p can take hundreds of ms).
+ * An embedder can persist it with exportArcHistory()/importArcHistory().
+ */
+const arcHistory = new Map<string, Map<string, number>>();
+
+export function exportArcHistory(): Record<string, Record<string, number>> {
+  return Object.fromEntries([...arcHistory].map(([k, v]) => [k, Object.fromEntries(v)]));
+}
+
+export function importArcHistory(history: Record<string, Record<string, number>>): void {
+  for (const [model, arcs] of Object.entries(history)) {
+    const m = arcHistory.get(model) ?? new Map<string, number>();
+    for (const [arc, ms] of Object.entries(arcs)) if (Number.isFinite(ms) && ms >= 0) m.set(arc, ms);
+    arcHistory.set(model, m);
+  }
+}
+
 export class VfioHandler implements StateHandler {
   readonly device: VfioDevice;
   #flags: MigrationFlags | null = null;
@@ -45,6 +66,9 @@ export class VfioHandler implements StateHandler {
       },
       onArc: (arc: Arc, ms: number) => {
         this.arcMs.set(`${arc.from}>${arc.to}`, ms);
+        const model = this.describe().compat;
+        if (!arcHistory.has(model)) arcHistory.set(model, new Map());
+        arcHistory.get(model)!.set(`${arc.from}>${arc.to}`, ms);
         ctx.deviceState(this.device.id, arc.to, ms);
       },
     });
@@ -63,11 +87,15 @@ export class VfioHandler implements StateHandler {
     await this.device.getState();
     // The device cannot hold more than its stop-copy size at the start (with a
     // generous margin for streams that re-send dirtied state).
-    const initialStopCopy = clampDeviceBytes(await this.device.stopCopySize(), MAX_REPORTED_BYTES);
-    if (!initialStopCopy.clamped && initialStopCopy.value > 0) this.#ceilingBytes = Math.min(MAX_REPORTED_BYTES, initialStopCopy.value * 4 + (64 << 20));
-    else this.#ceilingBytes = 1 << 40;
-    if (flags.preCopy) this.#session = await this.#step('pre-copy', ctx);
-    else this.#initialSent = true;
+    // The first sane figure of the device's size (MIG_DATA_SIZE, or the
+    // initial bytes of a fresh pre-copy session) bounds every later one.
+    const sizes: bigint[] = [await this.device.stopCopySize()];
+    if (flags.preCopy) {
+      this.#session = await this.#step('pre-copy', ctx);
+      if (this.#session) sizes.push((await this.device.precopyInfo(this.#session)).initialBytes);
+    } else this.#initialSent = true;
+    const sane = sizes.filter((v) => v > 0n && v < 1n << 50n).map(Number);
+    this.#ceilingBytes = sane.length ? Math.min(MAX_REPORTED_BYTES, Math.min(...sane) * 4 + (64 << 20)) : 1 << 40;
   }
 
   async pending(exact: boolean): Promise<PendingBytes> {
@@ -115,6 +143,43 @@ export class VfioHandler implements StateHandler {
       }
     }
     return sent;
+  }
+
+  /**
+   * Estimated duration of the given single arcs: as observed in this
+   * migration, else as observed earlier for this device model, else at the
+   * mean of what this migration observed.
+   */
+  #arcsMs(arcs: string[]): number {
+    const seen = [...this.arcMs.values()];
+    const mean = seen.length ? seen.reduce((a, b) => a + b, 0) / seen.length : 0;
+    const history = arcHistory.get(this.describe().compat);
+    return arcs.reduce((sum, arc) => sum + (this.arcMs.get(arc) ?? history?.get(arc) ?? mean), 0);
+  }
+
+  switchoverDeviceTimeMs(): number {
+    const f = this.#flags;
+    if (!f) return 0;
+    const path = f.preCopy
+      ? f.p2p ? ['pre-copy>pre-copy-p2p', 'pre-copy-p2p>stop-copy'] : ['pre-copy>stop-copy']
+      : f.p2p ? ['running>running-p2p', 'running-p2p>stop', 'stop>stop-copy'] : ['running>stop', 'stop>stop-copy'];
+    return this.#arcsMs(path);
+  }
+
+  resumeDeviceTimeMs(): number {
+    const f = this.#flags;
+    if (!f) return 0;
+    return this.#arcsMs(f.p2p ? ['resuming>stop', 'stop>running-p2p', 'running-p2p>running'] : ['resuming>stop', 'stop>running']);
+  }
+
+  /** Recent per-write load costs (ms per MiB); the median ignores one-off setup spikes. */
+  #loadSamples: number[] = [];
+  #lastLoadDone = 0;
+
+  loadMsPerMiB(): number | null {
+    if (this.#loadSamples.length === 0) return null;
+    const sorted = [...this.#loadSamples].sort((a, b) => a - b);
+    return sorted[Math.floor(sorted.length / 2)]!;
   }
 
   /** Whether all initial bytes have gone out (switchover-ack waits for their load). */
@@ -200,8 +265,20 @@ export class VfioHandler implements StateHandler {
 
   async load(parts: readonly Buffer[]): Promise<void> {
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: data arrived outside resuming`);
+    const t0 = performance.now();
     await this.#session.write(parts);
-    for (const p of parts) this.transferredBytes += p.length;
+    // Writes queue on the device's data thread: service time is from when
+    // this one could start (the previous one finished) to when it finished.
+    const done = performance.now();
+    const ms = done - Math.max(t0, this.#lastLoadDone);
+    this.#lastLoadDone = done;
+    let bytes = 0;
+    for (const p of parts) bytes += p.length;
+    this.transferredBytes += bytes;
+    if (bytes >= 64 * 1024) {
+      this.#loadSamples.push((ms * (1 << 20)) / bytes);
+      if (this.#loadSamples.length > 64) this.#loadSamples.shift();
+    }
   }
 
   async loadFinish(ctx: HandlerContext): Promise<void> {

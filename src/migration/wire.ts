@@ -30,6 +30,12 @@ export enum FrameType {
   SwitchoverAck = 34, // every device loaded its initial bytes
   Running = 35, // the destination VM runs (json: digests, load times)
   Error = 36, // json: code, message
+  LoadReport = 37, // json: what the destination learned of its devices' switchover time (LoadReportMessage)
+}
+
+/** Destination -> source: data-size-independent device time and load rate, per section. */
+export interface LoadReportMessage {
+  sections: { section: number; resumeDeviceMs: number; loadMsPerMiB: number | null }[];
 }
 
 export interface Frame {
