@@ -80,6 +80,10 @@ struct MockProfile {
   bool bogus_stop_copy = false;
   uint64_t bogus_stop_copy_bytes = 0;
   uint64_t profile_hash = 0;          // identity of the state layout, checked on resume
+  // Driver personality: "generic" (this MockDevice) or "mtty" (MttyMockDevice,
+  // mtty_mock.h, which uses only `ports` from this profile).
+  std::string driver = "generic";
+  uint32_t ports = 2;
 };
 
 // What a test can observe that the uAPI does not expose.

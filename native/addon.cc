@@ -13,6 +13,7 @@
 #include <string>
 
 #include "../mock-device/mock_device.h"
+#include "../mock-device/mtty_mock.h"
 #include "backend.h"
 #include "kernel_backend.h"
 #include "uapi.h"
@@ -120,6 +121,8 @@ MockProfile ParseProfile(const Napi::Object& o) {
     p.bogus_stop_copy_bytes = U64(o.Get("bogusStopCopyBytes"), "bogusStopCopyBytes");
   }
   p.profile_hash = U64(o.Get("profileHash"), "profileHash");
+  if (o.Get("driver").IsString()) p.driver = o.Get("driver").ToString().Utf8Value();
+  p.ports = uint32_t(Num(o, "ports", 2));
   return p;
 }
 
@@ -250,9 +253,15 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     if (!info[0].IsObject()) throw Napi::TypeError::New(env, "openMock(profile, seed): profile must be an object");
     MockProfile p = ParseProfile(info[0].As<Napi::Object>());
     uint64_t seed = U64(info[1], "seed");
-    auto mock = std::make_shared<MockDevice>(std::move(p), seed);
-    mock_ = mock;
-    backend_ = mock;
+    if (p.driver == "mtty") {
+      auto mtty = std::make_shared<MttyMockDevice>(p.ports, seed);
+      mtty_ = mtty;
+      backend_ = mtty;
+    } else {
+      auto mock = std::make_shared<MockDevice>(std::move(p), seed);
+      mock_ = mock;
+      backend_ = mock;
+    }
     StartWorkers(env);
     return env.Undefined();
   }
@@ -520,8 +529,8 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
 
   Napi::Value MockInfoJs(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (!mock_) throw Napi::Error::New(env, "mockInfo() is only available on mock devices");
-    MockInfo m = mock_->Info();
+    if (!mock_ && !mtty_) throw Napi::Error::New(env, "mockInfo() is only available on mock devices");
+    MockInfo m = mtty_ ? mtty_->Info() : mock_->Info();
     Napi::Object o = Napi::Object::New(env);
     o.Set("seed", Napi::BigInt::New(env, m.seed));
     o.Set("digest", m.digest);
@@ -577,6 +586,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
 
   std::shared_ptr<DeviceBackend> backend_;
   std::shared_ptr<MockDevice> mock_;
+  std::shared_ptr<MttyMockDevice> mtty_;
   std::shared_ptr<Worker> control_, data_;
   std::set<int> open_fds_;  // data fds handed to JS and not yet closed
   bool closing_ = false;

@@ -45,6 +45,10 @@ export interface MockProfileInput {
   corruptSaveAtByte?: number;
   bogusPrecopyInfo?: { initialBytes?: string | number; dirtyBytes?: string | number };
   bogusStopCopyBytes?: string | number;
+  /** Driver personality: "generic" (default) or "mtty" (behaves as the kernel's mtty sample driver). */
+  driver?: 'generic' | 'mtty';
+  /** mtty personality: number of serial ports, 1 (mtty-1) or 2 (mtty-2, default). */
+  ports?: 1 | 2;
 }
 
 /** A validated profile: every field present, sizes in bytes. */
@@ -70,6 +74,8 @@ export interface MockProfile {
   bogusInitialBytes?: bigint;
   bogusDirtyBytes?: bigint;
   bogusStopCopyBytes?: bigint;
+  driver?: 'generic' | 'mtty';
+  ports?: number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -79,7 +85,7 @@ export const PROFILES_DIR = path.resolve(here, '..', '..', '..', 'mock-device', 
 const KNOWN_FIELDS = new Set([
   'name', 'description', 'flags', 'stateBytes', 'chunkBytes', 'setupBytes', 'stopCopyOnlyBytes', 'dirtyBytesPerSec',
   'dirtyWorkingSetBytes', 'arcLatencyMs', 'loadInitialMs', 'loadMsPerMiB', 'maxBytesPerSec', 'resumeFailureIntoError',
-  'dmaLogging', 'faults', 'corruptSaveAtByte', 'bogusPrecopyInfo', 'bogusStopCopyBytes',
+  'dmaLogging', 'faults', 'corruptSaveAtByte', 'bogusPrecopyInfo', 'bogusStopCopyBytes', 'driver', 'ports',
 ]);
 const MAX_STATE_BYTES = 64 * 2 ** 30; // 64 GiB: the chunk table must fit in memory
 const UNITS: Record<string, number> = { '': 1, B: 1, KiB: 2 ** 10, MiB: 2 ** 20, GiB: 2 ** 30, TiB: 2 ** 40 };
@@ -129,6 +135,8 @@ export function validateProfile(input: unknown): MockProfile {
   const name = o.name;
   if (typeof name !== 'string' || !/^[a-z0-9][a-z0-9._-]*$/.test(name)) throw new VfioError('ERR_VFIO_PROFILE', `mock profile: name must be a lowercase identifier, got ${JSON.stringify(name)}`);
   for (const key of Object.keys(o)) if (!KNOWN_FIELDS.has(key)) fail(name, key, 'is not a profile field (see mock-device/README.md)');
+  if (o.driver !== undefined && o.driver !== 'generic') return validateMttyProfile(name, o);
+  if (o.ports !== undefined) fail(name, 'ports', 'is only used by the "mtty" driver personality');
 
   if (!Array.isArray(o.flags)) fail(name, 'flags', 'must be an array of "stop-copy", "p2p", "pre-copy"');
   const flags = { stopCopy: false, p2p: false, preCopy: false };
@@ -217,6 +225,24 @@ export function validateProfile(input: unknown): MockProfile {
   return profile;
 }
 
+// The mtty personality (mock-device/mtty_mock.h): the real driver's fixed
+// behaviour; only the port count is configurable. The sizes are reported as
+// the stream's: 36 bytes of state per port.
+function validateMttyProfile(name: string, o: Record<string, unknown>): MockProfile {
+  if (o.driver !== 'mtty') fail(name, 'driver', `must be "generic" or "mtty", got ${JSON.stringify(o.driver)}`);
+  for (const key of Object.keys(o)) if (!['name', 'description', 'flags', 'driver', 'ports'].includes(key)) fail(name, key, 'is not used by the "mtty" driver personality (only name, description, flags, driver, ports)');
+  const ports = o.ports === undefined ? 2 : o.ports;
+  if (ports !== 1 && ports !== 2) fail(name, 'ports', `must be 1 or 2, got ${JSON.stringify(ports)}`);
+  if (o.flags !== undefined && (!Array.isArray(o.flags) || [...o.flags].sort().join(',') !== 'p2p,pre-copy,stop-copy'))
+    fail(name, 'flags', 'must be ["stop-copy", "p2p", "pre-copy"] for the "mtty" driver personality (its flags are fixed)');
+  return {
+    name, description: typeof o.description === 'string' ? o.description : '', flags: { stopCopy: true, p2p: true, preCopy: true },
+    stateBytes: 36 * ports, chunkBytes: 36, setupBytes: 0, stopCopyOnlyBytes: 0, dirtyBytesPerSec: 0, dirtyWorkingSetBytes: 36 * ports,
+    defaultArcLatencyMs: 0, arcLatencyMs: [], loadInitialMs: 0, loadMsPerMiB: 0, maxBytesPerSec: 0, resumeFailureIntoError: false,
+    dmaLogging: true, faults: [], corruptSaveAtByte: -1, driver: 'mtty', ports,
+  };
+}
+
 /** Names of the shipped profiles. */
 export async function listProfiles(): Promise<string[]> {
   const files = await readdir(PROFILES_DIR);
@@ -279,5 +305,6 @@ export function toNativeProfile(p: MockProfile): NativeMockProfile {
     bogusDirtyBytes: p.bogusDirtyBytes,
     bogusStopCopyBytes: p.bogusStopCopyBytes,
     profileHash: profileHash(p),
-  };
+    ...(p.driver === 'mtty' ? { driver: 'mtty', ports: p.ports } : {}),
+  } as NativeMockProfile;
 }
