@@ -9,6 +9,8 @@
 #   --repo-payload   assemble the payload from this repo instead: package.json,
 #                    build/Release/*.node, dist/, node_modules/node-gyp-build
 #                    (whatever exists; nothing is built)
+#   --with FILE      (repeatable) also copy FILE to /lab/extra/<basename>
+#                    (only with --repo-payload or the default empty payload)
 #   --entry FILE     node entry script (default: guest/probe.mjs). A path
 #                    inside the payload dir is used in place; any other file is
 #                    copied to /lab/<basename>.
@@ -30,6 +32,7 @@ set -euo pipefail
 
 REPO="$(cd "$KERNEL_LAB_DIR/../.." && pwd)"
 PAYLOAD="" REPO_PAYLOAD=0 ENTRY="$KERNEL_LAB_DIR/guest/probe.mjs"
+WITH=()
 OUT="$REPO/.kernel-lab-out" TIMEOUT=600 MEM=1024 MTTY_TYPE=mtty-2 MDEVS=2 APPEND="" KVM=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,7 +46,8 @@ while [ $# -gt 0 ]; do
     --mdevs) MDEVS="$2"; shift 2 ;;
     --append) APPEND="$2"; shift 2 ;;
     --kvm) KVM=1; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    --with) WITH+=("$2"); shift 2 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) lab_die "unknown argument: $1" ;;
   esac
 done
@@ -70,6 +74,13 @@ elif [ -z "$PAYLOAD" ]; then
   rm -rf "$PAYLOAD"; mkdir -p "$PAYLOAD"
 fi
 [ -d "$PAYLOAD" ] || lab_die "payload $PAYLOAD is not a directory"
+if [ ${#WITH[@]} -gt 0 ]; then
+  case "$PAYLOAD" in "$OUT"/*) ;; *) lab_die "--with needs --repo-payload or the default payload (it does not write into --payload dirs)" ;; esac
+  mkdir -p "$PAYLOAD/extra"
+  for f in "${WITH[@]}"; do
+    if [ -f "$f" ]; then cp "$f" "$PAYLOAD/extra/"; else lab_log "--with $f: no such file, skipped"; fi
+  done
+fi
 PAYLOAD="$(cd "$PAYLOAD" && pwd)"
 
 # Guest path of the entry, relative to /lab.
