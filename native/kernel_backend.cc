@@ -2,6 +2,7 @@
 
 #if defined(__linux__)
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/ioctl.h>
@@ -54,14 +55,20 @@ std::string SysfsDir(const std::string& path) {
   return "";
 }
 
-// The cdev node of a device from its sysfs dir: <dev>/vfio-dev/vfioN.
+// The cdev node of a device from its sysfs dir: the one vfioN entry of
+// <dev>/vfio-dev (listed, not probed: N is not bounded by a small number).
 std::string CdevOf(const std::string& sysfs) {
-  std::string dir = sysfs + "/vfio-dev";
-  for (int i = 0; i < 4096; i++) {
-    std::string n = "vfio" + std::to_string(i);
-    if (Exists(dir + "/" + n)) return "/dev/vfio/devices/" + n;
+  DIR* d = opendir((sysfs + "/vfio-dev").c_str());
+  if (!d) return "";
+  std::string found;
+  while (struct dirent* e = readdir(d)) {
+    if (strncmp(e->d_name, "vfio", 4) == 0 && e->d_name[4] >= '0' && e->d_name[4] <= '9') {
+      found = std::string("/dev/vfio/devices/") + e->d_name;
+      break;
+    }
   }
-  return "";
+  closedir(d);
+  return found;
 }
 
 class KernelDevice : public DeviceBackend {
@@ -226,7 +233,17 @@ DeviceBackend* OpenKernelDevice(const KernelOpenOptions& opts, int* err, std::st
     if (cdev.empty()) { *err = ENOENT; *what = "no vfio-dev cdev under " + sysfs; return nullptr; }
     return OpenCdev(cdev, err, what);
   }
-  return cdev.empty() ? OpenGroup(sysfs, err, what) : OpenCdev(cdev, err, what);
+  if (cdev.empty()) return OpenGroup(sysfs, err, what);
+  DeviceBackend* dev = OpenCdev(cdev, err, what);
+  // auto: a kernel with VFIO_DEVICE_CDEV but without a usable iommufd
+  // (/dev/iommu missing or not permitted) can still offer the group path.
+  if (!dev && *what == "open(/dev/iommu)") {
+    int cdev_err = *err;
+    std::string cdev_what = *what;
+    dev = OpenGroup(sysfs, err, what);
+    if (!dev) { *err = cdev_err; *what = cdev_what + ", and the group path failed too: " + *what; }
+  }
+  return dev;
 }
 
 }  // namespace vfio
