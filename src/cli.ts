@@ -291,7 +291,7 @@ async function cmdDemo(v: Values): Promise<number> {
     if (o.progress) {
       const p = o.progress as MigrationInfo;
       const devs = p.devices.map((d) => `${d.id}:${d.state}`).join(' ');
-      const line = `[${p.status}] pass ${p.iterations} | sent ${fmtBytes(p.transferredBytes)} | remaining ${fmtBytes(p.remainingBytes)} | expected downtime ${p.expectedDowntimeMs.toFixed(0)} ms | ${devs}`;
+      const line = `[${p.status}] pass ${p.iterations} | sent ${fmtBytes(p.transferredBytes)} | remaining ${fmtBytes(p.remainingBytes)} | expected downtime ${p.expectedDowntimeMs === null ? '?' : p.expectedDowntimeMs.toFixed(0)} ms | ${devs}`;
       if (line === lastLine) return;
       lastLine = line;
       if (tty) process.stdout.write(`\r\x1b[K${line}`);
@@ -316,7 +316,7 @@ async function cmdDemo(v: Values): Promise<number> {
     return 1;
   }
   console.log(`  status            ${s.status}${s.error ? ` (${s.error.code}: ${s.error.message})` : ''}`);
-  console.log(`  downtime          ${s.downtimeMs === null ? '-' : `${s.downtimeMs.toFixed(1)} ms`} (expected ${s.expectedDowntimeMs.toFixed(1)} ms)`);
+  console.log(`  downtime          ${s.downtimeMs === null ? '-' : `${s.downtimeMs.toFixed(1)} ms`} (expected ${s.expectedDowntimeMs === null ? '-' : s.expectedDowntimeMs.toFixed(1)} ms)`);
   console.log(`  total time        ${s.totalTimeMs.toFixed(0)} ms (setup ${s.setupTimeMs.toFixed(0)} ms)`);
   console.log(`  transferred       ${fmtBytes(s.transferredBytes)} (${Object.entries(s.bytesByKind).map(([k, b]) => `${k} ${fmtBytes(b)}`).join(', ')}) at ${s.throughputMbps.toFixed(0)} Mbit/s`);
   console.log(`  iterations        ${s.iterations}`);

@@ -13,6 +13,16 @@ import { formatUri, listen, parseUri } from './transport.js';
 import type { HelloMessage, RunningMessage } from './source.js';
 import type { MigrationState } from '../vfio/states.js';
 
+/**
+ * Ends a connection after what was written to it (an error report above all)
+ * has been flushed; destroy() would drop it. close() destroys what is left.
+ */
+function endSocket(s: net.Socket): void {
+  if (s.destroyed) return;
+  s.end();
+  setTimeout(() => s.destroy(), 2000).unref();
+}
+
 /** Section loads one channel may have queued on the devices at once. */
 const MAX_INFLIGHT_LOADS = 4;
 
@@ -93,7 +103,7 @@ export class MigrationDestination extends MigrationEvents {
   #fail(err: Error): void {
     if (this.#failure) return;
     this.#failure = err;
-    for (const s of this.#sockets) s.destroy();
+    for (const s of this.#sockets) endSocket(s);
   }
 
   /** Accepts and runs one incoming migration. */
@@ -168,7 +178,7 @@ export class MigrationDestination extends MigrationEvents {
       throw cause;
     } finally {
       options.signal?.removeEventListener('abort', onAbort);
-      for (const s of this.#sockets) s.destroy();
+      for (const s of this.#sockets) endSocket(s);
     }
   }
 

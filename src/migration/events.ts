@@ -13,7 +13,7 @@ export interface MigrationEventMap {
   /** A device changed state, or (`*-prepare`) is about to start a transition into a P2P state. */
   VFIO_MIGRATION: { device: string; state: VfioEventState; arcMs?: number };
   MIGRATION: { status: MigrationStatus; reason?: { code: string; message: string } };
-  MIGRATION_PASS: { pass: number; remainingBytes: number; stopcopyBytes: number; expectedDowntimeMs: number; bandwidthBytesPerSec: number };
+  MIGRATION_PASS: { pass: number; remainingBytes: number; stopcopyBytes: number; expectedDowntimeMs: number | null; bandwidthBytesPerSec: number };
   MIGRATION_STALLED: { pass: number; remainingBytes: number; suggestedDowntimeLimitMs: number };
   MIGRATION_WARNING: { message: string; data?: Record<string, unknown> };
   SWITCHOVER_ACK: { afterMs: number };

@@ -29,7 +29,8 @@ export interface DeviceEstimate {
 export interface PolicyDecision {
   switchover: boolean;
   reason: string;
-  expectedDowntimeMs: number;
+  /** null while the bandwidth is unknown (nothing measured yet, no avail-switchover-bandwidth). */
+  expectedDowntimeMs: number | null;
   /** Of which data-size-independent device time (arcs), ms. */
   deviceTimeMs: number;
   transferMs: number;
@@ -116,7 +117,8 @@ export class DowntimePolicy {
       extraLoad = Math.max(extraLoad, d.loadMs);
     }
     const deviceTimeMs = this.kind === 'classic' ? 0 : saneMs(srcArcs + dstArcs + extraLoad + SWITCHOVER_OVERHEAD_MS);
-    const expectedDowntimeMs = saneMs(xferMs + deviceTimeMs);
+    const estimateMs = saneMs(xferMs + deviceTimeMs);
+    const expectedDowntimeMs = known || stopcopyBytes === 0 ? estimateMs : null;
     const limit = params['downtime-limit'];
 
     // Stall: remaining has not shrunk for stall-iterations passes while the estimate misses the limit.
@@ -125,25 +127,25 @@ export class DowntimePolicy {
       this.#bestRemaining = remainingBytes;
       this.#sinceProgress = 0;
       this.stalled = false;
-    } else if (++this.#sinceProgress >= params['stall-iterations'] && expectedDowntimeMs > limit) {
+    } else if (++this.#sinceProgress >= params['stall-iterations'] && known && estimateMs > limit) {
       if (!this.stalled) stalledNow = true;
       this.stalled = true;
     }
-    if (this.stalled && expectedDowntimeMs <= limit) this.stalled = false;
+    if (this.stalled && estimateMs <= limit) this.stalled = false;
     // The smallest limit that converges now: what a switchover would cost now, plus a margin for noise.
-    this.suggestedDowntimeLimitMs = this.stalled && expectedDowntimeMs < MAX_REPORTED_MS ? Math.ceil(expectedDowntimeMs * 1.15 + 10) : null;
+    this.suggestedDowntimeLimitMs = this.stalled && estimateMs < MAX_REPORTED_MS ? Math.ceil(estimateMs * 1.15 + 10) : null;
 
     let switchover = false;
     let reason: string;
     if (input.switchoverAckRequired && !input.switchoverAcked) reason = 'waiting for the switchover ACK';
-    else if (known && expectedDowntimeMs <= limit) {
+    else if (known && estimateMs <= limit) {
       switchover = true;
-      reason = `expected downtime ${expectedDowntimeMs.toFixed(0)} ms fits downtime-limit ${limit} ms`;
+      reason = `expected downtime ${estimateMs.toFixed(0)} ms fits downtime-limit ${limit} ms`;
     } else if (!known && precopyBytes === 0) {
       // Nothing can be sent before the stop, so nothing can be measured or gained by waiting.
       switchover = true;
       reason = 'no precopy data and no bandwidth measurement: switching over';
-    } else reason = `expected downtime ${expectedDowntimeMs.toFixed(0)} ms exceeds downtime-limit ${limit} ms`;
+    } else reason = known ? `expected downtime ${estimateMs.toFixed(0)} ms exceeds downtime-limit ${limit} ms` : 'measuring the bandwidth';
 
     const decision: PolicyDecision = {
       switchover,

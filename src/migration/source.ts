@@ -36,7 +36,8 @@ export interface MigrationInfo {
   totalTimeMs: number;
   setupTimeMs: number;
   downtimeMs: number | null;
-  expectedDowntimeMs: number;
+  /** null until the bandwidth is known. */
+  expectedDowntimeMs: number | null;
   /** Of which data-size-independent device time (arcs, load beyond the transfer), ms. */
   expectedDeviceTimeMs: number;
   /** After a failed or aborted switchover: VM stop to the VM running again here, ms. */
@@ -94,7 +95,7 @@ export class MigrationSource extends MigrationEvents {
   #bytesByKind: Record<string, number> = {};
   #bandwidth = new BandwidthMeter(1500);
   #pending: PendingBytes[] = [];
-  #expectedDowntimeMs = 0;
+  #expectedDowntimeMs: number | null = null;
   #warnings: string[] = [];
   #digests: MigrationInfo['digests'];
   #error?: { code: string; message: string };
@@ -450,7 +451,7 @@ export class MigrationSource extends MigrationEvents {
       totalTimeMs,
       setupTimeMs: this.#setupDoneAt ? this.#setupDoneAt - this.#t0 : 0,
       downtimeMs: this.#downtimeMs,
-      expectedDowntimeMs: saneMs(this.#expectedDowntimeMs),
+      expectedDowntimeMs: this.#expectedDowntimeMs === null ? null : saneMs(this.#expectedDowntimeMs),
       remainingBytes: this.#status === 'completed' ? 0 : Math.min(remainingBytes, MAX_REPORTED_BYTES),
       iterations: this.#iterations,
       transferredBytes: this.#transferred,
