@@ -17,6 +17,7 @@ import { MigrationDestination } from './migration/destination.js';
 import { describeError } from './migration/errors.js';
 import { parseByteSize } from './vfio/mock-profile.js';
 import type { StateHandler } from './migration/handler.js';
+import { onJsonLines } from './json-lines.js';
 
 const USAGE = `usage:
   vfio-migrate incoming --listen <tcp:host:port|unix:path> [devices] [--json]
@@ -258,22 +259,7 @@ async function cmdDemo(v: Values): Promise<number> {
   console.log(`vfio-migration demo: ${deviceArgs.filter((_, i) => i % 2).join(' ')}`);
   console.log(`destination and source run as two processes, migrating over ${uri}\n`);
   const dest = spawn(process.execPath, [here, 'incoming', '--listen', uri, '--json', ...deviceArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const lines = (child: ReturnType<typeof spawn>, onLine: (o: Record<string, unknown>) => void) => {
-    let buf = '';
-    child.stdout!.on('data', (d: Buffer) => {
-      buf += d.toString();
-      let nl;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
-        try {
-          onLine(JSON.parse(line) as Record<string, unknown>);
-        } catch {
-          console.log(line);
-        }
-      }
-    });
-  };
+  const lines = (child: ReturnType<typeof spawn>, onLine: (o: Record<string, unknown>) => void) => onJsonLines(child.stdout!, onLine, (line) => console.log(line));
   let destResult: Record<string, unknown> | null = null;
   const listening = new Promise<void>((resolve) =>
     lines(dest, (o) => {

@@ -9,6 +9,7 @@ import { VfioHandler } from '../src/migration/vfio-handler.js';
 import { RamHandler } from '../src/migration/ram-handler.js';
 import { SyntheticVm } from '../src/migration/vm.js';
 import type { StateHandler } from '../src/migration/handler.js';
+import { onJsonLines } from '../src/json-lines.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const CLI = path.resolve(here, '..', 'src', 'cli.js');
@@ -33,18 +34,10 @@ export async function startDestination(args: string[]): Promise<DestinationProce
   let stderr = '';
   proc.stderr!.on('data', (d) => (stderr += d));
   const listening = new Promise<void>((resolve, reject) => {
-    let buf = '';
-    proc.stdout!.on('data', (d: Buffer) => {
-      buf += d.toString();
-      let nl;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
-        const o = JSON.parse(line) as Record<string, unknown>;
-        if (o.listening) resolve();
-        else if (o.result) resolveResult(o.result as Record<string, unknown>);
-        else if (o.event) events.push(o as DestinationProcess['events'][number]);
-      }
+    onJsonLines(proc.stdout!, (o) => {
+      if (o.listening) resolve();
+      else if (o.result) resolveResult(o.result as Record<string, unknown>);
+      else if (o.event) events.push(o as DestinationProcess['events'][number]);
     });
     proc.on('exit', (code) => {
       resolveResult(null);

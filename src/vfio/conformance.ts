@@ -117,6 +117,39 @@ async function saveAll(dev: VfioDevice, flags: MigrationFlags, limitBytes: numbe
   return bytes + rest.bytes;
 }
 
+/**
+ * For every pair of supported states (from outside resuming) whose planned
+ * path `select` accepts: put the device in `from`, request `to` in one SET,
+ * and check the state reached and whether a data fd came back. Returns how
+ * many paths were checked.
+ */
+async function checkPlannedPaths(dev: VfioDevice, flags: MigrationFlags, select: (arcs: Arc[]) => boolean): Promise<number> {
+  const states = supportedStates(flags).filter((s) => s !== 'error' && s !== 'resuming');
+  let count = 0;
+  for (const from of states) {
+    for (const to of supportedStates(flags)) {
+      if (to === 'error' || to === from) continue;
+      let arcs: Arc[];
+      try {
+        arcs = planArcs(from, to, flags);
+      } catch {
+        continue;
+      }
+      if (!select(arcs)) continue;
+      await returnToRunning(dev);
+      await dev.stepTo(from);
+      const session = await dev.setState(to);
+      const got = await dev.getState();
+      expect(got === to, `${from} -> ${to} (${arcs.map((a) => a.to).join(' -> ')}): device reports ${got}`);
+      const opens = arcs.some((a) => arcOpensDataFd(a.from, a.to));
+      expect(Boolean(session) === opens, `${from} -> ${to}: data fd ${session ? 'returned' : 'missing'}`);
+      if (to === 'resuming') await dev.reset();
+      count++;
+    }
+  }
+  return count;
+}
+
 interface Ctx {
   dev: VfioDevice;
   flags: MigrationFlags;
@@ -144,55 +177,12 @@ const checks: Record<CheckName, (ctx: Ctx) => Promise<string>> = {
   },
 
   async 'single-arcs'({ dev, flags }) {
-    const states = supportedStates(flags).filter((s) => s !== 'error' && s !== 'resuming');
-    let count = 0;
-    for (const from of states) {
-      for (const to of supportedStates(flags)) {
-        if (to === 'error' || to === from) continue;
-        let arcs: Arc[];
-        try {
-          arcs = planArcs(from, to, flags);
-        } catch {
-          continue;
-        }
-        if (arcs.length !== 1) continue;
-        await returnToRunning(dev);
-        await dev.stepTo(from);
-        const session = await dev.setState(to);
-        const got = await dev.getState();
-        expect(got === to, `${from} -> ${to}: device reports ${got}`);
-        expect(Boolean(session) === arcOpensDataFd(from, to), `${from} -> ${to}: data fd ${session ? 'returned' : 'missing'}`);
-        if (to === 'resuming') await dev.reset();
-        count++;
-      }
-    }
+    const count = await checkPlannedPaths(dev, flags, (arcs) => arcs.length === 1);
     return `${count} single arcs (arcs out of resuming are checked by save-restore)`;
   },
 
   async 'multi-step-paths'({ dev, flags }) {
-    const states = supportedStates(flags).filter((s) => s !== 'error' && s !== 'resuming');
-    let count = 0;
-    for (const from of states) {
-      for (const to of supportedStates(flags)) {
-        if (to === 'error' || to === from) continue;
-        let arcs: Arc[];
-        try {
-          arcs = planArcs(from, to, flags);
-        } catch {
-          continue;
-        }
-        if (arcs.length < 2) continue;
-        await returnToRunning(dev);
-        await dev.stepTo(from);
-        const session = await dev.setState(to);
-        const got = await dev.getState();
-        expect(got === to, `${from} -> ${to} (${arcs.map((a) => a.to).join(' -> ')}): device reports ${got}`);
-        const opens = arcs.some((a) => arcOpensDataFd(a.from, a.to));
-        expect(Boolean(session) === opens, `${from} -> ${to}: data fd ${session ? 'returned' : 'missing'}`);
-        if (to === 'resuming') await dev.reset();
-        count++;
-      }
-    }
+    const count = await checkPlannedPaths(dev, flags, (arcs) => arcs.length > 1);
     return `${count} combination transitions`;
   },
 
