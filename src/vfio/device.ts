@@ -344,11 +344,15 @@ export class DataSession {
   async read(maxBytes = 1 << 20): Promise<ReadResult> {
     if (this.direction !== 'save') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.device.id}: read() on a resume session`);
     if (!Number.isInteger(maxBytes) || maxBytes < 1) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `read(maxBytes): maxBytes must be a positive integer, got ${maxBytes}`);
+    // The state when the read was issued decides what a 0-byte read means: a
+    // SET to STOP_COPY may complete while this read is in flight.
+    const issuedInPrecopy = PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState);
     try {
       const bytes = await this.#handle.readData(this.fd, maxBytes);
       if (bytes === null) {
-        // In PRE_COPY states the stream cannot have ended for good: more may come.
-        return PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState) ? { kind: 'no-data', via: 'zero' } : { kind: 'end' };
+        // In PRE_COPY states the stream cannot have ended for good: more may
+        // come (a later read in STOP_COPY returns the permanent end).
+        return issuedInPrecopy ? { kind: 'no-data', via: 'zero' } : { kind: 'end' };
       }
       this.bytesTransferred += bytes.length;
       return { kind: 'data', bytes };
