@@ -133,9 +133,7 @@ export class MigrationDestination extends MigrationEvents {
       await settleAll(this.handlers.map((h) => h.loadSetup(ctx)));
       // Every device with initial bytes must load them before the source may switch over.
       this.handlers.forEach((h, i) => {
-        if ((h as { hasPrecopy?: boolean }).hasPrecopy || typeof h.loadInitialDone === 'function') {
-          if (h.describe().kind === 'vfio' && this.#deviceHasPrecopy(hello, i)) this.#initialPending.add(i);
-        }
+        if (h.hasInitialData?.()) this.#initialPending.add(i);
       });
       await main.writer.writeJson(FrameType.HelloAck, 0, { wireVersion: WIRE_VERSION });
       await this.#sendLoadReport(main);
@@ -192,12 +190,6 @@ export class MigrationDestination extends MigrationEvents {
       if (h.resumeDeviceTimeMs) sections.push({ section, resumeDeviceMs: h.resumeDeviceTimeMs(), loadMsPerMiB: h.loadMsPerMiB?.() ?? null });
     });
     if (sections.length) await main.writer.writeJson(FrameType.LoadReport, 0, { sections } satisfies LoadReportMessage);
-  }
-
-  #deviceHasPrecopy(hello: HelloMessage, index: number): boolean {
-    const h = this.handlers[index] as { hasPrecopy?: boolean };
-    void hello;
-    return h.hasPrecopy === true;
   }
 
   async #sendAck(main: Channel): Promise<void> {
@@ -337,7 +329,7 @@ export class MigrationDestination extends MigrationEvents {
           // Everything before the marker has been loaded once the loads settle.
           await settleLoads();
           await handler.loadInitialDone?.();
-          await main.writer.writeJson(FrameType.InitialLoaded, 0, { section: frame.section, loadMs: 0 });
+          await main.writer.writeJson(FrameType.InitialLoaded, 0, { section: frame.section });
           await this.#sendLoadReport(main);
           this.#initialPending.delete(frame.section);
           if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);

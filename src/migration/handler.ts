@@ -60,6 +60,8 @@ export interface StateHandler {
   loadSetup(ctx: HandlerContext): Promise<void>;
   /** Section data in arrival order; `parts` together are one frame's payload. */
   load(parts: readonly Buffer[]): Promise<void>;
+  /** Whether this section sends initial bytes that must load before switchover (switchover-ack waits for them). */
+  hasInitialData?(): boolean;
   /** The source marked the end of the initial bytes; everything before it has been loaded. */
   loadInitialDone?(): Promise<void>;
   /** All data arrived: validate and stop (RESUMING -> STOP). */

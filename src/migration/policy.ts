@@ -51,8 +51,6 @@ const SWITCHOVER_OVERHEAD_MS = 3;
 export class DowntimePolicy {
   readonly handlers: StateHandler[];
   readonly kind: PolicyKind;
-  /** Destination-reported load times of the initial bytes, per section. */
-  readonly initialLoadMs = new Map<number, number>();
   /** Destination-reported resume arc time, per section. */
   readonly destinationDeviceMs = new Map<number, number>();
   /** Destination-reported load cost, ms per MiB, per section. */
@@ -66,10 +64,6 @@ export class DowntimePolicy {
   constructor(handlers: StateHandler[], kind: PolicyKind = 'device-aware') {
     this.handlers = handlers;
     this.kind = kind;
-  }
-
-  recordInitialLoad(section: number, loadMs: number): void {
-    if (Number.isFinite(loadMs) && loadMs >= 0) this.initialLoadMs.set(section, loadMs);
   }
 
   recordDestinationDeviceTime(section: number, ms: number): void {

@@ -101,7 +101,6 @@ export class MigrationSource extends MigrationEvents {
   #error?: { code: string; message: string };
   #vmStoppedByUs = false;
   readonly policy: DowntimePolicy;
-  #ackWaiters: (() => void)[] = [];
   #switchoverAcked = false;
   #returnPathDone: Promise<void> | null = null;
   #destinationError: Error | null = null;
@@ -404,11 +403,9 @@ export class MigrationSource extends MigrationEvents {
           return;
         }
         switch (frame.type) {
-          case FrameType.InitialLoaded: {
-            const m = parseJson<{ section: number; loadMs: number }>(frame);
-            this.policy.recordInitialLoad(m.section, m.loadMs);
+          case FrameType.InitialLoaded:
+            // Informational: the ACK that matters comes once every section is in.
             break;
-          }
           case FrameType.LoadReport: {
             const m = parseJson<LoadReportMessage>(frame);
             for (const r of m.sections ?? []) {
@@ -421,7 +418,6 @@ export class MigrationSource extends MigrationEvents {
           case FrameType.SwitchoverAck:
             this.#switchoverAcked = true;
             this.emitEvent('SWITCHOVER_ACK', { afterMs: performance.now() - this.#t0 });
-            for (const w of this.#ackWaiters.splice(0)) w();
             break;
           case FrameType.Running:
             this.#running?.resolve(parseJson<RunningMessage>(frame));

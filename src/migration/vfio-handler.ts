@@ -187,7 +187,8 @@ export class VfioHandler implements StateHandler {
     return this.#initialSent;
   }
 
-  get hasPrecopy(): boolean {
+  /** Devices with PRE_COPY send initial bytes first; the destination loads them before the ACK. */
+  hasInitialData(): boolean {
     return this.#flags?.preCopy ?? false;
   }
 

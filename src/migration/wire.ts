@@ -26,7 +26,7 @@ export enum FrameType {
   InitialSent = 8, // a section sent all of its initial bytes (switchover-ack)
   // destination -> source (return path)
   HelloAck = 32,
-  InitialLoaded = 33, // a section finished loading its initial bytes (json: section, loadMs)
+  InitialLoaded = 33, // a section finished loading its initial bytes (json: section)
   SwitchoverAck = 34, // every device loaded its initial bytes
   Running = 35, // the destination VM runs (json: digests, load times)
   Error = 36, // json: code, message
