@@ -161,7 +161,8 @@ test.serial('switchover-abort: a slow stop-copy device aborts within the bound, 
   t.true(first.events.some((e) => e.event === 'SWITCHOVER_ABORT'));
   const vmDowntime = first.info.vmDowntimeOnAbortMs!;
   t.log(`aborted; the VM was stopped for ${vmDowntime.toFixed(1)} ms (bound ${bound} ms + margin)`);
-  t.true(vmDowntime >= bound && vmDowntime <= bound + 150, `${vmDowntime} ms`);
+  // The margin past the bound: the read in flight when the timer fires (1 MiB at 24 MiB/s is ~42 ms) and the rollback arcs.
+  t.true(vmDowntime >= bound && vmDowntime <= bound + 250, `${vmDowntime} ms`);
   t.true(first.side.vm.running);
   for (const d of first.side.devices) t.is(await d.getState(), 'running');
   const digests = first.side.devices.map((d) => d.mockInfo().digest);
