@@ -5,11 +5,14 @@
 import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
 import { readdirSync, readlinkSync } from 'node:fs';
+import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VfioDevice } from './vfio/device.js';
 import { listProfiles, type MockProfileInput } from './vfio/mock-profile.js';
 import { runConformance } from './vfio/conformance.js';
-import { VfioHandler } from './migration/vfio-handler.js';
+import { VfioHandler, exportArcHistory, importArcHistory } from './migration/vfio-handler.js';
 import { RamHandler } from './migration/ram-handler.js';
 import { SyntheticVm } from './migration/vm.js';
 import { MigrationSource, type MigrationInfo } from './migration/source.js';
@@ -37,6 +40,8 @@ devices (both ends must list the same devices in the same order):
   --ram-dirty <size>            bytes/s the running VM dirties
   --ram-working-set <size>      the part of RAM it keeps dirtying
   --seed <n>                    seed of mock content (default: 1 on the source, 1000 on the destination)
+  --arc-history <file|none>     where device arc latencies learned in earlier migrations are kept
+                                (default: $XDG_CACHE_HOME/vfio-migration/arc-history.json)
 `;
 
 class UsageError extends Error {}
@@ -60,6 +65,7 @@ const options = {
   'progress-ms': { type: 'string' },
   'on-stall': { type: 'string' },
   'timeout-ms': { type: 'string' },
+  'arc-history': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const;
 
@@ -90,6 +96,45 @@ function bytesOption(v: Values, name: 'ram' | 'ram-dirty' | 'ram-working-set'): 
     return parseByteSize(raw, 'command line', `--${name}`);
   } catch (err) {
     throw new UsageError((err as Error).message);
+  }
+}
+
+/** The arc history file (device models' arc latencies, learned across migrations), or null. */
+function arcHistoryPath(v: Values): string | null {
+  const given = v['arc-history'];
+  if (given === 'none' || given === '') return null;
+  if (given) return given;
+  const cache = process.env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache');
+  return path.join(cache, 'vfio-migration', 'arc-history.json');
+}
+
+async function loadArcHistory(file: string | null): Promise<void> {
+  if (!file) return;
+  try {
+    importArcHistory(JSON.parse(await readFile(file, 'utf8')) as Record<string, Record<string, number>>);
+  } catch {
+    /* no history yet, or unreadable: start from nothing */
+  }
+}
+
+async function saveArcHistory(file: string | null): Promise<void> {
+  if (!file) return;
+  try {
+    await mkdir(path.dirname(file), { recursive: true });
+    // Merge with what another process (the other end, on this host) saved meanwhile; ours is newer.
+    let onDisk: Record<string, Record<string, number>> = {};
+    try {
+      onDisk = JSON.parse(await readFile(file, 'utf8')) as Record<string, Record<string, number>>;
+    } catch {
+      /* nothing saved yet */
+    }
+    const merged = { ...onDisk };
+    for (const [model, arcs] of Object.entries(exportArcHistory())) merged[model] = { ...(onDisk[model] ?? {}), ...arcs };
+    const tmp = `${file}.${process.pid}.tmp`;
+    await writeFile(tmp, `${JSON.stringify(merged, null, 1)}\n`);
+    await rename(tmp, file);
+  } catch (err) {
+    console.error(`vfio-migrate: could not save the arc history to ${file}: ${(err as Error).message}`);
   }
 }
 
@@ -153,6 +198,8 @@ function print(json: boolean, value: unknown, text?: string): void {
 async function cmdIncoming(v: Values): Promise<number> {
   if (!v.listen) throw new UsageError('incoming needs --listen <uri>');
   const fdsAtStart = openFdCount();
+  const history = arcHistoryPath(v);
+  await loadArcHistory(history);
   const setup = await openDevices(v, 'destination');
   const dest = new MigrationDestination({ handlers: setup.handlers, vm: setup.vm });
   dest.on('event', (r) => print(!!v.json, r, `${r.event} ${JSON.stringify(r.data)}`));
@@ -168,6 +215,7 @@ async function cmdIncoming(v: Values): Promise<number> {
   } finally {
     await dest.close();
     await Promise.all(setup.devices.map((d) => d.close()));
+    await saveArcHistory(history);
   }
   print(!!v.json, { result: { ...(result as object), fdsAtStart, fdsAtEnd: openFdCount() } }, `result: ${JSON.stringify(result)}`);
   return code;
@@ -179,6 +227,8 @@ async function cmdMigrate(v: Values): Promise<number> {
   const capabilities = parseKeyValues(v.cap, 'cap', (s) => (s === 'on' || s === 'true' ? true : s === 'off' || s === 'false' ? false : s));
   const parameters = parseKeyValues(v.param, 'param', (s) => (/^-?\d+(\.\d+)?$/.test(s) ? Number(s) : s));
   const fdsAtStart = openFdCount();
+  const history = arcHistoryPath(v);
+  await loadArcHistory(history);
   const setup = await openDevices(v, 'source');
   let src: MigrationSource;
   try {
@@ -219,6 +269,7 @@ async function cmdMigrate(v: Values): Promise<number> {
   }
   const states = await Promise.all(setup.devices.map(async (d) => ({ id: d.id, state: await d.getState().catch(() => 'unknown') })));
   await Promise.all(setup.devices.map((d) => d.close()));
+  await saveArcHistory(history);
   print(!!v.json, { result: { ...info, vmRunning: setup.vm.running, deviceStates: states, fdsAtStart, fdsAtEnd: openFdCount() } }, `result: ${JSON.stringify(info, null, 2)}`);
   return code;
 }
