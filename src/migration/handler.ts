@@ -58,8 +58,13 @@ export interface StateHandler {
 
   // ---- destination ----
   loadSetup(ctx: HandlerContext): Promise<void>;
-  /** Section data in arrival order; `parts` together are one frame's payload. */
+  /**
+   * Section data in arrival order. For a `byteStream` section, `parts` are
+   * any run of its bytes (frames may be merged); otherwise one frame's payload.
+   */
   load(parts: readonly Buffer[]): Promise<void>;
+  /** The section's data is an opaque byte stream: frame boundaries carry no meaning (a VFIO data fd). */
+  readonly byteStream?: boolean;
   /** Whether this section sends initial bytes that must load before switchover (switchover-ack waits for them). */
   hasInitialData?(): boolean;
   /** The source marked the end of the initial bytes; everything before it has been loaded. */

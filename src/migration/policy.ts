@@ -17,6 +17,8 @@ export interface PolicyInputs {
   switchoverAckRequired: boolean;
   switchoverAcked: boolean;
   iteration: number;
+  /** Sent but not yet loaded on the destination: stop-copy data will queue behind it. */
+  queuedBytes?: number;
 }
 
 export interface DeviceEstimate {
@@ -97,7 +99,9 @@ export class DowntimePolicy {
     let bandwidth = params['avail-switchover-bandwidth'] > 0 ? params['avail-switchover-bandwidth'] : input.measuredBandwidthBytesPerSec;
     if (params['max-bandwidth'] > 0 && !(params['avail-switchover-bandwidth'] > 0)) bandwidth = bandwidth > 0 ? Math.min(bandwidth, params['max-bandwidth']) : params['max-bandwidth'];
     const known = bandwidth > 0;
-    const xferMs = known ? transferMs(stopcopyBytes, bandwidth) : stopcopyBytes === 0 ? 0 : MAX_REPORTED_MS;
+    const queuedBytes = this.kind === 'classic' ? 0 : (input.queuedBytes ?? 0);
+    const xferBytes = sumBytes([stopcopyBytes, queuedBytes]);
+    const xferMs = known ? transferMs(xferBytes, bandwidth) : xferBytes === 0 ? 0 : MAX_REPORTED_MS;
     const devices = this.kind === 'classic' ? this.handlers.map(() => null) : this.deviceEstimates(input.pending, xferMs);
     // Source arcs, then the data (with any load that outlasts it), then the
     // destination's arcs; each phase waits for the slowest device.
@@ -112,7 +116,7 @@ export class DowntimePolicy {
     }
     const deviceTimeMs = this.kind === 'classic' ? 0 : saneMs(srcArcs + dstArcs + extraLoad + SWITCHOVER_OVERHEAD_MS);
     const estimateMs = saneMs(xferMs + deviceTimeMs);
-    const expectedDowntimeMs = known || stopcopyBytes === 0 ? estimateMs : null;
+    const expectedDowntimeMs = known || xferBytes === 0 ? estimateMs : null;
     const limit = params['downtime-limit'];
 
     // Stall: remaining has not shrunk for stall-iterations passes while the estimate misses the limit.

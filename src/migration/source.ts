@@ -12,7 +12,7 @@ import { type MigrationCapabilities, type MigrationParameters, DEFAULT_CAPABILIT
 import { type Channel, RateLimiter, makeChannel, sectionOutput, settleAll } from './channels.js';
 import { FrameType, type LoadReportMessage, WIRE_VERSION, parseJson } from './wire.js';
 import { connect, parseUri } from './transport.js';
-import { BandwidthMeter, sumBytes, saneMs, MAX_REPORTED_BYTES } from './accounting.js';
+import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
 import { DowntimePolicy, type PolicyKind } from './policy.js';
 import type { MigrationState } from '../vfio/states.js';
 
@@ -103,6 +103,8 @@ export class MigrationSource extends MigrationEvents {
   readonly policy: DowntimePolicy;
   #switchoverAcked = false;
   #returnPathDone: Promise<void> | null = null;
+  /** Section bytes the destination reported as loaded. */
+  #destLoadedBytes = 0;
   #destinationError: Error | null = null;
   #running: { resolve: (m: RunningMessage) => void; reject: (e: Error) => void } | null = null;
 
@@ -254,6 +256,7 @@ export class MigrationSource extends MigrationEvents {
           switchoverAckRequired: this.#caps['switchover-ack'],
           switchoverAcked: this.#switchoverAcked,
           iteration: this.#iterations,
+          queuedBytes: subtractBytes(this.#transferred, this.#destLoadedBytes),
         });
         this.#expectedDowntimeMs = decision.expectedDowntimeMs;
         this.emitEvent('MIGRATION_PASS', {
@@ -279,7 +282,8 @@ export class MigrationSource extends MigrationEvents {
         const ms = performance.now() - t;
         // Only sends that filled the pipe say something about the link.
         if (bytes >= 256 * 1024) this.#bandwidth.record(bytes, ms);
-        if (bytes === 0) await sleep(decision.idleWaitMs, undefined, { signal: this.#ac.signal }).catch(() => {});
+        // A pass that found (almost) nothing waits a moment for dirty data to build up.
+        if (bytes < 256 * 1024) await sleep(decision.idleWaitMs, undefined, { signal: this.#ac.signal }).catch(() => {});
       }
 
       // Switchover: stop the VM; every device reaches a P2P state before any
@@ -408,6 +412,7 @@ export class MigrationSource extends MigrationEvents {
             break;
           case FrameType.LoadReport: {
             const m = parseJson<LoadReportMessage>(frame);
+            if (Number.isFinite(m.loadedBytes) && m.loadedBytes >= 0) this.#destLoadedBytes = Math.max(this.#destLoadedBytes, m.loadedBytes);
             for (const r of m.sections ?? []) {
               if (!Number.isInteger(r.section) || r.section < 0 || r.section >= this.handlers.length) continue;
               this.policy.recordDestinationDeviceTime(r.section, r.resumeDeviceMs);

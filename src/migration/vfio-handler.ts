@@ -8,6 +8,8 @@ import { MAX_REPORTED_BYTES, clampDeviceBytes } from './accounting.js';
 import { MigrationError } from './errors.js';
 
 const READ_BYTES = 1 << 20;
+/** Precopy data smaller than this is gathered before it goes out as a frame. */
+const MIN_FRAME_BYTES = 256 * 1024;
 
 /**
  * Arc latencies learned across migrations in this process, per device model
@@ -32,6 +34,8 @@ export function importArcHistory(history: Record<string, Record<string, number>>
 
 export class VfioHandler implements StateHandler {
   readonly device: VfioDevice;
+  /** A data fd is a byte stream: the destination may merge frames into one write. */
+  readonly byteStream = true;
   #flags: MigrationFlags | null = null;
   #session: DataSession | null = null;
   #initialSent = false;
@@ -126,14 +130,32 @@ export class VfioHandler implements StateHandler {
     const session = this.#session;
     if (!session || !PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState)) return 0;
     let sent = 0;
+    // A running device re-dirties its state a little at a time: small reads
+    // are gathered into one frame, so the destination loads in few large
+    // writes instead of a backlog of thousands of tiny ones.
+    let small: Buffer[] = [];
+    let smallBytes = 0;
+    const flush = async () => {
+      if (smallBytes === 0) return;
+      const data = small.length === 1 ? small[0]! : Buffer.concat(small, smallBytes);
+      small = [];
+      smallBytes = 0;
+      await out.send(data);
+    };
     while (sent < budgetBytes) {
       const r = await this.#read(session);
       if (r.kind !== 'data') break;
       // Read the next chunk while this one goes out, unless the budget is spent.
       if (sent + r.bytes.length < budgetBytes) this.#readAhead = session.read(READ_BYTES);
-      await out.send(r.bytes);
       sent += r.bytes.length;
+      if (r.bytes.length >= MIN_FRAME_BYTES && smallBytes === 0) await out.send(r.bytes);
+      else {
+        small.push(r.bytes);
+        smallBytes += r.bytes.length;
+        if (smallBytes >= MIN_FRAME_BYTES) await flush();
+      }
     }
+    await flush();
     this.transferredBytes += sent;
     if (!this.#initialSent && !this.#readAhead) {
       const info = await this.device.precopyInfo(session);

@@ -36,6 +36,8 @@ export enum FrameType {
 /** Destination -> source: data-size-independent device time and load rate, per section. */
 export interface LoadReportMessage {
   sections: { section: number; resumeDeviceMs: number; loadMsPerMiB: number | null }[];
+  /** Section data bytes loaded into the devices so far: what the source sent beyond this is still queued. */
+  loadedBytes: number;
 }
 
 export interface Frame {
@@ -199,17 +201,40 @@ export class FrameReader {
       if (this.#buffered > 0) throw new MigrationError('ERR_MIGRATION_PROTOCOL', 'the stream ended inside a frame header');
       return null;
     }
-    const h = this.#take(FRAME_HEADER_BYTES);
+    const length = this.#peekHeader();
+    if (!(await this.#fill(FRAME_HEADER_BYTES + length))) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed inside a frame');
+    return this.#takeFrame();
+  }
+
+  /** The next frame if it is already buffered whole, else null (never waits). */
+  nextIfBuffered(): Frame | null {
+    if (this.#buffered < FRAME_HEADER_BYTES) return null;
+    const length = this.#peekHeader();
+    if (this.#buffered < FRAME_HEADER_BYTES + length) return null;
+    return this.#takeFrame();
+  }
+
+  /** Validates the buffered header and returns its payload length (the header stays buffered). */
+  #peekHeader(): number {
+    const first = this.#chunks[0]!;
+    const h = first.length >= FRAME_HEADER_BYTES ? first : Buffer.concat(this.#chunks).subarray(0, FRAME_HEADER_BYTES);
     const magic = h.readUInt32BE(0);
     if (magic !== WIRE_MAGIC) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `bad frame magic 0x${magic.toString(16)}: not a vfio-migration stream`);
     const version = h.readUInt8(4);
     if (version !== WIRE_VERSION) throw new MigrationError('ERR_MIGRATION_VERSION', `peer speaks wire version ${version}, this side ${WIRE_VERSION}`);
-    const type = h.readUInt8(5) as FrameType;
+    const type = h.readUInt8(5);
     if (!(type in FrameType)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unknown frame type ${type}`);
-    const section = h.readUInt16BE(6);
     const length = h.readUInt32BE(8);
     if (length > MAX_FRAME_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `frame of ${length} bytes exceeds the ${MAX_FRAME_PAYLOAD_BYTES}-byte limit`);
-    if (!(await this.#fill(length))) throw new MigrationError('ERR_MIGRATION_CONNECTION', `the connection closed inside a ${FrameType[type]} frame`);
+    return length;
+  }
+
+  /** Takes a whole buffered frame (header checked by #peekHeader) and verifies its checksum. */
+  #takeFrame(): Frame {
+    const h = this.#take(FRAME_HEADER_BYTES);
+    const type = h.readUInt8(5) as FrameType;
+    const section = h.readUInt16BE(6);
+    const length = h.readUInt32BE(8);
     const parts = length ? this.#takeParts(length) : [];
     let crc = 0;
     for (const p of parts) crc = native.crc32c(p, crc);
