@@ -1,7 +1,6 @@
 #include "mock_device.h"
 
 #include <fcntl.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -412,11 +411,20 @@ int MockDevice::DmaLoggingReport(uint64_t iova, uint64_t length, uint64_t page_s
   return 0;
 }
 
-void MockDevice::ProduceLocked(Session& s, size_t max) {
+size_t MockDevice::ProduceLocked(Session& s, size_t max, uint8_t* out, size_t cap) {
+  size_t direct = 0;  // bytes written straight into `out`
   auto emit = [&](uint16_t type, uint64_t a0, uint64_t a1, const void* payload, uint32_t len,
                   bool generated) {
     RecordHeader h{kRecordMagic, type, 0, len, 0, a0, a1, 0, 0};
-    uint8_t* rec = s.staging.Append(sizeof h + len);
+    // Straight into the caller's buffer while whole records fit and nothing
+    // is staged before them (one copy, as a driver's read does); else staged.
+    uint8_t* rec;
+    if (out && s.staging.size() == 0 && direct + sizeof h + len <= cap) {
+      rec = out + direct;
+      direct += sizeof h + len;
+    } else {
+      rec = s.staging.Append(sizeof h + len);
+    }
     uint8_t* out = rec + sizeof h;
     if (generated) FillPayload(out, len, seed_, type, a0, a1);
     else if (len) memcpy(out, payload, len);
@@ -429,7 +437,7 @@ void MockDevice::ProduceLocked(Session& s, size_t max) {
       rec[uint64_t(p_.corrupt_save_at_byte) - s.produced] ^= 0x5a;
     s.produced += total;
   };
-  while (s.staging.size() < max) {
+  while (direct + s.staging.size() < max) {
     if (!s.header_sent) {
       HeaderPayload hp{p_.state_bytes, p_.setup_bytes, p_.stop_copy_only_bytes, p_.chunk_bytes, kStreamVersion};
       emit(kRecHeader, seed_, p_.profile_hash, &hp, sizeof hp, false);
@@ -465,6 +473,7 @@ void MockDevice::ProduceLocked(Session& s, size_t max) {
       break;
     }
   }
+  return direct;
 }
 
 void MockDevice::ThrottleLocked(std::unique_lock<std::mutex>& lock, Session& s, size_t bytes) {
@@ -493,32 +502,32 @@ ssize_t MockDevice::ReadData(int data_fd, void* buf, size_t len) {
   if (s.kind != SessionKind::kSave) return -EINVAL;
   if (len == 0) return 0;
   AdvanceLocked();
+  // Like a driver's read(), the stream is copied straight into the caller's
+  // buffer; the pipe is the session's fd (its lifetime, close and staleness).
+  uint8_t* out = static_cast<uint8_t*>(buf);
   size_t want = std::min(len, kPipeBytes);
-  if (s.staging.size() < want) ProduceLocked(s, want);
   size_t n = std::min(want, s.staging.size());
+  if (n) memcpy(out, s.staging.data(), n);
+  s.staging.Consume(n);
+  if (n < want) n += ProduceLocked(s, want - n, out + n, want - n);
+  if (n < want && s.staging.size() > 0) {
+    size_t more = std::min(want - n, s.staging.size());
+    memcpy(out + n, s.staging.data(), more);
+    s.staging.Consume(more);
+    n += more;
+  }
   if (n == 0) {
     if (state_ != kStateStopCopy) return -ENOMSG;
-    // End of a STOP_COPY stream: our end of the pipe closes and the real
-    // read(2) below returns 0.
+    // End of a STOP_COPY stream: permanent, 0 from now on.
     if (s.device_fd >= 0) {
       close(s.device_fd);
       s.device_fd = -1;
     }
-  } else {
-    // vmsplice maps the staged pages into the pipe instead of copying them;
-    // they are read out below, before the staging area is touched again.
-    struct iovec iov = {const_cast<uint8_t*>(s.staging.data()), n};
-    ssize_t w = vmsplice(s.device_fd, &iov, 1, 0);
-    if (w < 0 && errno == EINVAL) w = write(s.device_fd, s.staging.data(), n);
-    if (w < 0) return -errno;
-    s.staging.Consume(size_t(w));
-    info_.bytes_read += uint64_t(w);
-    n = size_t(w);
-    ThrottleLocked(l, s, n);
+    return 0;
   }
-  ssize_t r = read(data_fd, buf, std::max<size_t>(n, 1));
-  if (r < 0) return -errno;
-  return r;
+  info_.bytes_read += n;
+  ThrottleLocked(l, s, n);
+  return ssize_t(n);
 }
 
 ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
@@ -528,23 +537,21 @@ ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
   if (!current) return stale_fds_.count(data_fd) ? -ENODEV : -EBADF;
   Session& s = session_;
   if (s.kind != SessionKind::kResume) return -EINVAL;
-  size_t want = std::min(len, kPipeBytes);
-  // vmsplice maps the caller's pages into the pipe (no copy); they are read
-  // out below, before this call returns and the caller may reuse them.
-  struct iovec iov = {const_cast<void*>(buf), want};
-  ssize_t w = vmsplice(data_fd, &iov, 1, 0);
-  if (w < 0 && errno == EINVAL) w = write(data_fd, buf, want);
-  if (w < 0) return -errno;
-  size_t at = s.parse_buf.size();
-  s.parse_buf.resize(at + size_t(w));
-  ssize_t r = read(s.device_fd, &s.parse_buf[at], size_t(w));
-  if (r != w) {
-    s.parse_buf.resize(at + size_t(std::max<ssize_t>(r, 0)));
-    return r < 0 ? -errno : -EIO;
-  }
-  info_.bytes_written += uint64_t(w);
+  size_t w = std::min(len, kPipeBytes);
+  const uint8_t* in = static_cast<const uint8_t*>(buf);
+  info_.bytes_written += w;
   bool was_initial_done = s.initial_done;
-  int err = ConsumeLocked(s);
+  int err = 0;
+  // Records are parsed straight from the caller's buffer; only a record cut
+  // by the end of this write is kept for the next one.
+  if (s.parse_buf.empty()) {
+    size_t used = ParseLocked(s, in, w, &err);
+    if (!err) s.parse_buf.assign(reinterpret_cast<const char*>(in + used), w - used);
+  } else {
+    s.parse_buf.append(reinterpret_cast<const char*>(in), w);
+    size_t used = ParseLocked(s, reinterpret_cast<const uint8_t*>(s.parse_buf.data()), s.parse_buf.size(), &err);
+    s.parse_buf.erase(0, used);
+  }
   if (err) return -err;
   double load_ms = p_.load_ms_per_mib * double(w) / double(1 << 20);
   if (!was_initial_done && s.initial_done) load_ms += p_.load_initial_ms;
@@ -555,23 +562,23 @@ ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
     l.lock();
     if (closed_) return -EBADF;
   }
-  if (session_.kind == SessionKind::kResume && session_.user_fd == data_fd) ThrottleLocked(l, session_, size_t(w));
-  return w;
+  if (session_.kind == SessionKind::kResume && session_.user_fd == data_fd) ThrottleLocked(l, session_, w);
+  return ssize_t(w);
 }
 
-int MockDevice::ConsumeLocked(Session& s) {
+size_t MockDevice::ParseLocked(Session& s, const uint8_t* data, size_t size, int* error) {
   size_t off = 0;
   int err = 0;
-  while (s.parse_buf.size() - off >= sizeof(RecordHeader)) {
+  while (size - off >= sizeof(RecordHeader)) {
     RecordHeader h;
-    memcpy(&h, &s.parse_buf[off], sizeof h);
+    memcpy(&h, data + off, sizeof h);
     if (h.magic != kRecordMagic || h.check != HeaderCheck(h) ||
         h.payload_len > std::max<uint32_t>(p_.chunk_bytes, sizeof(HeaderPayload))) {
       err = EINVAL;
       break;
     }
-    if (s.parse_buf.size() - off < sizeof h + h.payload_len) break;
-    const uint8_t* payload = reinterpret_cast<const uint8_t*>(&s.parse_buf[off + sizeof h]);
+    if (size - off < sizeof h + h.payload_len) break;
+    const uint8_t* payload = data + off + sizeof h;
     if (PayloadCheck(payload, h.payload_len) != h.payload_crc) {
       err = EINVAL;
       break;
@@ -622,8 +629,8 @@ int MockDevice::ConsumeLocked(Session& s) {
     if (err) break;
     off += sizeof h + h.payload_len;
   }
-  s.parse_buf.erase(0, off);
-  return err;
+  *error = err;
+  return off;
 }
 
 void MockDevice::CloseDataFd(int data_fd) {

@@ -163,9 +163,13 @@ class MockDevice : public DeviceBackend {
   uint64_t RemainingInitialLocked() const;
   uint64_t DirtyBytesLocked() const;
   uint64_t RecordBytes(uint64_t payload) const;
-  // Produces up to max bytes of the save stream into s.staging.
-  void ProduceLocked(Session& s, size_t max);
-  int ConsumeLocked(Session& s);  // parse resume bytes; 0 or EINVAL
+  // Produces about max bytes of the save stream: straight into out (up to
+  // cap, whole records) while nothing is staged, the rest into s.staging.
+  // Returns the bytes written to out.
+  size_t ProduceLocked(Session& s, size_t max, uint8_t* out = nullptr, size_t cap = 0);
+  // Parses resume records from data; returns the bytes of whole records
+  // consumed, *error = 0 or EINVAL.
+  size_t ParseLocked(Session& s, const uint8_t* data, size_t size, int* error);
   void ThrottleLocked(std::unique_lock<std::mutex>& lock, Session& s, size_t bytes);
   std::string DigestOf(uint64_t seed, const std::vector<uint32_t>& versions) const;
 
