@@ -76,8 +76,8 @@ test.serial('switchover-ack: with it the 2 s initial load stays out of the downt
 
 test.serial('expected downtime: a GPU with GiBs of state on a rate-capped link, estimate at the last iteration within 15% of the measured downtime', async (t) => {
   // The cap (160 MiB/s) is well below what this 2-core machine moves, so the link, not the CPU, sets the rate.
-  const gpu: Partial<MockProfileInput> = { stateBytes: '2GiB', loadInitialMs: 300, dirtyBytesPerSec: '128MiB', dirtyWorkingSetBytes: '96MiB', stopCopyOnlyBytes: '128MiB', arcLatencyMs: { default: 20 } };
-  const r = await migrate({ mock: [['gpu', 1]], overrides: gpu, parameters: { 'max-bandwidth': 160 * MiB, 'downtime-limit': 1500 }, channels: 2 });
+  const gpu: Partial<MockProfileInput> = { stateBytes: '2GiB', loadInitialMs: 300, dirtyBytesPerSec: '128MiB', dirtyWorkingSetBytes: '192MiB', stopCopyOnlyBytes: '128MiB', arcLatencyMs: { default: 20 } };
+  const r = await migrate({ mock: [['gpu', 1]], overrides: gpu, parameters: { 'max-bandwidth': 160 * MiB, 'downtime-limit': 2500 }, channels: 2 });
   t.is(r.info.status, 'completed', r.error?.message);
   const passes = r.events.filter((e) => e.event === 'MIGRATION_PASS');
   const last = passes.at(-1)!.data as { expectedDowntimeMs: number; stopcopyBytes: number };

@@ -196,7 +196,9 @@ export class MigrationDestination extends MigrationEvents {
     });
     this.#reportedLoadedBytes = this.#loadedBytes;
     this.#reportedAtMs = performance.now();
-    await main.writer.writeJson(FrameType.LoadReport, 0, { sections, loadedBytes: this.#loadedBytes } satisfies LoadReportMessage);
+    // Arrived counts what sits in this side's buffers too: it has crossed the link.
+    const receivedBytes = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
+    await main.writer.writeJson(FrameType.LoadReport, 0, { sections, receivedBytes, loadedBytes: this.#loadedBytes } satisfies LoadReportMessage);
   }
 
   async #sendAck(main: Channel): Promise<void> {
@@ -329,8 +331,8 @@ export class MigrationDestination extends MigrationEvents {
           }
           const load = handler.load(parts).then(() => {
             this.#loadedBytes += gathered;
-            // Tell the source how far loading got, at most every 4 MiB or 50 ms.
-            if (this.#loadedBytes - this.#reportedLoadedBytes >= 4 << 20 || performance.now() - this.#reportedAtMs >= 50) void this.#sendLoadReport(main).catch(() => {});
+            // Tell the source how far arrival and loading got, at most every 2 MiB or 20 ms.
+            if (this.#loadedBytes - this.#reportedLoadedBytes >= 2 << 20 || performance.now() - this.#reportedAtMs >= 20) void this.#sendLoadReport(main).catch(() => {});
           });
           load.catch(() => {}); // awaited below; this only keeps it from counting as unhandled meanwhile
           inflight.push(load);

@@ -17,8 +17,10 @@ export interface PolicyInputs {
   switchoverAckRequired: boolean;
   switchoverAcked: boolean;
   iteration: number;
-  /** Sent but not yet loaded on the destination: stop-copy data will queue behind it. */
-  queuedBytes?: number;
+  /** Sent but not yet arrived: stop-copy data will queue behind it on the link. */
+  inTransitBytes?: number;
+  /** Arrived but not yet loaded: stop-copy data will queue behind it at the devices. */
+  awaitingLoadBytes?: number;
 }
 
 export interface DeviceEstimate {
@@ -99,8 +101,8 @@ export class DowntimePolicy {
     let bandwidth = params['avail-switchover-bandwidth'] > 0 ? params['avail-switchover-bandwidth'] : input.measuredBandwidthBytesPerSec;
     if (params['max-bandwidth'] > 0 && !(params['avail-switchover-bandwidth'] > 0)) bandwidth = bandwidth > 0 ? Math.min(bandwidth, params['max-bandwidth']) : params['max-bandwidth'];
     const known = bandwidth > 0;
-    const queuedBytes = this.kind === 'classic' ? 0 : (input.queuedBytes ?? 0);
-    const xferBytes = sumBytes([stopcopyBytes, queuedBytes]);
+    const classic = this.kind === 'classic';
+    const xferBytes = sumBytes([stopcopyBytes, classic ? 0 : (input.inTransitBytes ?? 0)]);
     const xferMs = known ? transferMs(xferBytes, bandwidth) : xferBytes === 0 ? 0 : MAX_REPORTED_MS;
     const devices = this.kind === 'classic' ? this.handlers.map(() => null) : this.deviceEstimates(input.pending, xferMs);
     // Source arcs, then the data (with any load that outlasts it), then the
@@ -114,7 +116,10 @@ export class DowntimePolicy {
       dstArcs = Math.max(dstArcs, d.destinationArcsMs);
       extraLoad = Math.max(extraLoad, d.loadMs);
     }
-    const deviceTimeMs = this.kind === 'classic' ? 0 : saneMs(srcArcs + dstArcs + extraLoad + SWITCHOVER_OVERHEAD_MS);
+    // Data already at the destination but not yet loaded, at the slowest device load rate seen.
+    const loadRate = Math.max(0, ...this.loadMsPerMiB.values());
+    const backlogMs = classic ? 0 : saneMs(((input.awaitingLoadBytes ?? 0) / (1 << 20)) * loadRate);
+    const deviceTimeMs = classic ? 0 : saneMs(srcArcs + dstArcs + extraLoad + backlogMs + SWITCHOVER_OVERHEAD_MS);
     const estimateMs = saneMs(xferMs + deviceTimeMs);
     const expectedDowntimeMs = known || xferBytes === 0 ? estimateMs : null;
     const limit = params['downtime-limit'];

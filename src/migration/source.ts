@@ -105,6 +105,8 @@ export class MigrationSource extends MigrationEvents {
   #returnPathDone: Promise<void> | null = null;
   /** Section bytes the destination reported as loaded. */
   #destLoadedBytes = 0;
+  /** Section bytes the destination reported as arrived. */
+  #destReceivedBytes = 0;
   #destinationError: Error | null = null;
   #running: { resolve: (m: RunningMessage) => void; reject: (e: Error) => void } | null = null;
 
@@ -256,7 +258,8 @@ export class MigrationSource extends MigrationEvents {
           switchoverAckRequired: this.#caps['switchover-ack'],
           switchoverAcked: this.#switchoverAcked,
           iteration: this.#iterations,
-          queuedBytes: subtractBytes(this.#transferred, this.#destLoadedBytes),
+          inTransitBytes: subtractBytes(this.#transferred, Math.max(this.#destReceivedBytes, this.#destLoadedBytes)),
+          awaitingLoadBytes: subtractBytes(this.#destReceivedBytes, this.#destLoadedBytes),
         });
         this.#expectedDowntimeMs = decision.expectedDowntimeMs;
         this.emitEvent('MIGRATION_PASS', {
@@ -413,6 +416,7 @@ export class MigrationSource extends MigrationEvents {
           case FrameType.LoadReport: {
             const m = parseJson<LoadReportMessage>(frame);
             if (Number.isFinite(m.loadedBytes) && m.loadedBytes >= 0) this.#destLoadedBytes = Math.max(this.#destLoadedBytes, m.loadedBytes);
+            if (Number.isFinite(m.receivedBytes) && m.receivedBytes >= 0) this.#destReceivedBytes = Math.max(this.#destReceivedBytes, m.receivedBytes);
             for (const r of m.sections ?? []) {
               if (!Number.isInteger(r.section) || r.section < 0 || r.section >= this.handlers.length) continue;
               this.policy.recordDestinationDeviceTime(r.section, r.resumeDeviceMs);

@@ -36,7 +36,9 @@ export enum FrameType {
 /** Destination -> source: data-size-independent device time and load rate, per section. */
 export interface LoadReportMessage {
   sections: { section: number; resumeDeviceMs: number; loadMsPerMiB: number | null }[];
-  /** Section data bytes loaded into the devices so far: what the source sent beyond this is still queued. */
+  /** Section data bytes that have arrived here (beyond them, data is still on its way). */
+  receivedBytes: number;
+  /** Section data bytes loaded into the devices so far (between them and receivedBytes, data waits for its device). */
   loadedBytes: number;
 }
 
@@ -102,7 +104,10 @@ export class FrameReader {
   #ended = false;
   #error: Error | null = null;
   #wake: (() => void) | null = null;
+  /** Bytes taken as frames. */
   bytesRead = 0;
+  /** Bytes that have arrived from the peer (frames taken or still buffered here). */
+  bytesArrived = 0;
 
   /** Past this many buffered bytes the socket is paused (backpressure to the sender). */
   static readonly MAX_BUFFERED_BYTES = 16 << 20;
@@ -112,6 +117,7 @@ export class FrameReader {
     // 'data' hands over the socket's chunks as they are; read() would
     // concatenate everything buffered into one new Buffer each time.
     stream.on('data', (chunk: Buffer) => {
+      this.bytesArrived += chunk.length;
       this.#chunks.push(chunk);
       this.#buffered += chunk.length;
       if (this.#buffered > FrameReader.MAX_BUFFERED_BYTES) stream.pause();
