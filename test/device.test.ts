@@ -214,3 +214,18 @@ test('kernel devices: a bad path is a typed error, never a crash', async (t) => 
   const e3 = await t.throwsAsync(VfioDevice.openKernel({ path: '/dev/vfio/devices/vfio0', via: 'bogus' as 'cdev' }), { instanceOf: VfioError });
   t.is(e3?.code, 'ERR_VFIO_BAD_ARGUMENT');
 });
+
+test.serial('every device call is traced on the vfio-migration:ioctl diagnostics channel, with results and errors', async (t) => {
+  const { channel } = await import('node:diagnostics_channel');
+  const traces: { device: string; operation: string; result?: unknown; error?: { code: string } }[] = [];
+  const onTrace = (m: unknown) => traces.push(m as (typeof traces)[number]);
+  channel('vfio-migration:ioctl').subscribe(onTrace);
+  t.teardown(() => channel('vfio-migration:ioctl').unsubscribe(onTrace));
+  await using dev = await VfioDevice.openMock({ profile: 'serial', id: 'traced' });
+  await dev.getState();
+  await t.throwsAsync(dev.setState('pre-copy'));
+  const mine = traces.filter((x) => x.device === 'traced');
+  t.deepEqual(mine.map((x) => x.operation), ['get-state', 'set-state', 'get-state']);
+  t.is(mine[0]!.result, 2, 'raw kernel value of RUNNING');
+  t.is(mine[1]!.error?.code, 'EINVAL');
+});

@@ -445,4 +445,3 @@ export class DataSession {
   }
 }
 
-export { PRECOPY_STATES };
