@@ -188,3 +188,22 @@ test.serial('bad arguments are clear errors: URI, channels, capabilities, parame
   t.is(code, 2);
   t.regex(stderr, /migrate needs --to <uri>/);
 });
+
+test.serial('CLI: conformance on a mock profile reports every check and exits 0; an unknown profile is a clear error', async (t) => {
+  const run = (args: string[]) =>
+    new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+      const p = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      let err = '';
+      p.stdout.on('data', (d) => (out += d));
+      p.stderr.on('data', (d) => (err += d));
+      p.on('close', (code) => resolve({ code, out, err }));
+    });
+  const ok = await run(['conformance', '--mock', 'serial']);
+  t.is(ok.code, 0, ok.err);
+  t.regex(ok.out, /10 passed, 0 failed, 0 skipped/);
+  t.regex(ok.out, /pass save-restore: .*digest/);
+  const bad = await run(['conformance', '--mock', 'no-such-profile']);
+  t.is(bad.code, 1);
+  t.regex(bad.err, /ERR_VFIO_PROFILE: mock profile "no-such-profile" not found/);
+});
