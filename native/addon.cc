@@ -15,6 +15,7 @@
 #include "../mock-device/mock_device.h"
 #include "../mock-device/mtty_mock.h"
 #include "backend.h"
+#include "crc32c.h"
 #include "kernel_backend.h"
 #include "uapi.h"
 #include "worker.h"
@@ -429,15 +430,17 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                });
   }
 
-  // readData(fd, maxBytes) -> Buffer (bytes), or null at the end of a
+  // readData(fd, maxBytes) -> { bytes, crc32c }, or null at the end of a
   // STOP_COPY stream. ENOMSG rejects: the temporary end of a PRE_COPY stream.
+  // The CRC32C is taken on the data thread while the bytes are still in its
+  // cache, so a sender's checksum costs the event loop nothing.
   Napi::Value ReadData(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     int fd = FdArg(info);
     if (!info[1].IsNumber()) throw Napi::TypeError::New(env, "readData(fd, maxBytes): maxBytes must be a number");
     size_t max = size_t(std::max(1.0, std::min(info[1].As<Napi::Number>().DoubleValue(), double(16 << 20))));
     auto b = backend_;
-    struct Out { uint8_t* data = nullptr; ssize_t n = 0; };
+    struct Out { uint8_t* data = nullptr; ssize_t n = 0; uint32_t crc = 0; };
     auto out = std::make_shared<Out>();
     return Run(env, true,
                [b, fd, max, out](Result& r) {
@@ -452,6 +455,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                    return;
                  }
                  out->n = n;
+                 out->crc = Crc32c(out->data, size_t(n));
                },
                [out, max](Napi::Env env) -> Napi::Value {
                  uint8_t* d = out->data;
@@ -461,7 +465,10 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                    return env.Null();
                  }
                  // The JS Buffer views the first n bytes of a max-byte block.
-                 return Napi::Buffer<uint8_t>::New(env, d, size_t(out->n), [max](Napi::Env, uint8_t* p) { ReadBufferPool::Put(p, max); });
+                 Napi::Object result = Napi::Object::New(env);
+                 result.Set("bytes", Napi::Buffer<uint8_t>::New(env, d, size_t(out->n), [max](Napi::Env, uint8_t* p) { ReadBufferPool::Put(p, max); }));
+                 result.Set("crc32c", Napi::Number::New(env, out->crc));
+                 return result;
                });
   }
 

@@ -3,6 +3,7 @@ import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VfioDevice } from '../src/vfio/device.js';
 import { VfioError } from '../src/vfio/errors.js';
+import { native } from '../src/vfio/native.js';
 import { MiB, openFdCount } from './helpers.js';
 
 const small = { stateBytes: '1MiB', dirtyWorkingSetBytes: '256KiB' } as const;
@@ -59,7 +60,14 @@ test('STOP_COPY: read returns data, then end (0) repeatedly; the fd is dead once
   const size = await dev.stopCopySize();
   let total = 0;
   let r;
-  while ((r = await s.read(1000)).kind === 'data') total += r.bytes.length;
+  let checksums = 0;
+  while ((r = await s.read(1000)).kind === 'data') {
+    total += r.bytes.length;
+    // The checksum taken on the data thread is the bytes' CRC32C.
+    if (r.crc32c === native.crc32c(r.bytes)) checksums++;
+    else t.fail(`read ${checksums + 1}: crc32c ${r.crc32c} is not that of its ${r.bytes.length} bytes`);
+  }
+  t.true(checksums > 1);
   t.is(BigInt(total), size, 'MIG_DATA_SIZE predicted the stream exactly');
   t.is((await s.read(10)).kind, 'end');
   t.is((await s.read(10)).kind, 'end');

@@ -46,11 +46,13 @@ export class RateLimiter {
 /** A section's output on its channel, split into frames within the size limit. */
 export function sectionOutput(channel: Channel, section: number, limiter: RateLimiter, signal: AbortSignal, onBytes: (n: number) => void): SectionOutput {
   return {
-    async send(data: Buffer) {
+    async send(data: Buffer, crc32c?: number) {
+      // A known checksum covers the whole buffer: only usable if it goes out as one frame.
+      const knownCrc = data.length <= MAX_FRAME_PAYLOAD_BYTES ? crc32c : undefined;
       for (let at = 0; at < data.length; at += MAX_FRAME_PAYLOAD_BYTES) {
         const part = data.subarray(at, Math.min(data.length, at + MAX_FRAME_PAYLOAD_BYTES));
         await limiter.take(part.length, signal);
-        await channel.writer.write(FrameType.SectionData, section, part);
+        await channel.writer.write(FrameType.SectionData, section, part, knownCrc);
         channel.dataBytes += part.length;
         onBytes(part.length);
       }

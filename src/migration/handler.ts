@@ -24,7 +24,8 @@ export interface SectionDescription {
 
 /** Where a handler's data goes: the section's channel. */
 export interface SectionOutput {
-  send(data: Buffer): Promise<void>;
+  /** `crc32c`: the CRC32C of `data` if the handler has it already (it spares the event loop a pass over the bytes). */
+  send(data: Buffer, crc32c?: number): Promise<void>;
   /** Marks the end of this section's initial bytes (for switchover-ack). */
   initialSent(): Promise<void>;
 }

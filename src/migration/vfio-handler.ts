@@ -148,7 +148,7 @@ export class VfioHandler implements StateHandler {
       // Read the next chunk while this one goes out, unless the budget is spent.
       if (sent + r.bytes.length < budgetBytes) this.#readAhead = session.read(READ_BYTES);
       sent += r.bytes.length;
-      if (r.bytes.length >= MIN_FRAME_BYTES && smallBytes === 0) await out.send(r.bytes);
+      if (r.bytes.length >= MIN_FRAME_BYTES && smallBytes === 0) await out.send(r.bytes, r.crc32c);
       else {
         small.push(r.bytes);
         smallBytes += r.bytes.length;
@@ -236,7 +236,7 @@ export class VfioHandler implements StateHandler {
       if (r.kind === 'end') break;
       if (r.kind === 'no-data') throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: ENOMSG in stop-copy`);
       this.#readAhead = session.read(READ_BYTES);
-      await out.send(r.bytes);
+      await out.send(r.bytes, r.crc32c);
       sent += r.bytes.length;
     }
     this.transferredBytes += sent;

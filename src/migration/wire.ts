@@ -66,7 +66,8 @@ export function makeFrame(type: FrameType, section: number, parts: Buffer[]): Fr
   };
 }
 
-export function encodeFrame(type: FrameType, section: number, payload: Buffer = Buffer.alloc(0)): Buffer[] {
+/** `crc32c`, if given, must be the payload's CRC32C (computed where the bytes were hot). */
+export function encodeFrame(type: FrameType, section: number, payload: Buffer = Buffer.alloc(0), crc32c?: number): Buffer[] {
   if (payload.length > MAX_FRAME_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `frame payload of ${payload.length} bytes exceeds ${MAX_FRAME_PAYLOAD_BYTES}`);
   const h = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
   h.writeUInt32BE(WIRE_MAGIC, 0);
@@ -74,7 +75,7 @@ export function encodeFrame(type: FrameType, section: number, payload: Buffer = 
   h.writeUInt8(type, 5);
   h.writeUInt16BE(section, 6);
   h.writeUInt32BE(payload.length, 8);
-  h.writeUInt32BE(native.crc32c(payload), 12);
+  h.writeUInt32BE(crc32c ?? native.crc32c(payload), 12);
   return payload.length ? [h, payload] : [h];
 }
 
@@ -109,6 +110,19 @@ export class FrameReader {
   /** Bytes that have arrived from the peer (frames taken or still buffered here). */
   bytesArrived = 0;
 
+  // Checksums are taken as chunks arrive, while the kernel's copy is still in
+  // this core's cache (a pass over cold bytes later costs several times
+  // more); #takeFrame compares them with the headers.
+  #scanHeader = Buffer.alloc(FRAME_HEADER_BYTES);
+  #scanHeaderBytes = 0;
+  /** Payload bytes of the frame being scanned still to come; -1 while in a header. */
+  #scanPayloadLeft = -1;
+  #scanCrc = 0;
+  /** A header with an impossible length: frame bounds are lost, #peekHeader reports it. */
+  #scanLost = false;
+  /** CRC32C of each scanned frame's payload, in stream order, until its frame is taken. */
+  #scannedCrcs: number[] = [];
+
   /** Past this many buffered bytes the socket is paused (backpressure to the sender). */
   static readonly MAX_BUFFERED_BYTES = 16 << 20;
 
@@ -118,6 +132,7 @@ export class FrameReader {
     // concatenate everything buffered into one new Buffer each time.
     stream.on('data', (chunk: Buffer) => {
       this.bytesArrived += chunk.length;
+      this.#scan(chunk);
       this.#chunks.push(chunk);
       this.#buffered += chunk.length;
       if (this.#buffered > FrameReader.MAX_BUFFERED_BYTES) stream.pause();
@@ -135,6 +150,37 @@ export class FrameReader {
       this.#error = err;
       this.#notify();
     });
+  }
+
+  #scan(chunk: Buffer): void {
+    let at = 0;
+    while (at < chunk.length && !this.#scanLost) {
+      if (this.#scanPayloadLeft < 0) {
+        const n = Math.min(FRAME_HEADER_BYTES - this.#scanHeaderBytes, chunk.length - at);
+        chunk.copy(this.#scanHeader, this.#scanHeaderBytes, at, at + n);
+        this.#scanHeaderBytes += n;
+        at += n;
+        if (this.#scanHeaderBytes < FRAME_HEADER_BYTES) return;
+        this.#scanHeaderBytes = 0;
+        const length = this.#scanHeader.readUInt32BE(8);
+        if (length > MAX_FRAME_PAYLOAD_BYTES) {
+          this.#scanLost = true;
+          return;
+        }
+        this.#scanCrc = 0;
+        if (length === 0) this.#scannedCrcs.push(0);
+        else this.#scanPayloadLeft = length;
+      } else {
+        const n = Math.min(this.#scanPayloadLeft, chunk.length - at);
+        this.#scanCrc = native.crc32c(at === 0 && n === chunk.length ? chunk : chunk.subarray(at, at + n), this.#scanCrc);
+        this.#scanPayloadLeft -= n;
+        at += n;
+        if (this.#scanPayloadLeft === 0) {
+          this.#scannedCrcs.push(this.#scanCrc);
+          this.#scanPayloadLeft = -1;
+        }
+      }
+    }
   }
 
   #notify(): void {
@@ -242,8 +288,8 @@ export class FrameReader {
     const section = h.readUInt16BE(6);
     const length = h.readUInt32BE(8);
     const parts = length ? this.#takeParts(length) : [];
-    let crc = 0;
-    for (const p of parts) crc = native.crc32c(p, crc);
+    // A whole buffered frame has been scanned (the scan sees every byte first).
+    const crc = this.#scannedCrcs.shift();
     if (crc !== h.readUInt32BE(12)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
     return makeFrame(type, section, parts);
   }
@@ -258,8 +304,8 @@ export class FrameWriter {
     this.#stream = stream;
   }
 
-  async write(type: FrameType, section: number, payload?: Buffer): Promise<void> {
-    const parts = encodeFrame(type, section, payload);
+  async write(type: FrameType, section: number, payload?: Buffer, crc32c?: number): Promise<void> {
+    const parts = encodeFrame(type, section, payload, crc32c);
     let ok = true;
     for (const p of parts) {
       ok = this.#stream.write(p);

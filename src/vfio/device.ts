@@ -44,7 +44,8 @@ export interface OpenKernelOptions {
  * ENOMSG as the uAPI asks, or a 0-byte read from drivers that return 0 there
  * (the kernel's mtty sample does); `via` says which.
  */
-export type ReadResult = { kind: 'data'; bytes: Buffer } | { kind: 'no-data'; via: 'ENOMSG' | 'zero' } | { kind: 'end' };
+/** `crc32c` is the CRC32C of `bytes`, computed off the event loop while they were hot. */
+export type ReadResult = { kind: 'data'; bytes: Buffer; crc32c: number } | { kind: 'no-data'; via: 'ENOMSG' | 'zero' } | { kind: 'end' };
 
 export interface PrecopyInfo {
   initialBytes: bigint;
@@ -348,14 +349,14 @@ export class DataSession {
     // SET to STOP_COPY may complete while this read is in flight.
     const issuedInPrecopy = PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState);
     try {
-      const bytes = await this.#handle.readData(this.fd, maxBytes);
-      if (bytes === null) {
+      const got = await this.#handle.readData(this.fd, maxBytes);
+      if (got === null) {
         // In PRE_COPY states the stream cannot have ended for good: more may
         // come (a later read in STOP_COPY returns the permanent end).
         return issuedInPrecopy ? { kind: 'no-data', via: 'zero' } : { kind: 'end' };
       }
-      this.bytesTransferred += bytes.length;
-      return { kind: 'data', bytes };
+      this.bytesTransferred += got.bytes.length;
+      return { kind: 'data', bytes: got.bytes, crc32c: got.crc32c };
     } catch (err) {
       if ((err as { code?: string }).code === 'ENOMSG') return { kind: 'no-data', via: 'ENOMSG' };
       throw fromNative(err, { device: this.device.id });

@@ -52,7 +52,8 @@ export interface NativeDeviceHandle {
   dmaLoggingStart(pageSize: number | bigint, ranges: { iova: number | bigint; length: number | bigint }[]): Promise<void>;
   dmaLoggingStop(): Promise<void>;
   dmaLoggingReport(iova: number | bigint, length: number | bigint, pageSize: number | bigint): Promise<Buffer>;
-  readData(dataFd: number, maxBytes: number): Promise<Buffer | null>;
+  /** One read(2); the CRC32C of the bytes is computed on the device's data thread. */
+  readData(dataFd: number, maxBytes: number): Promise<{ bytes: Buffer; crc32c: number } | null>;
   writeData(dataFd: number, data: Buffer | readonly Buffer[]): Promise<number>;
   closeDataFd(dataFd: number): Promise<void>;
   openDataFds(): number[];

@@ -1,0 +1,111 @@
+import test from 'ava';
+import net from 'node:net';
+import { randomBytes } from 'node:crypto';
+import { native } from '../src/vfio/native.js';
+import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame } from '../src/migration/wire.js';
+import { MigrationError } from '../src/migration/errors.js';
+
+/** Bit-at-a-time CRC32C: slow, obviously right, independent of the addon. */
+function referenceCrc32c(data: Uint8Array, previous = 0): number {
+  let c = ~previous >>> 0;
+  for (const byte of data) {
+    c ^= byte;
+    for (let k = 0; k < 8; k++) c = (c >>> 1) ^ (0x82f63b78 & -(c & 1));
+  }
+  return ~c >>> 0;
+}
+
+test('crc32c matches the RFC 3720 check values', (t) => {
+  t.is(native.crc32c(Buffer.from('123456789')), 0xe3069283);
+  t.is(native.crc32c(Buffer.alloc(32, 0)), 0x8a9136aa);
+  t.is(native.crc32c(Buffer.alloc(32, 0xff)), 0x62a8ab43);
+  t.is(native.crc32c(Buffer.from(Array.from({ length: 32 }, (_, i) => i))), 0x46dd794e);
+  t.is(native.crc32c(Buffer.alloc(0)), 0);
+});
+
+test('crc32c agrees with a bit-wise reference at every length and alignment, and continues across pieces', (t) => {
+  // Lengths around the three-stream block sizes (3 x 256 and 3 x 8192 bytes) and odd tails.
+  const lengths = [1, 7, 8, 9, 255, 767, 768, 769, 1000, 24575, 24576, 24577, 24576 + 768 + 13, 65536, 100_003];
+  const base = randomBytes(100_003 + 16);
+  for (const n of lengths) {
+    for (const offset of [0, 1, 3, 8]) {
+      const data = base.subarray(offset, offset + n);
+      const want = referenceCrc32c(data);
+      t.is(native.crc32c(data), want, `length ${n} at offset ${offset}`);
+      const cut = Math.floor(n / 3);
+      t.is(native.crc32c(data.subarray(cut), native.crc32c(data.subarray(0, cut))), want, `length ${n} in two pieces`);
+    }
+  }
+});
+
+test('crc32c refuses what is not bytes with a TypeError', (t) => {
+  t.throws(() => native.crc32c('text' as unknown as Buffer), { instanceOf: TypeError, message: /Buffer/ });
+});
+
+async function socketPair(): Promise<{ a: net.Socket; b: net.Socket; close: () => void }> {
+  const server = net.createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as net.AddressInfo).port;
+  const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
+  const a = net.connect(port, '127.0.0.1');
+  const b = await accepted;
+  return { a, b, close: () => { a.destroy(); b.destroy(); server.close(); } };
+}
+
+test('frames cross a real socket intact, in order, whatever the socket cuts them into', async (t) => {
+  const { a, b, close } = await socketPair();
+  t.teardown(close);
+  const writer = new FrameWriter(a);
+  const reader = new FrameReader(b);
+  const payloads = [Buffer.alloc(0), randomBytes(1), randomBytes(70_000), randomBytes(3 << 20), randomBytes(MAX_FRAME_PAYLOAD_BYTES)];
+  const sending = (async () => {
+    for (const [i, p] of payloads.entries()) await writer.write(FrameType.SectionData, i, p);
+    await writer.writeJson(FrameType.SectionEnd, 9, { ok: true });
+    a.end();
+  })();
+  for (const [i, p] of payloads.entries()) {
+    const f = await reader.next();
+    t.truthy(f);
+    t.is(f!.type, FrameType.SectionData);
+    t.is(f!.section, i);
+    t.is(f!.length, p.length);
+    t.true(f!.payload.equals(p), `payload ${i}`);
+  }
+  const last = await reader.next();
+  t.is(last!.type, FrameType.SectionEnd);
+  t.deepEqual(JSON.parse(last!.payload.toString()), { ok: true });
+  t.is(await reader.next(), null);
+  await sending;
+  t.is(writer.bytesWritten, reader.bytesRead);
+});
+
+/** Sends raw bytes and returns what the reader makes of them. */
+async function readRaw(bytes: Buffer): Promise<unknown> {
+  const { a, b, close } = await socketPair();
+  try {
+    const reader = new FrameReader(b);
+    a.end(bytes);
+    return await reader.next();
+  } finally {
+    close();
+  }
+}
+
+test('a flipped payload bit, a bad magic, an oversize length or a cut frame is a typed protocol error', async (t) => {
+  const good = Buffer.concat(encodeFrame(FrameType.SectionData, 1, randomBytes(4096)));
+  const flipped = Buffer.from(good);
+  flipped[FRAME_HEADER_BYTES + 100]! ^= 0x10;
+  await t.throwsAsync(readRaw(flipped), { instanceOf: MigrationError, code: 'ERR_MIGRATION_PROTOCOL', message: /checksum mismatch/ });
+  const magic = Buffer.from(good);
+  magic.writeUInt32BE(0x12345678, 0);
+  await t.throwsAsync(readRaw(magic), { code: 'ERR_MIGRATION_PROTOCOL', message: /magic/ });
+  const oversize = Buffer.from(good.subarray(0, FRAME_HEADER_BYTES));
+  oversize.writeUInt32BE(MAX_FRAME_PAYLOAD_BYTES + 1, 8);
+  await t.throwsAsync(readRaw(oversize), { code: 'ERR_MIGRATION_PROTOCOL', message: /exceeds/ });
+  const version = Buffer.from(good);
+  version.writeUInt8(99, 4);
+  await t.throwsAsync(readRaw(version), { code: 'ERR_MIGRATION_VERSION' });
+  await t.throwsAsync(readRaw(good.subarray(0, good.length - 1)), { code: 'ERR_MIGRATION_CONNECTION', message: /inside a frame/ });
+  await t.throwsAsync(readRaw(good.subarray(0, 5)), { code: 'ERR_MIGRATION_PROTOCOL', message: /inside a frame header/ });
+  t.throws(() => encodeFrame(FrameType.SectionData, 0, Buffer.alloc(MAX_FRAME_PAYLOAD_BYTES + 1)), { code: 'ERR_MIGRATION_PROTOCOL' });
+});
