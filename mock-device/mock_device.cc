@@ -68,51 +68,85 @@ uint32_t HeaderCheck(const RecordHeader& h) {
   return uint32_t(v);
 }
 
-// Deterministic content of a record's payload: what the device "holds". A
-// window into a fixed pseudo-random pool, chosen by the record's identity
-// (seed, type, index, version): as cheap as a memcpy, so the mock's content
-// does not dominate a GB/s data path. Integrity is checked with the payload
-// checksum, and completeness with the digest of versions in the END record.
-constexpr size_t kPoolBytes = 4 << 20;
-const uint8_t* ContentPool() {
-  static const std::vector<uint8_t> pool = [] {
-    std::vector<uint8_t> p(kPoolBytes + 8);
-    uint64_t s = 0x243f6a8885a308d3ull;
-    for (size_t i = 0; i + 8 <= p.size(); i += 8) {
-      s = Mix(s);
-      memcpy(&p[i], &s, 8);
-    }
-    return p;
-  }();
-  return pool.data();
-}
-
-void FillPayload(uint8_t* out, size_t len, uint64_t seed, uint16_t type, uint64_t a0, uint64_t a1) {
-  uint64_t key = Mix(seed ^ Mix(type ^ Mix(a0 ^ Mix(a1))));
-  const uint8_t* pool = ContentPool();
-  size_t at = 0;
-  while (at < len) {
-    size_t n = std::min(len - at, kPoolBytes / 2);
-    memcpy(out + at, pool + (key % (kPoolBytes / 2)), n);
-    key = Mix(key);
-    at += n;
-  }
-}
-
 // Checksum of a record's payload: two 64-bit lanes of word sums, cheap
 // enough (it vectorises) that validation does not dominate the data path,
-// and any changed byte changes it.
+// and any changed byte changes it. Sums, so that a sender that knows its
+// content can compute it without reading the bytes (below).
+struct CheckSums {
+  uint64_t a = 0, b = 0;
+};
+inline uint64_t LaneB(uint64_t w) { return w ^ (w >> 29); }
+uint32_t FinishCheck(CheckSums s, size_t n) { return uint32_t(Mix((0x9e3779b97f4a7c15ull + s.a) ^ Mix(n + s.b))); }
+
+// Sums over the bytes [at, at + n) of a payload whose word grid starts at `at`.
+void AddTail(CheckSums& s, const uint8_t* p, size_t n, size_t at) {
+  for (size_t i = 0; i < n; i++) s.a += uint64_t(p[i]) << (8 * ((at + i) % 8));
+}
+
 uint32_t PayloadCheck(const uint8_t* p, size_t n) {
-  uint64_t a = 0x9e3779b97f4a7c15ull, b = n;
+  CheckSums s;
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     uint64_t w;
     memcpy(&w, p + i, 8);
-    a += w;
-    b += w ^ (w >> 29);
+    s.a += w;
+    s.b += LaneB(w);
   }
-  for (; i < n; i++) a += uint64_t(p[i]) << (8 * (i % 8));
-  return uint32_t(Mix(a ^ Mix(b)));
+  AddTail(s, p + i, n - i, i);
+  return FinishCheck(s, n);
+}
+
+// Deterministic content of a record's payload: what the device "holds".
+// Windows into a fixed pseudo-random pool, chosen by the record's identity
+// (seed, type, index, version): a memcpy from a pool that stays in cache, so
+// the mock's content does not dominate a GB/s data path. Windows start on
+// 8-byte boundaries, so the payload checksum comes from prefix sums over the
+// pool's words instead of a second pass over the bytes (a driver knows its
+// own data; the destination still checks every byte it receives).
+// Integrity is checked with the payload checksum, and completeness with the
+// digest of versions in the END record.
+constexpr size_t kPoolBytes = 512 << 10;
+constexpr size_t kWindowBytes = kPoolBytes / 2;  // longest window; a multiple of 8
+struct ContentPool {
+  std::vector<uint8_t> bytes;
+  std::vector<CheckSums> prefix;  // prefix[k]: sums over the pool's first k words
+  ContentPool() : bytes(kPoolBytes + 8), prefix(kPoolBytes / 8 + 1) {
+    uint64_t s = 0x243f6a8885a308d3ull;
+    for (size_t i = 0; i + 8 <= bytes.size(); i += 8) {
+      s = Mix(s);
+      memcpy(&bytes[i], &s, 8);
+    }
+    for (size_t k = 0; k < kPoolBytes / 8; k++) {
+      uint64_t w;
+      memcpy(&w, &bytes[k * 8], 8);
+      prefix[k + 1].a = prefix[k].a + w;
+      prefix[k + 1].b = prefix[k].b + LaneB(w);
+    }
+  }
+};
+const ContentPool& Pool() {
+  static const ContentPool pool;
+  return pool;
+}
+
+// Fills `out` with the payload's content and returns its PayloadCheck.
+uint32_t FillPayload(uint8_t* out, size_t len, uint64_t seed, uint16_t type, uint64_t a0, uint64_t a1) {
+  uint64_t key = Mix(seed ^ Mix(type ^ Mix(a0 ^ Mix(a1))));
+  const ContentPool& pool = Pool();
+  CheckSums sums;
+  size_t at = 0;
+  while (at < len) {
+    size_t n = std::min(len - at, kWindowBytes);
+    size_t from = (key % kWindowBytes) & ~size_t(7);
+    memcpy(out + at, &pool.bytes[from], n);
+    size_t words = n / 8;
+    sums.a += pool.prefix[from / 8 + words].a - pool.prefix[from / 8].a;
+    sums.b += pool.prefix[from / 8 + words].b - pool.prefix[from / 8].b;
+    AddTail(sums, &pool.bytes[from + words * 8], n % 8, at + words * 8);
+    key = Mix(key);
+    at += n;
+  }
+  return FinishCheck(sums, len);
 }
 
 uint64_t Digest64(uint64_t seed, const std::vector<uint32_t>& versions) {
@@ -426,9 +460,12 @@ size_t MockDevice::ProduceLocked(Session& s, size_t max, uint8_t* out, size_t ca
       rec = s.staging.Append(sizeof h + len);
     }
     uint8_t* out = rec + sizeof h;
-    if (generated) FillPayload(out, len, seed_, type, a0, a1);
-    else if (len) memcpy(out, payload, len);
-    h.payload_crc = PayloadCheck(out, len);
+    if (generated) {
+      h.payload_crc = FillPayload(out, len, seed_, type, a0, a1);
+    } else {
+      if (len) memcpy(out, payload, len);
+      h.payload_crc = PayloadCheck(out, len);
+    }
     h.check = HeaderCheck(h);
     memcpy(rec, &h, sizeof h);
     uint64_t total = sizeof h + len;
@@ -543,14 +580,27 @@ ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
   bool was_initial_done = s.initial_done;
   int err = 0;
   // Records are parsed straight from the caller's buffer; only a record cut
-  // by the end of this write is kept for the next one.
-  if (s.parse_buf.empty()) {
-    size_t used = ParseLocked(s, in, w, &err);
-    if (!err) s.parse_buf.assign(reinterpret_cast<const char*>(in + used), w - used);
-  } else {
-    s.parse_buf.append(reinterpret_cast<const char*>(in), w);
+  // by the end of a write is kept, and the next write completes it with just
+  // the bytes it lacks (not a copy of the whole write).
+  size_t at = 0;
+  while (!s.parse_buf.empty() && at < w && !err) {
+    size_t want = sizeof(RecordHeader);
+    if (s.parse_buf.size() >= sizeof(RecordHeader)) {
+      RecordHeader h;
+      memcpy(&h, s.parse_buf.data(), sizeof h);
+      // A bad header is ParseLocked's to report; its length means nothing.
+      want = h.magic == kRecordMagic && h.check == HeaderCheck(h) ? sizeof h + h.payload_len : s.parse_buf.size();
+    }
+    size_t take = std::min(want - std::min(want, s.parse_buf.size()), w - at);
+    s.parse_buf.append(reinterpret_cast<const char*>(in + at), take);
+    at += take;
     size_t used = ParseLocked(s, reinterpret_cast<const uint8_t*>(s.parse_buf.data()), s.parse_buf.size(), &err);
     s.parse_buf.erase(0, used);
+    if (take == 0 && used == 0) break;  // an incomplete header or record and no more input
+  }
+  if (s.parse_buf.empty() && at < w && !err) {
+    size_t used = ParseLocked(s, in + at, w - at, &err);
+    if (!err) s.parse_buf.assign(reinterpret_cast<const char*>(in + at + used), w - at - used);
   }
   if (err) return -err;
   double load_ms = p_.load_ms_per_mib * double(w) / double(1 << 20);
@@ -572,7 +622,8 @@ size_t MockDevice::ParseLocked(Session& s, const uint8_t* data, size_t size, int
   while (size - off >= sizeof(RecordHeader)) {
     RecordHeader h;
     memcpy(&h, data + off, sizeof h);
-    if (h.magic != kRecordMagic || h.check != HeaderCheck(h) ||
+    // Reserved fields must be zero, as in the uAPI: a flipped bit there is corruption too.
+    if (h.magic != kRecordMagic || h.check != HeaderCheck(h) || h.reserved != 0 || h.reserved2 != 0 ||
         h.payload_len > std::max<uint32_t>(p_.chunk_bytes, sizeof(HeaderPayload))) {
       err = EINVAL;
       break;

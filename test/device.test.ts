@@ -116,6 +116,46 @@ test('a failing arc reports errno, ioctl, arc and the ERROR state it left; only 
   t.not(dev.mockInfo().digest, digestBefore, 'a reset device has lost its state');
 });
 
+/** A whole STOP_COPY stream of a mock device with a distinct seed. */
+async function savedStream(profile: string, seed: number): Promise<{ stream: Buffer; savedDigest: string | null }> {
+  await using src = await VfioDevice.openMock({ profile, seed });
+  await src.setState('stop');
+  const save = (await src.setState('stop-copy'))!;
+  const pieces: Buffer[] = [];
+  let r;
+  while ((r = await save.read(MiB)).kind === 'data') pieces.push(r.bytes);
+  return { stream: Buffer.concat(pieces), savedDigest: src.mockInfo().savedDigest };
+}
+
+/** Writes `stream` into a fresh device in pieces of the given sizes (cycled). */
+async function restoreInPieces(profile: string, stream: Buffer, sizes: number[]): Promise<{ loadedDigest: string | null }> {
+  await using dst = await VfioDevice.openMock({ profile, seed: 999 });
+  await dst.setState('stop');
+  const resume = (await dst.setState('resuming'))!;
+  for (let at = 0, i = 0; at < stream.length; i++) {
+    const n = Math.min(sizes[i % sizes.length]!, stream.length - at);
+    await resume.write(stream.subarray(at, at + n));
+    at += n;
+  }
+  await dst.setState('stop');
+  return { loadedDigest: dst.mockInfo().loadedDigest };
+}
+
+test('a restore cut at any byte (records split across writes, even inside headers) loads exactly; a flipped byte is refused', async (t) => {
+  const { stream, savedDigest } = await savedStream('serial', 21);
+  t.truthy(savedDigest);
+  // 1-byte and 7-byte writes cut every header; 65,537 cuts records at changing offsets.
+  for (const sizes of [[1, 7, 39, 41, 4096], [65_537], [40], [stream.length]]) {
+    t.is((await restoreInPieces('serial', stream, sizes)).loadedDigest, savedDigest, `pieces of ${sizes.join(', ')} bytes`);
+  }
+  for (const at of [5, 60, Math.floor(stream.length / 2), stream.length - 3]) {
+    const bad = Buffer.from(stream);
+    bad[at]! ^= 0x01;
+    const err = await t.throwsAsync(restoreInPieces('serial', bad, [33, 1000]), { instanceOf: VfioError }, `byte ${at} flipped`);
+    t.is(err?.code, 'EINVAL');
+  }
+});
+
 test('a stream from a different device profile is refused with EINVAL before anything loads', async (t) => {
   await using src = await VfioDevice.openMock({ profile: 'serial' });
   await using dst = await VfioDevice.openMock({ profile: 'minimal' });
