@@ -293,7 +293,7 @@ int MockDevice::StepLocked(uint32_t next, int* data_fd) {
     if (err) return err;
   } else if (cur == kStateResuming && next == kStateStop) {
     Session& s = session_;
-    bool complete = s.header_ok && s.end_ok && s.initial_done && s.parse_buf.empty() &&
+    bool complete = s.header_ok && s.end_ok && s.initial_done && !s.MidRecord() &&
                     s.setup_loaded == p_.setup_bytes && s.stop_only_loaded == p_.stop_copy_only_bytes &&
                     s.chunks_received == chunk_count_;
     if (!complete) {
@@ -578,30 +578,7 @@ ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
   const uint8_t* in = static_cast<const uint8_t*>(buf);
   info_.bytes_written += w;
   bool was_initial_done = s.initial_done;
-  int err = 0;
-  // Records are parsed straight from the caller's buffer; only a record cut
-  // by the end of a write is kept, and the next write completes it with just
-  // the bytes it lacks (not a copy of the whole write).
-  size_t at = 0;
-  while (!s.parse_buf.empty() && at < w && !err) {
-    size_t want = sizeof(RecordHeader);
-    if (s.parse_buf.size() >= sizeof(RecordHeader)) {
-      RecordHeader h;
-      memcpy(&h, s.parse_buf.data(), sizeof h);
-      // A bad header is ParseLocked's to report; its length means nothing.
-      want = h.magic == kRecordMagic && h.check == HeaderCheck(h) ? sizeof h + h.payload_len : s.parse_buf.size();
-    }
-    size_t take = std::min(want - std::min(want, s.parse_buf.size()), w - at);
-    s.parse_buf.append(reinterpret_cast<const char*>(in + at), take);
-    at += take;
-    size_t used = ParseLocked(s, reinterpret_cast<const uint8_t*>(s.parse_buf.data()), s.parse_buf.size(), &err);
-    s.parse_buf.erase(0, used);
-    if (take == 0 && used == 0) break;  // an incomplete header or record and no more input
-  }
-  if (s.parse_buf.empty() && at < w && !err) {
-    size_t used = ParseLocked(s, in + at, w - at, &err);
-    if (!err) s.parse_buf.assign(reinterpret_cast<const char*>(in + at + used), w - at - used);
-  }
+  int err = ParseLocked(s, in, w);
   if (err) return -err;
   double load_ms = p_.load_ms_per_mib * double(w) / double(1 << 20);
   if (!was_initial_done && s.initial_done) load_ms += p_.load_initial_ms;
@@ -616,72 +593,114 @@ ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
   return ssize_t(w);
 }
 
-size_t MockDevice::ParseLocked(Session& s, const uint8_t* data, size_t size, int* error) {
+int MockDevice::ParseLocked(Session& s, const uint8_t* data, size_t size) {
+  static_assert(sizeof(s.rec_header) == sizeof(RecordHeader), "Session::rec_header holds one RecordHeader");
   size_t off = 0;
-  int err = 0;
-  while (size - off >= sizeof(RecordHeader)) {
+  while (off < size) {
+    if (!s.in_payload) {
+      size_t n = std::min(sizeof(RecordHeader) - s.rec_header_have, size - off);
+      memcpy(s.rec_header + s.rec_header_have, data + off, n);
+      s.rec_header_have += n;
+      off += n;
+      if (s.rec_header_have < sizeof(RecordHeader)) return 0;
+      RecordHeader h;
+      memcpy(&h, s.rec_header, sizeof h);
+      // Reserved fields must be zero, as in the uAPI: a flipped bit there is corruption too.
+      if (h.magic != kRecordMagic || h.check != HeaderCheck(h) || h.reserved != 0 || h.reserved2 != 0 ||
+          h.payload_len > std::max<uint32_t>(p_.chunk_bytes, sizeof(HeaderPayload)))
+        return EINVAL;
+      if (s.end_ok || (!s.header_ok && h.type != kRecHeader)) return EINVAL;
+      s.in_payload = true;
+      s.payload_seen = 0;
+      s.check_a = s.check_b = 0;
+      s.check_word_have = 0;
+      s.small_payload.clear();
+    }
     RecordHeader h;
-    memcpy(&h, data + off, sizeof h);
-    // Reserved fields must be zero, as in the uAPI: a flipped bit there is corruption too.
-    if (h.magic != kRecordMagic || h.check != HeaderCheck(h) || h.reserved != 0 || h.reserved2 != 0 ||
-        h.payload_len > std::max<uint32_t>(p_.chunk_bytes, sizeof(HeaderPayload))) {
-      err = EINVAL;
-      break;
-    }
-    if (size - off < sizeof h + h.payload_len) break;
-    const uint8_t* payload = data + off + sizeof h;
-    if (PayloadCheck(payload, h.payload_len) != h.payload_crc) {
-      err = EINVAL;
-      break;
-    }
-    if (s.end_ok || (!s.header_ok && h.type != kRecHeader)) {
-      err = EINVAL;
-      break;
-    }
-    switch (h.type) {
-      case kRecHeader: {
-        HeaderPayload hp;
-        if (s.header_ok || h.payload_len != sizeof hp) { err = EINVAL; break; }
-        memcpy(&hp, payload, sizeof hp);
-        if (hp.version != kStreamVersion || hp.state_bytes != p_.state_bytes || hp.chunk_bytes != p_.chunk_bytes ||
-            hp.setup_bytes != p_.setup_bytes || hp.stop_copy_only_bytes != p_.stop_copy_only_bytes ||
-            h.arg1 != p_.profile_hash) { err = EINVAL; break; }
-        s.header_ok = true;
-        s.src_seed = h.arg0;
-        break;
+    memcpy(&h, s.rec_header, sizeof h);
+    size_t n = std::min<size_t>(h.payload_len - s.payload_seen, size - off);
+    const uint8_t* p = data + off;
+    if (h.type == kRecHeader) s.small_payload.append(reinterpret_cast<const char*>(p), n);
+    // PayloadCheck, a word at a time across writes.
+    CheckSums sums{s.check_a, s.check_b};
+    size_t left = n;
+    while (s.check_word_have > 0 && left > 0) {
+      s.check_word[s.check_word_have++ & 7] = *p++;  // have < 8 here; the mask tells the compiler
+      left--;
+      if (s.check_word_have == 8) {
+        uint64_t w;
+        memcpy(&w, s.check_word, 8);
+        sums.a += w;
+        sums.b += LaneB(w);
+        s.check_word_have = 0;
       }
-      case kRecSetup:
-        if (h.arg0 != s.setup_loaded || h.arg0 + h.payload_len > p_.setup_bytes) { err = EINVAL; break; }
-        s.setup_loaded += h.payload_len;
-        break;
-      case kRecChunk:
-        if (h.arg0 >= chunk_count_ || h.payload_len != p_.chunk_bytes || h.arg1 > UINT32_MAX) { err = EINVAL; break; }
-        s.versions[h.arg0] = uint32_t(h.arg1);
-        if (!s.received[h.arg0]) {
-          s.received[h.arg0] = 1;
-          s.chunks_received++;
-        }
-        break;
-      case kRecInitialDone:
-        if (s.initial_done || s.setup_loaded != p_.setup_bytes || s.chunks_received != chunk_count_) { err = EINVAL; break; }
-        s.initial_done = true;
-        break;
-      case kRecStopOnly:
-        if (h.arg0 != s.stop_only_loaded || h.arg0 + h.payload_len > p_.stop_copy_only_bytes) { err = EINVAL; break; }
-        s.stop_only_loaded += h.payload_len;
-        break;
-      case kRecEnd:
-        if (!s.initial_done || h.arg0 != chunk_count_ || h.arg1 != Digest64(s.src_seed, s.versions)) { err = EINVAL; break; }
-        s.end_ok = true;
-        break;
-      default:
-        err = EINVAL;
     }
-    if (err) break;
-    off += sizeof h + h.payload_len;
+    for (; left >= 8; p += 8, left -= 8) {
+      uint64_t w;
+      memcpy(&w, p, 8);
+      sums.a += w;
+      sums.b += LaneB(w);
+    }
+    memcpy(s.check_word + s.check_word_have, p, left);
+    s.check_word_have += left;
+    s.check_a = sums.a;
+    s.check_b = sums.b;
+    s.payload_seen += uint32_t(n);
+    off += n;
+    if (s.payload_seen < h.payload_len) return 0;
+    AddTail(sums, s.check_word, s.check_word_have, h.payload_len - s.check_word_have);
+    if (FinishCheck(sums, h.payload_len) != h.payload_crc) return EINVAL;
+    s.in_payload = false;
+    s.rec_header_have = 0;
+    int err = ApplyRecordLocked(s, &h, reinterpret_cast<const uint8_t*>(s.small_payload.data()));
+    if (err) return err;
   }
-  *error = err;
-  return off;
+  return 0;
+}
+
+int MockDevice::ApplyRecordLocked(Session& s, const void* header, const uint8_t* payload) {
+  RecordHeader h;
+  memcpy(&h, header, sizeof h);
+  switch (h.type) {
+    case kRecHeader: {
+      HeaderPayload hp;
+      if (s.header_ok || h.payload_len != sizeof hp) return EINVAL;
+      memcpy(&hp, payload, sizeof hp);
+      if (hp.version != kStreamVersion || hp.state_bytes != p_.state_bytes || hp.chunk_bytes != p_.chunk_bytes ||
+          hp.setup_bytes != p_.setup_bytes || hp.stop_copy_only_bytes != p_.stop_copy_only_bytes ||
+          h.arg1 != p_.profile_hash)
+        return EINVAL;
+      s.header_ok = true;
+      s.src_seed = h.arg0;
+      return 0;
+    }
+    case kRecSetup:
+      if (h.arg0 != s.setup_loaded || h.arg0 + h.payload_len > p_.setup_bytes) return EINVAL;
+      s.setup_loaded += h.payload_len;
+      return 0;
+    case kRecChunk:
+      if (h.arg0 >= chunk_count_ || h.payload_len != p_.chunk_bytes || h.arg1 > UINT32_MAX) return EINVAL;
+      s.versions[h.arg0] = uint32_t(h.arg1);
+      if (!s.received[h.arg0]) {
+        s.received[h.arg0] = 1;
+        s.chunks_received++;
+      }
+      return 0;
+    case kRecInitialDone:
+      if (s.initial_done || s.setup_loaded != p_.setup_bytes || s.chunks_received != chunk_count_) return EINVAL;
+      s.initial_done = true;
+      return 0;
+    case kRecStopOnly:
+      if (h.arg0 != s.stop_only_loaded || h.arg0 + h.payload_len > p_.stop_copy_only_bytes) return EINVAL;
+      s.stop_only_loaded += h.payload_len;
+      return 0;
+    case kRecEnd:
+      if (!s.initial_done || h.arg0 != chunk_count_ || h.arg1 != Digest64(s.src_seed, s.versions)) return EINVAL;
+      s.end_ok = true;
+      return 0;
+    default:
+      return EINVAL;
+  }
 }
 
 void MockDevice::CloseDataFd(int data_fd) {

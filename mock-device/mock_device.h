@@ -139,8 +139,18 @@ class MockDevice : public DeviceBackend {
     bool end_sent = false;
     uint64_t produced = 0;  // bytes produced so far (for corrupt_save_at_byte)
     ByteQueue staging;      // produced but not yet written into the pipe
-    // Resume side: the parser.
-    std::string parse_buf;
+    // Resume side: a streaming parser. Every byte is read once, where the
+    // caller wrote it; only a header (and the small stream-header payload)
+    // is kept when a write cuts it.
+    uint8_t rec_header[40];          // sizeof(RecordHeader)
+    size_t rec_header_have = 0;
+    bool in_payload = false;         // rec_header is whole; its payload is arriving
+    uint32_t payload_seen = 0;
+    uint64_t check_a = 0, check_b = 0;  // PayloadCheck sums so far
+    uint8_t check_word[8];           // a word cut by a write
+    size_t check_word_have = 0;
+    std::string small_payload;       // the stream header's payload
+    bool MidRecord() const { return rec_header_have != 0 || in_payload; }
     bool header_ok = false;
     uint64_t src_seed = 0;
     uint64_t setup_loaded = 0;
@@ -167,9 +177,10 @@ class MockDevice : public DeviceBackend {
   // cap, whole records) while nothing is staged, the rest into s.staging.
   // Returns the bytes written to out.
   size_t ProduceLocked(Session& s, size_t max, uint8_t* out = nullptr, size_t cap = 0);
-  // Parses resume records from data; returns the bytes of whole records
-  // consumed, *error = 0 or EINVAL.
-  size_t ParseLocked(Session& s, const uint8_t* data, size_t size, int* error);
+  // Feeds resume stream bytes to the parser; returns 0 or EINVAL.
+  int ParseLocked(Session& s, const uint8_t* data, size_t size);
+  // Applies a whole, checked record; returns 0 or EINVAL.
+  int ApplyRecordLocked(Session& s, const void* header, const uint8_t* payload);
   void ThrottleLocked(std::unique_lock<std::mutex>& lock, Session& s, size_t bytes);
   std::string DigestOf(uint64_t seed, const std::vector<uint32_t>& versions) const;
 

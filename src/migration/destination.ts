@@ -25,6 +25,8 @@ function endSocket(s: net.Socket): void {
 
 /** Section loads one channel may have queued on the devices at once. */
 const MAX_INFLIGHT_LOADS = 4;
+/** Shortest interval between two LoadReports while data loads. */
+const LOAD_REPORT_INTERVAL_MS = 10;
 /** Up to this many bytes of already-arrived data frames go to a device in one write. */
 const COALESCE_BYTES = 8 << 20;
 
@@ -185,7 +187,6 @@ export class MigrationDestination extends MigrationEvents {
   #sectionBytes: number[] = [];
   /** Section bytes the devices have finished loading (the source subtracts them from what it sent). */
   #loadedBytes = 0;
-  #reportedLoadedBytes = 0;
   #reportedAtMs = 0;
 
   /** Tells the source what this side's devices need at switchover (for its downtime estimate). */
@@ -194,7 +195,6 @@ export class MigrationDestination extends MigrationEvents {
     this.handlers.forEach((h, section) => {
       if (h.resumeDeviceTimeMs) sections.push({ section, resumeDeviceMs: h.resumeDeviceTimeMs(), loadMsPerMiB: h.loadMsPerMiB?.() ?? null });
     });
-    this.#reportedLoadedBytes = this.#loadedBytes;
     this.#reportedAtMs = performance.now();
     // Arrived counts what sits in this side's buffers too: it has crossed the link.
     const receivedBytes = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
@@ -331,8 +331,9 @@ export class MigrationDestination extends MigrationEvents {
           }
           const load = handler.load(parts).then(() => {
             this.#loadedBytes += gathered;
-            // Tell the source how far arrival and loading got, at most every 2 MiB or 20 ms.
-            if (this.#loadedBytes - this.#reportedLoadedBytes >= 2 << 20 || performance.now() - this.#reportedAtMs >= 20) void this.#sendLoadReport(main).catch(() => {});
+            // Tell the source how far arrival and loading got, at most every 10 ms
+            // (fresh enough for its estimate; per-MiB reports cost a fast link dearly).
+            if (performance.now() - this.#reportedAtMs >= LOAD_REPORT_INTERVAL_MS) void this.#sendLoadReport(main).catch(() => {});
           });
           load.catch(() => {}); // awaited below; this only keeps it from counting as unhandled meanwhile
           inflight.push(load);

@@ -8,6 +8,8 @@ import { MAX_REPORTED_BYTES, clampDeviceBytes } from './accounting.js';
 import { MigrationError } from './errors.js';
 
 const READ_BYTES = 1 << 20;
+/** Reads kept queued on the device's data thread, so it produces while the event loop sends. */
+const READS_AHEAD = 3;
 /** Precopy data smaller than this is gathered before it goes out as a frame. */
 const MIN_FRAME_BYTES = 256 * 1024;
 
@@ -117,13 +119,18 @@ export class VfioHandler implements StateHandler {
     return this.#pending;
   }
 
-  /** A read issued ahead of time, so the device produces while the network sends. */
-  #readAhead: Promise<ReadResult> | null = null;
+  /** Reads issued ahead of time, in stream order; `inPrecopy`: issued in a PRE_COPY state. */
+  #readsAhead: { result: Promise<ReadResult>; inPrecopy: boolean }[] = [];
 
-  #read(session: DataSession): Promise<ReadResult> {
-    const r = this.#readAhead ?? session.read(READ_BYTES);
-    this.#readAhead = null;
-    return r;
+  #issueRead(session: DataSession): void {
+    const result = session.read(READ_BYTES);
+    result.catch(() => {}); // awaited in order by #nextRead or #closeSession
+    this.#readsAhead.push({ result, inPrecopy: PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState) });
+  }
+
+  #nextRead(session: DataSession): { result: Promise<ReadResult>; inPrecopy: boolean } {
+    if (this.#readsAhead.length === 0) this.#issueRead(session);
+    return this.#readsAhead.shift()!;
   }
 
   async savePrecopy(budgetBytes: number, out: SectionOutput): Promise<number> {
@@ -143,10 +150,10 @@ export class VfioHandler implements StateHandler {
       await out.send(data);
     };
     while (sent < budgetBytes) {
-      const r = await this.#read(session);
+      const r = await this.#nextRead(session).result;
       if (r.kind !== 'data') break;
-      // Read the next chunk while this one goes out, unless the budget is spent.
-      if (sent + r.bytes.length < budgetBytes) this.#readAhead = session.read(READ_BYTES);
+      // Read the next chunks while this one goes out, as far as the budget goes.
+      while (this.#readsAhead.length < READS_AHEAD && sent + r.bytes.length + this.#readsAhead.length * READ_BYTES < budgetBytes) this.#issueRead(session);
       sent += r.bytes.length;
       if (r.bytes.length >= MIN_FRAME_BYTES && smallBytes === 0) await out.send(r.bytes, r.crc32c);
       else {
@@ -157,7 +164,7 @@ export class VfioHandler implements StateHandler {
     }
     await flush();
     this.transferredBytes += sent;
-    if (!this.#initialSent && !this.#readAhead) {
+    if (!this.#initialSent && this.#readsAhead.length === 0) {
       const info = await this.device.precopyInfo(session);
       if (info.initialBytes === 0n) {
         this.#initialSent = true;
@@ -232,10 +239,15 @@ export class VfioHandler implements StateHandler {
     if (!session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: no data session`);
     let sent = 0;
     for (;;) {
-      const r = await this.#read(session);
+      const { result, inPrecopy } = this.#nextRead(session);
+      const r = await result;
       if (r.kind === 'end') break;
-      if (r.kind === 'no-data') throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: ENOMSG in stop-copy`);
-      this.#readAhead = session.read(READ_BYTES);
+      if (r.kind === 'no-data') {
+        // A read issued in precopy found the stream's temporary end: the rest follows.
+        if (inPrecopy) continue;
+        throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: ENOMSG in stop-copy`);
+      }
+      while (this.#readsAhead.length < READS_AHEAD) this.#issueRead(session);
       await out.send(r.bytes, r.crc32c);
       sent += r.bytes.length;
     }
@@ -246,9 +258,10 @@ export class VfioHandler implements StateHandler {
   async #closeSession(): Promise<void> {
     const s = this.#session;
     this.#session = null;
-    // A read still in flight finishes on the data thread before the close there.
-    await this.#readAhead?.catch(() => {});
-    this.#readAhead = null;
+    // Reads still in flight finish on the data thread before the close there.
+    const pending = this.#readsAhead;
+    this.#readsAhead = [];
+    await Promise.allSettled(pending.map((p) => p.result));
     await s?.close().catch(() => {});
   }
 
