@@ -150,6 +150,64 @@ for (const how of ['cancel', 'cut'] as const) {
   }
 }
 
+test.serial('connection cut after the commit: the source never resumes the VM by itself (no split brain); resumeOnSource() brings it back', async (t) => {
+  const spec = { mock: [['nic-vf', 2]] as [string, number][], overrides: { ...nic, dirtyBytesPerSec: 0 } };
+  const fdsBefore = openFdCount();
+  // Slow destination resume arcs: the kill lands before the destination could report running.
+  const dest = await startDestination(deviceArgs({ ...spec, overrides: { ...spec.overrides, arcLatencyMs: { default: 2, 'stop>running-p2p': 500 } } }));
+  const side = await sourceSide(spec);
+  const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  let committedAt = 0;
+  src.on('MIGRATION_COMMITTED', () => {
+    committedAt = performance.now();
+    dest.proc.kill('SIGKILL');
+  });
+  const err = await t.throwsAsync(src.migrate(dest.uri), { instanceOf: MigrationError });
+  t.true(committedAt > 0, 'the source committed');
+  t.is(err?.code, 'ERR_MIGRATION_OUTCOME_UNKNOWN');
+  t.regex(err!.message, /may be running there.*resumeOnSource/);
+  t.is(src.status, 'failed');
+  t.is(src.query().error?.code, 'ERR_MIGRATION_OUTCOME_UNKNOWN');
+  t.false(side.vm.running, 'the VM stays stopped on the source');
+  src.cancel('too late');
+  t.false(side.vm.running, 'cancel after the commit changes nothing');
+  for (const d of side.devices) t.is(await d.getState(), 'stop-copy', `${d.id} is left as it was`);
+  t.not(await dest.exitCode, 0);
+  // The management app learns the destination is gone, and resumes here.
+  await src.resumeOnSource();
+  t.true(side.vm.running);
+  for (const d of side.devices) t.is(await d.getState(), 'running', d.id);
+  t.deepEqual(side.devices.map((d) => d.mockInfo().digest), digestsBefore, 'device state intact');
+  await t.throwsAsync(src.resumeOnSource(), { code: 'ERR_MIGRATION_STATE' });
+  await side.close();
+  await sleep(20);
+  t.is(openFdCount(), fdsBefore, 'source fds');
+});
+
+test.serial('a destination that fails after the commit stops, resets, says nothing runs there, and the source resumes', async (t) => {
+  const spec = { mock: [['nic-vf', 2]] as [string, number][], overrides: { ...nic, dirtyBytesPerSec: 0 } };
+  // The destination devices' last arc fails: the commit was given, but the VM cannot run there.
+  const dest = await startDestination(deviceArgs({ ...spec, overrides: { ...spec.overrides, faults: [{ arc: 'running-p2p>running', errno: 'EIO' }] } }));
+  const side = await sourceSide(spec);
+  const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  let committed = false;
+  src.on('MIGRATION_COMMITTED', () => (committed = true));
+  const err = await t.throwsAsync(src.migrate(dest.uri), { instanceOf: MigrationError });
+  t.true(committed);
+  t.is(err?.code, 'ERR_MIGRATION_DESTINATION');
+  t.regex(err!.message, /EIO/);
+  t.true(side.vm.running, 'told that nothing runs there, the source resumes');
+  for (const d of side.devices) t.is(await d.getState(), 'running', d.id);
+  t.deepEqual(side.devices.map((d) => d.mockInfo().digest), digestsBefore);
+  const r = await dest.result;
+  t.is(r?.status, 'failed');
+  t.regex((r?.error as { message: string }).message, /EIO/);
+  await side.close();
+  await dest.exitCode;
+});
+
 test.serial('a stream the destination device rejects fails the migration and rolls the source back', async (t) => {
   const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: nic };
   const dest = await startDestination(deviceArgs(spec));

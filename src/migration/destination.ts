@@ -65,6 +65,10 @@ export class MigrationDestination extends MigrationEvents {
   #abortTimer: NodeJS.Timeout | null = null;
   #initialPending = new Set<number>();
   #acked = false;
+  /** ReadyToRun sent: the source decides now (this side's abort timer is off). */
+  #readySent = false;
+  /** The source committed: this side runs the VM whatever happens to the connection. */
+  #committed = false;
   uri: string | null = null;
 
   constructor(options: DestinationOptions) {
@@ -148,30 +152,42 @@ export class MigrationDestination extends MigrationEvents {
       loadEnd = performance.now();
       if (this.#failure) throw this.#failure;
 
-      // Everything arrived: validate and stop all devices, then RUNNING_P2P for
-      // all before any device runs (the P2P rule), then the VM.
+      // Everything arrived: validate and stop all devices; then wait for the
+      // source's commit (until then the source may still resume the VM
+      // itself); then RUNNING_P2P for all before any device runs (the P2P
+      // rule), then the VM.
       await settleAll(this.handlers.map((h) => h.loadFinish(ctx)));
+      if (this.#failure) throw this.#failure;
+      await this.#awaitCommit(main);
       await settleAll(this.handlers.map((h) => h.loadResumeP2P(ctx)));
       await settleAll(this.handlers.map((h) => h.loadResume(ctx)));
-      if (this.#failure) throw this.#failure;
       await this.vm.resume();
-      if (this.#abortTimer) clearTimeout(this.#abortTimer);
       const downtimeMs = this.#sourceStoppedAt ? performance.timeOrigin + performance.now() - this.#sourceStoppedAt : null;
       const digests = this.handlers.map((h) => h.digest?.('loaded') ?? null);
       const running: RunningMessage = { digests, loadMs: loadEnd - loadStart, resumeMs: performance.now() - loadEnd };
-      await main.writer.writeJson(FrameType.Running, 0, running);
+      // The VM runs here now, whether or not the source hears of it.
+      await main.writer.writeJson(FrameType.Running, 0, running).catch(() => {});
       this.#setStatus('completed');
       await settleAll(this.handlers.map((h) => h.loadCleanup('completed', ctx)));
       return { status: 'completed', totalTimeMs: performance.now() - t0, loadMs: loadEnd - loadStart, downtimeMs, digests, sectionBytes: this.#sectionBytes };
     } catch (err) {
       const cause = this.#failure ?? (err as Error);
       if (this.#abortTimer) clearTimeout(this.#abortTimer);
-      // Tell the source why before the connections go.
-      if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, describeError(cause)).catch(() => {});
-      this.#fail(cause);
-      if (setupStarted) {
+      if (this.#committed) {
+        // The source gave the VM to this side and will not resume it unless
+        // told that nothing runs here: stop and reset first, then say so.
         if (this.vm.running) await this.vm.stop();
         await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('failed', ctx)));
+        if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, { ...describeError(cause), notRunning: true }).catch(() => {});
+        this.#fail(cause);
+      } else {
+        // Tell the source why before the connections go.
+        if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, describeError(cause)).catch(() => {});
+        this.#fail(cause);
+        if (setupStarted) {
+          if (this.vm.running) await this.vm.stop();
+          await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('failed', ctx)));
+        }
       }
       const error = describeError(cause);
       this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', error);
@@ -199,6 +215,22 @@ export class MigrationDestination extends MigrationEvents {
     // Arrived counts what sits in this side's buffers too: it has crossed the link.
     const receivedBytes = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
     await main.writer.writeJson(FrameType.LoadReport, 0, { sections, receivedBytes, loadedBytes: this.#loadedBytes } satisfies LoadReportMessage);
+  }
+
+  /** Says every device is loaded and stopped, and waits for the source's Commit. */
+  async #awaitCommit(main: Channel): Promise<void> {
+    // From here the source decides: it aborts (and says so) or commits.
+    if (this.#abortTimer) clearTimeout(this.#abortTimer);
+    this.#readySent = true;
+    await main.writer.write(FrameType.ReadyToRun, 0);
+    const frame = await main.reader.next();
+    if (frame?.type === FrameType.Commit) {
+      this.#committed = true;
+      return;
+    }
+    if (frame?.type === FrameType.Cancel) throw new MigrationError('ERR_MIGRATION_CANCELLED', `the source cancelled: ${parseJson<{ reason: string }>(frame).reason}`);
+    if (!frame) throw this.#failure ?? new MigrationError('ERR_MIGRATION_CONNECTION', 'the source went away before committing: the VM stays with the source');
+    throw new MigrationError('ERR_MIGRATION_PROTOCOL', `expected Commit, got a ${FrameType[frame.type]} frame`);
   }
 
   async #sendAck(main: Channel): Promise<void> {
@@ -385,7 +417,7 @@ export class MigrationDestination extends MigrationEvents {
       elapsed = 0;
     }
     this.#abortTimer = setTimeout(() => {
-      if (this.#status === 'completed') return;
+      if (this.#status === 'completed' || this.#readySent) return;
       const measured = performance.timeOrigin + performance.now() - this.#sourceStoppedAt;
       this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs: this.#switchoverLimitMs, side: 'destination' });
       const err = new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past downtime-limit + switchover-limit (${this.#switchoverLimitMs} ms)`);

@@ -10,7 +10,9 @@ export type MigrationErrorCode =
   | 'ERR_MIGRATION_BAD_PARAMETER'
   | 'ERR_MIGRATION_BAD_URI'
   | 'ERR_MIGRATION_STATE'
-  | 'ERR_MIGRATION_SWITCHOVER_ABORTED';
+  | 'ERR_MIGRATION_SWITCHOVER_ABORTED'
+  /** The connection failed after the source committed: the VM may run on the destination, so the source stays stopped (resumeOnSource() once it is known not to). */
+  | 'ERR_MIGRATION_OUTCOME_UNKNOWN';
 
 export class MigrationError extends Error {
   override readonly name = 'MigrationError';

@@ -18,6 +18,8 @@ export interface MigrationEventMap {
   MIGRATION_WARNING: { message: string; data?: Record<string, unknown> };
   SWITCHOVER_ACK: { afterMs: number };
   SWITCHOVER_ABORT: { measuredDowntimeMs: number; abortAfterMs: number; side: 'source' | 'destination' };
+  /** The source told the destination to run the VM: from here on it never resumes the VM by itself (no split brain). */
+  MIGRATION_COMMITTED: { afterStopMs: number };
 }
 
 export type MigrationEventName = keyof MigrationEventMap;

@@ -109,6 +109,13 @@ export class MigrationSource extends MigrationEvents {
   #destReceivedBytes = 0;
   #destinationError: Error | null = null;
   #running: { resolve: (m: RunningMessage) => void; reject: (e: Error) => void } | null = null;
+  #readyToRun: { resolve: () => void; reject: (e: Error) => void } | null = null;
+  /** Commit sent: the VM belongs to the destination unless it says it is not running. */
+  #committed = false;
+  /** The destination reported a failure after which it runs nothing (its VM stopped, devices reset). */
+  #destinationNotRunning = false;
+  /** The outcome is unknown and the source waits for resumeOnSource(). */
+  #awaitingResume: { ctx: HandlerContext } | null = null;
 
   constructor(options: SourceOptions) {
     super();
@@ -168,6 +175,10 @@ export class MigrationSource extends MigrationEvents {
   /** Cancels the migration: the VM keeps (or resumes) running on this side. */
   cancel(reason = 'cancelled by the user'): void {
     if (['none', 'completed', 'failed', 'cancelled'].includes(this.#status)) return;
+    if (this.#committed) {
+      this.#warn(`cancel ignored: the source already committed the VM to the destination (${reason})`);
+      return;
+    }
     this.#setStatus('cancelling');
     this.#fail(new MigrationError('ERR_MIGRATION_CANCELLED', reason));
   }
@@ -177,6 +188,7 @@ export class MigrationSource extends MigrationEvents {
     this.#failure = err;
     this.#ac.abort(err);
     this.#running?.reject(err);
+    this.#readyToRun?.reject(err);
     // Data channels go at once; the main channel only stops sending, so that
     // an error report the destination already sent can still be read.
     for (const ch of this.#channels) if (ch.index === 0) ch.socket.end();
@@ -310,6 +322,19 @@ export class MigrationSource extends MigrationEvents {
           }),
         );
         await settleAll(this.#channels.map((ch) => ch.writer.write(FrameType.EndOfStream, 0)));
+        // Two-phase end: the destination loads and stops every device, says it
+        // is ready, and runs nothing until this side commits. Before the
+        // commit a failure rolls back here; after it, this side never resumes
+        // the VM by itself, so a lost connection cannot leave it running twice.
+        await new Promise<void>((resolve, reject) => {
+          this.#readyToRun = { resolve, reject };
+          if (this.#failure) reject(this.#failure);
+        });
+        this.#check();
+        if (abortTimer) clearTimeout(abortTimer);
+        this.#committed = true;
+        this.emitEvent('MIGRATION_COMMITTED', { afterStopMs: performance.now() - this.#stoppedAt });
+        await main.writer.write(FrameType.Commit, 0);
         const running = await new Promise<RunningMessage>((resolve, reject) => {
           this.#running = { resolve, reject };
           if (this.#failure) reject(this.#failure);
@@ -333,7 +358,16 @@ export class MigrationSource extends MigrationEvents {
       // A failure seen here first (a broken pipe) is often the echo of one the
       // destination reports on the return path: give that report a moment.
       if (this.#returnPathDone) await Promise.race([this.#returnPathDone, sleep(250)]);
-      const cause = this.#destinationError ?? this.#failure ?? (err as Error);
+      let cause = this.#destinationError ?? this.#failure ?? (err as Error);
+      if (this.#committed && !this.#destinationNotRunning) {
+        // The destination may be running the VM: resuming here could run it twice.
+        cause = new MigrationError('ERR_MIGRATION_OUTCOME_UNKNOWN', `the migration failed after the source committed the VM to the destination (${describeError(cause).message}): the VM may be running there, so it stays stopped here; call resumeOnSource() once the destination is known not to run it`, { cause });
+        this.#error = describeError(cause);
+        this.#awaitingResume = { ctx };
+        this.#endAt = performance.now();
+        this.#setStatus('failed', this.#error);
+        throw cause;
+      }
       this.#error = describeError(cause);
       // Roll back: devices to RUNNING (reset from ERROR), then the VM.
       if (setupStarted) {
@@ -350,6 +384,23 @@ export class MigrationSource extends MigrationEvents {
     } finally {
       options.signal?.removeEventListener('abort', onAbort);
       for (const ch of this.#channels) ch.socket.destroy();
+    }
+  }
+
+  /**
+   * After ERR_MIGRATION_OUTCOME_UNKNOWN, once the management app knows the
+   * destination does not run the VM: devices back to RUNNING (reset from
+   * ERROR if needed) and the VM resumes here.
+   */
+  async resumeOnSource(): Promise<void> {
+    const pending = this.#awaitingResume;
+    if (!pending) throw new MigrationError('ERR_MIGRATION_STATE', `nothing to resume: resumeOnSource() follows an ERR_MIGRATION_OUTCOME_UNKNOWN failure (status ${this.#status})`);
+    this.#awaitingResume = null;
+    const results = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('failed', pending.ctx)));
+    for (const r of results) if (r.status === 'rejected') this.#warn(`resume on source: ${describeError(r.reason).message}`);
+    if (this.#vmStoppedByUs && !this.vm.running) {
+      await this.vm.resume();
+      this.#resumedAfterMs = performance.now() - this.#stoppedAt;
     }
   }
 
@@ -428,11 +479,15 @@ export class MigrationSource extends MigrationEvents {
             this.#switchoverAcked = true;
             this.emitEvent('SWITCHOVER_ACK', { afterMs: performance.now() - this.#t0 });
             break;
+          case FrameType.ReadyToRun:
+            this.#readyToRun?.resolve();
+            break;
           case FrameType.Running:
             this.#running?.resolve(parseJson<RunningMessage>(frame));
             break;
           case FrameType.Error: {
-            const e = parseJson<{ code: string; message: string }>(frame);
+            const e = parseJson<{ code: string; message: string; notRunning?: boolean }>(frame);
+            if (e.notRunning === true) this.#destinationNotRunning = true;
             this.#destinationError = new MigrationError(e.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED' ? 'ERR_MIGRATION_SWITCHOVER_ABORTED' : 'ERR_MIGRATION_DESTINATION', `destination failed: ${e.message}`);
             this.#fail(this.#destinationError);
             return;

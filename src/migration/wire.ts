@@ -24,6 +24,7 @@ export enum FrameType {
   EndOfStream = 6, // nothing more on this channel
   Cancel = 7, // json: reason
   InitialSent = 8, // a section sent all of its initial bytes (switchover-ack)
+  Commit = 9, // answers ReadyToRun: the VM is the destination's now; the source never resumes it by itself
   // destination -> source (return path)
   HelloAck = 32,
   InitialLoaded = 33, // a section finished loading its initial bytes (json: section)
@@ -31,6 +32,7 @@ export enum FrameType {
   Running = 35, // the destination VM runs (json: digests, load times)
   Error = 36, // json: code, message
   LoadReport = 37, // json: what the destination learned of its devices' switchover time (LoadReportMessage)
+  ReadyToRun = 38, // every device loaded and stopped; nothing runs until the source's Commit
 }
 
 /** Destination -> source: data-size-independent device time and load rate, per section. */
