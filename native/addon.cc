@@ -1,7 +1,9 @@
 // Node-API surface of the addon: NativeDevice over any DeviceBackend. Every
 // operation that may block runs on the device's control or data worker
 // thread and returns a promise; the JS thread never makes a blocking syscall.
+#include <fcntl.h>
 #include <napi.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <cerrno>
@@ -651,12 +653,36 @@ Napi::Object UapiNumbers(Napi::Env env) {
 Napi::Value Crc32cJs(const Napi::CallbackInfo& info);
 void InitCrc32c();
 
+// dupSocketFd(fd) -> a close-on-exec duplicate of a socket fd: lets the
+// migration layer re-wrap an accepted connection in a net.Socket that reads
+// into its own large buffers (net.Server cannot). fcntl does not block.
+Napi::Value DupSocketFdJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) throw Napi::TypeError::New(env, "dupSocketFd(fd): fd must be a number");
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int type = 0;
+  socklen_t len = sizeof type;
+  if (fd < 0 || getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) {
+    Napi::Error e = Napi::Error::New(env, std::string("dupSocketFd: ") + strerror(errno));
+    e.Set("code", Napi::String::New(env, "EBADF"));
+    throw e;
+  }
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) {
+    Napi::Error e = Napi::Error::New(env, std::string("dupSocketFd: ") + strerror(errno));
+    e.Set("code", Napi::String::New(env, errno == EMFILE ? "EMFILE" : "EIO"));
+    throw e;
+  }
+  return Napi::Number::New(env, copy);
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitCrc32c();
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));
   env.AddCleanupHook([] { g_env_tearing_down = true; });
   exports.Set("NativeDevice", NativeDevice::Init(env));
   exports.Set("nextState", Napi::Function::New(env, NextStateJs));
+  exports.Set("dupSocketFd", Napi::Function::New(env, DupSocketFdJs));
   exports.Set("uapi", UapiNumbers(env));
 #if defined(__linux__)
   exports.Set("kernelBackend", Napi::Boolean::New(env, true));

@@ -4,6 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { native } from '../src/vfio/native.js';
 import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame } from '../src/migration/wire.js';
 import { MigrationError } from '../src/migration/errors.js';
+import { connect, listen, parseUri, slabStats } from '../src/migration/transport.js';
 
 /** Bit-at-a-time CRC32C: slow, obviously right, independent of the addon. */
 function referenceCrc32c(data: Uint8Array, previous = 0): number {
@@ -108,4 +109,58 @@ test('a flipped payload bit, a bad magic, an oversize length or a cut frame is a
   await t.throwsAsync(readRaw(good.subarray(0, good.length - 1)), { code: 'ERR_MIGRATION_CONNECTION', message: /inside a frame/ });
   await t.throwsAsync(readRaw(good.subarray(0, 5)), { code: 'ERR_MIGRATION_PROTOCOL', message: /inside a frame header/ });
   t.throws(() => encodeFrame(FrameType.SectionData, 0, Buffer.alloc(MAX_FRAME_PAYLOAD_BYTES + 1)), { code: 'ERR_MIGRATION_PROTOCOL' });
+});
+
+test('slab reads: frames stay intact until released while slabs are reused under them', async (t) => {
+  const { server, uri } = await listen(parseUri('tcp:127.0.0.1:0'));
+  t.teardown(() => server.close());
+  const accepted = new Promise<net.Socket>((r) => server.once('accepted', r));
+  const a = await connect(uri);
+  const b = await accepted;
+  t.teardown(() => {
+    a.destroy();
+    b.destroy();
+  });
+  const before = slabStats();
+  const writer = new FrameWriter(a);
+  const reader = new FrameReader(b);
+  // ~160 MiB in frames of 1 B to 1 MiB, each payload's CRC known up front.
+  const sizes = Array.from({ length: 320 }, (_, i) => (i % 7 === 0 ? 1 + i : (1 << 20) - ((i * 7919) % 4096)));
+  const expected: number[] = [];
+  const sending = (async () => {
+    for (const [i, n] of sizes.entries()) {
+      const p = randomBytes(n);
+      expected.push(native.crc32c(p));
+      await writer.write(FrameType.SectionData, i % 3, p);
+    }
+    a.end();
+  })();
+  // Hold up to 24 frames before checking and releasing them: slabs must not be reused under a held frame.
+  const held: { index: number; frame: Awaited<ReturnType<FrameReader['next']>> }[] = [];
+  let checked = 0;
+  let bad = 0;
+  const settle = (count: number) => {
+    while (held.length > count) {
+      const { index, frame } = held.shift()!;
+      let crc = 0;
+      for (const part of frame!.parts) crc = native.crc32c(part, crc);
+      if (crc !== expected[index]) bad++;
+      checked++;
+      frame!.release();
+      frame!.release(); // idempotent
+    }
+  };
+  for (let index = 0; ; index++) {
+    const frame = await reader.next();
+    if (!frame) break;
+    held.push({ index, frame });
+    settle((index * 13) % 24);
+  }
+  settle(0);
+  await sending;
+  t.is(checked, sizes.length);
+  t.is(bad, 0, 'no payload changed before its release');
+  const after = slabStats();
+  t.true(after.reused - before.reused > 10, `slabs reused: ${after.reused - before.reused}`);
+  t.true(after.allocated - before.allocated < 24, `slabs allocated: ${after.allocated - before.allocated}`);
 });

@@ -9,7 +9,7 @@ import type { HandlerContext, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
 import { type Channel, makeChannel, settleAll } from './channels.js';
 import { type Frame, FrameType, type LoadReportMessage, WIRE_VERSION, parseJson } from './wire.js';
-import { formatUri, listen, parseUri } from './transport.js';
+import { type MigrationServer, formatUri, listen, parseUri } from './transport.js';
 import type { HelloMessage, RunningMessage } from './source.js';
 import type { MigrationState } from '../vfio/states.js';
 
@@ -55,7 +55,7 @@ export interface IncomingOptions {
 export class MigrationDestination extends MigrationEvents {
   readonly handlers: StateHandler[];
   readonly vm: VmControl;
-  #server: net.Server | null = null;
+  #server: MigrationServer | null = null;
   #status: MigrationStatus = 'none';
   #failure: Error | null = null;
   #channels: Channel[] = [];
@@ -86,7 +86,7 @@ export class MigrationDestination extends MigrationEvents {
   async listen(uri: string): Promise<string> {
     const { server, uri: bound } = await listen(parseUri(uri));
     this.#server = server;
-    server.on('connection', (s) => {
+    server.on('accepted', (s: net.Socket) => {
       this.#sockets.add(s);
       s.on('close', () => this.#sockets.delete(s));
     });
@@ -278,7 +278,7 @@ export class MigrationDestination extends MigrationEvents {
   #nextConnection(signal?: AbortSignal): Promise<net.Socket> {
     if (!this.#listening) {
       this.#listening = true;
-      this.#server!.on('connection', (s) => {
+      this.#server!.on('accepted', (s: net.Socket) => {
         const w = this.#waiter;
         this.#waiter = null;
         if (w) w(s);
@@ -350,6 +350,7 @@ export class MigrationDestination extends MigrationEvents {
           // Data frames of this section that are already here go to the
             // device in one write: fewer, larger loads.
           const parts = [...frame.parts];
+          const frames = [frame];
           let gathered = frame.length;
           while (handler.byteStream && gathered < COALESCE_BYTES) {
             const next = ch.reader.nextIfBuffered();
@@ -359,9 +360,13 @@ export class MigrationDestination extends MigrationEvents {
               break;
             }
             parts.push(...next.parts);
+            frames.push(next);
             gathered += next.length;
           }
-          const load = handler.load(parts).then(() => {
+          const loading = handler.load(parts);
+          // Once the device has them, the bytes' memory can take new reads.
+          void loading.finally(() => frames.forEach((f) => f.release())).catch(() => {});
+          const load = loading.then(() => {
             this.#loadedBytes += gathered;
             // Tell the source how far arrival and loading got, at most every 10 ms
             // (fresh enough for its estimate; per-MiB reports cost a fast link dearly).
@@ -400,6 +405,8 @@ export class MigrationDestination extends MigrationEvents {
         default:
           throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unexpected ${FrameType[frame.type]} frame on channel ${ch.index}`);
       }
+      // Control frames are parsed by now (data frames go once loaded, above).
+      if (frame.type !== FrameType.SectionData) frame.release();
     }
   }
 

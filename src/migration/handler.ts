@@ -62,6 +62,8 @@ export interface StateHandler {
   /**
    * Section data in arrival order. For a `byteStream` section, `parts` are
    * any run of its bytes (frames may be merged); otherwise one frame's payload.
+   * The parts' memory takes new socket reads once the promise settles: copy
+   * anything kept beyond that.
    */
   load(parts: readonly Buffer[]): Promise<void>;
   /** The section's data is an opaque byte stream: frame boundaries carry no meaning (a VFIO data fd). */

@@ -5,6 +5,7 @@
 import { native } from '../vfio/native.js';
 import type { Duplex } from 'node:stream';
 import { MigrationError } from './errors.js';
+import { type DirectChunks, directChunks } from './transport.js';
 
 export const WIRE_MAGIC = 0x56464d47; // "VFMG"
 export const WIRE_VERSION = 1;
@@ -52,10 +53,17 @@ export interface Frame {
   parts: Buffer[];
   /** The payload in one Buffer (joined on first use). */
   readonly payload: Buffer;
+  /**
+   * Done with the payload (and every Buffer taken from it): its memory may
+   * be reused for later reads. Optional (unreleased memory is left to the
+   * GC); releasing a payload still in use corrupts it. Idempotent.
+   */
+  release(): void;
 }
 
-export function makeFrame(type: FrameType, section: number, parts: Buffer[]): Frame {
+export function makeFrame(type: FrameType, section: number, parts: Buffer[], releasePart?: (part: Buffer) => void): Frame {
   let joined: Buffer | null = null;
+  let released = false;
   return {
     type,
     section,
@@ -64,6 +72,11 @@ export function makeFrame(type: FrameType, section: number, parts: Buffer[]): Fr
     get payload() {
       joined ??= parts.length === 1 ? parts[0]! : Buffer.concat(parts);
       return joined;
+    },
+    release() {
+      if (released || !releasePart) return;
+      released = true;
+      for (const p of parts) releasePart(p);
     },
   };
 }
@@ -125,21 +138,30 @@ export class FrameReader {
   /** CRC32C of each scanned frame's payload, in stream order, until its frame is taken. */
   #scannedCrcs: number[] = [];
 
+  /** Gives consumed bytes back to the socket's slabs (slab reads only). */
+  #releasePart: ((part: Buffer) => void) | undefined;
+
   /** Past this many buffered bytes the socket is paused (backpressure to the sender). */
   static readonly MAX_BUFFERED_BYTES = 16 << 20;
 
   constructor(stream: Duplex) {
     this.#stream = stream;
     // 'data' hands over the socket's chunks as they are; read() would
-    // concatenate everything buffered into one new Buffer each time.
-    stream.on('data', (chunk: Buffer) => {
+    // concatenate everything buffered into one new Buffer each time. An
+    // accepted migration socket hands them over directly (slab reads).
+    const onChunk = (chunk: Buffer) => {
       this.bytesArrived += chunk.length;
       this.#scan(chunk);
       this.#chunks.push(chunk);
       this.#buffered += chunk.length;
       if (this.#buffered > FrameReader.MAX_BUFFERED_BYTES) stream.pause();
       this.#notify();
-    });
+    };
+    const direct = (stream as { [directChunks]?: DirectChunks })[directChunks];
+    if (direct) {
+      this.#releasePart = direct.release;
+      direct.attach(onChunk);
+    } else stream.on('data', onChunk);
     stream.on('end', () => {
       this.#ended = true;
       this.#notify();
@@ -242,6 +264,7 @@ export class FrameReader {
         const n = Math.min(c.length, bytes - at);
         c.copy(out, at, 0, n);
         at += n;
+        this.#releasePart?.(n === c.length ? c : c.subarray(0, n));
         if (n === c.length) this.#chunks.shift();
         else this.#chunks[0] = c.subarray(n);
       }
@@ -289,11 +312,14 @@ export class FrameReader {
     const type = h.readUInt8(5) as FrameType;
     const section = h.readUInt16BE(6);
     const length = h.readUInt32BE(8);
+    const expectedCrc = h.readUInt32BE(12);
+    // A view into a slab (a copied header is not): the header is read, give it back.
+    this.#releasePart?.(h);
     const parts = length ? this.#takeParts(length) : [];
     // A whole buffered frame has been scanned (the scan sees every byte first).
     const crc = this.#scannedCrcs.shift();
-    if (crc !== h.readUInt32BE(12)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
-    return makeFrame(type, section, parts);
+    if (crc !== expectedCrc) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
+    return makeFrame(type, section, parts, this.#releasePart);
   }
 }
 
