@@ -474,7 +474,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                });
   }
 
-  // writeData(fd, buffer | buffer[]) -> bytes written (all of them, unless an
+  // writeData(fd, buffer | buffer[], checks?) -> bytes written (all of them, unless an
   // error). An array is written in order, as one write job.
   Napi::Value WriteData(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -496,11 +496,43 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
       parts->push_back({b.Data(), b.Length()});
       keep->push_back(Napi::Persistent(b));
     }
+    // Optional checks: [parts0, crc0, parts1, crc1, ...]: each run of parts
+    // must have that CRC32C, verified here on the data thread right before
+    // the run is written (the device then reads bytes still in cache); a
+    // mismatch is EBADMSG and nothing of that run reaches the device.
+    struct Run_ { size_t parts; uint32_t crc; };
+    auto runs = std::make_shared<std::vector<Run_>>();
+    if (info.Length() > 2 && !info[2].IsUndefined()) {
+      if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
+        throw Napi::TypeError::New(env, "writeData(fd, data, checks): checks must be a Uint32Array of [parts, crc32c] pairs");
+      Napi::Uint32Array c = info[2].As<Napi::Uint32Array>();
+      size_t covered = 0;
+      for (size_t i = 0; i + 1 < c.ElementLength(); i += 2) {
+        if (c[i] == 0) throw Napi::RangeError::New(env, "writeData(fd, data, checks): a run must have at least one part");
+        runs->push_back({c[i], c[i + 1]});
+        covered += c[i];
+      }
+      if (c.ElementLength() % 2 != 0 || covered != bufs.size())
+        throw Napi::RangeError::New(env, "writeData(fd, data, checks): the runs must cover every buffer exactly once");
+    }
     auto b = backend_;
     auto written = std::make_shared<size_t>(0);
     return Run(env, true,
-               [b, fd, parts, written](Result& r) {
-                 for (const Part& p : *parts) {
+               [b, fd, parts, runs, written](Result& r) {
+                 size_t next = 0;  // first part of the next checked run
+                 for (size_t i = 0, k = 0; i < parts->size(); i++) {
+                   if (i == next && k < runs->size()) {
+                     const Run_& run = (*runs)[k++];
+                     uint32_t crc = 0;
+                     for (size_t j = i; j < i + run.parts; j++) crc = Crc32c((*parts)[j].data, (*parts)[j].len, crc);
+                     if (crc != run.crc) {
+                       r.err = EBADMSG;
+                       r.op = "crc32c check of data run " + std::to_string(k - 1) + " before write(data_fd)";
+                       return;
+                     }
+                     next = i + run.parts;
+                   }
+                   const Part& p = (*parts)[i];
                    size_t done = 0;
                    while (done < p.len) {
                      ssize_t n = b->WriteData(fd, p.data + done, p.len - done);

@@ -156,6 +156,36 @@ test('a restore cut at any byte (records split across writes, even inside header
   }
 });
 
+test('checked writes: each run is verified on the data thread before it is written; a mismatch is EBADMSG and that run never reaches the device', async (t) => {
+  const { stream, savedDigest } = await savedStream('serial', 31);
+  const pieces = [stream.subarray(0, 1000), stream.subarray(1000, 5000), stream.subarray(5000)];
+  const crc = (bufs: Buffer[]) => bufs.reduce((c, b) => native.crc32c(b, c), 0);
+  {
+    await using dst = await VfioDevice.openMock({ profile: 'serial', seed: 5 });
+    await dst.setState('stop');
+    const resume = (await dst.setState('resuming'))!;
+    await resume.write(pieces, { checksums: [{ parts: 1, crc32c: crc([pieces[0]!]) }, { parts: 2, crc32c: crc([pieces[1]!, pieces[2]!]) }] });
+    await dst.setState('stop');
+    t.is(dst.mockInfo().loadedDigest, savedDigest!);
+  }
+  {
+    await using dst = await VfioDevice.openMock({ profile: 'serial', seed: 6 });
+    await dst.setState('stop');
+    const resume = (await dst.setState('resuming'))!;
+    const err = await t.throwsAsync(resume.write(pieces, { checksums: [{ parts: 1, crc32c: crc([pieces[0]!]) }, { parts: 2, crc32c: crc([pieces[1]!, pieces[2]!]) ^ 1 }] }), { instanceOf: VfioError });
+    t.is(err?.code, 'EBADMSG');
+    t.regex(err!.message, /crc32c check of data run 1/);
+    t.is(dst.mockInfo().bytesWritten, 1000, 'the first run was written, nothing of the second');
+  }
+  {
+    await using dst = await VfioDevice.openMock({ profile: 'serial', seed: 7 });
+    await dst.setState('stop');
+    const resume = (await dst.setState('resuming'))!;
+    for (const checksums of [[{ parts: 2, crc32c: 0 }], [{ parts: 0, crc32c: 0 }, { parts: 3, crc32c: 0 }], [{ parts: 3, crc32c: -1 }]])
+      await t.throwsAsync(resume.write(pieces, { checksums }), { code: 'ERR_VFIO_BAD_ARGUMENT' });
+  }
+});
+
 test('a stream from a different device profile is refused with EINVAL before anything loads', async (t) => {
   await using src = await VfioDevice.openMock({ profile: 'serial' });
   await using dst = await VfioDevice.openMock({ profile: 'minimal' });

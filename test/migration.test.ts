@@ -2,6 +2,8 @@
 // CLI's `incoming` in a child process, the source runs in the test process.
 import test from 'ava';
 import { spawn } from 'node:child_process';
+import net from 'node:net';
+import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MigrationSource } from '../src/migration/source.js';
 import { MigrationError } from '../src/migration/errors.js';
@@ -204,6 +206,63 @@ test.serial('a destination that fails after the commit stops, resets, says nothi
   const r = await dest.result;
   t.is(r?.status, 'failed');
   t.regex((r?.error as { message: string }).message, /EIO/);
+  await side.close();
+  await dest.exitCode;
+});
+
+/**
+ * A unix-socket proxy in front of `target` that flips one bit of the first
+ * connection's source-to-destination bytes at `flipAt` (a link that corrupts
+ * data under TCP's weak checksum).
+ */
+async function corruptingProxy(target: string, flipAt: number): Promise<{ uri: string; flipped: () => boolean; close: () => void }> {
+  const path = `/tmp/vfio-mig-proxy-${process.pid}-${flipAt}.sock`;
+  await rm(path, { force: true });
+  let seen = 0;
+  let flipped = false;
+  let first = true;
+  const pairs: net.Socket[] = [];
+  const server = net.createServer((client) => {
+    const corrupt = first;
+    first = false;
+    const upstream = net.connect(target.slice('unix:'.length));
+    pairs.push(client, upstream);
+    client.on('data', (d: Buffer) => {
+      if (corrupt && !flipped && seen + d.length > flipAt) {
+        d[flipAt - seen]! ^= 0x04;
+        flipped = true;
+      }
+      seen += d.length;
+      upstream.write(d);
+    });
+    upstream.on('data', (d: Buffer) => client.write(d));
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+    client.on('error', () => {});
+    upstream.on('error', () => {});
+  });
+  await new Promise<void>((r) => server.listen(path, r));
+  return { uri: `unix:${path}`, flipped: () => flipped, close: () => { pairs.forEach((p) => p.destroy()); server.close(); } };
+}
+
+test.serial('a bit flipped on the link is caught by the frame checksum where the device loads it; the source rolls back', async (t) => {
+  const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: { ...nic, stateBytes: '4MiB', dirtyBytesPerSec: 0 } };
+  const dest = await startDestination(deviceArgs(spec));
+  // 3 MiB + 12345 bytes in: inside device data, not a frame header.
+  const proxy = await corruptingProxy(dest.uri, 3 * MiB + 12345);
+  t.teardown(proxy.close);
+  const side = await sourceSide(spec);
+  const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const err = await t.throwsAsync(src.migrate(proxy.uri), { instanceOf: MigrationError });
+  t.true(proxy.flipped());
+  t.is(err?.code, 'ERR_MIGRATION_DESTINATION');
+  t.regex(err!.message, /checksum mismatch in section data for nic-vf-0/);
+  t.true(side.vm.running);
+  for (const d of side.devices) t.is(await d.getState(), 'running', d.id);
+  t.deepEqual(side.devices.map((d) => d.mockInfo().digest), digestsBefore);
+  const r = await dest.result;
+  t.is((r?.error as { code: string }).code, 'ERR_MIGRATION_PROTOCOL');
   await side.close();
   await dest.exitCode;
 });

@@ -2,7 +2,7 @@ import test from 'ava';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { native } from '../src/vfio/native.js';
-import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame } from '../src/migration/wire.js';
+import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame, verifyFrame } from '../src/migration/wire.js';
 import { MigrationError } from '../src/migration/errors.js';
 import { connect, listen, parseUri, slabStats } from '../src/migration/transport.js';
 
@@ -163,4 +163,35 @@ test('slab reads: frames stay intact until released while slabs are reused under
   const after = slabStats();
   t.true(after.reused - before.reused > 10, `slabs reused: ${after.reused - before.reused}`);
   t.true(after.allocated - before.allocated < 24, `slabs allocated: ${after.allocated - before.allocated}`);
+});
+
+test('deferred data checksums: section data arrives unverified for its loader, control frames are still checked here', async (t) => {
+  const data = randomBytes(100_000);
+  const good = Buffer.concat([...encodeFrame(FrameType.SectionData, 2, data), ...encodeFrame(FrameType.SectionEnd, 2, Buffer.from('{}'))]);
+  const read = async (bytes: Buffer) => {
+    const { a, b, close } = await socketPair();
+    try {
+      const reader = new FrameReader(b, { deferDataChecksums: true });
+      a.end(bytes);
+      return [await reader.next(), await reader.next().catch((e: unknown) => e)] as const;
+    } finally {
+      close();
+    }
+  };
+  const [dataFrame, control] = await read(good);
+  t.false(dataFrame!.verified);
+  t.is(dataFrame!.checksum, native.crc32c(data));
+  t.notThrows(() => verifyFrame(dataFrame!));
+  t.true(dataFrame!.verified);
+  t.is((control as { type: FrameType }).type, FrameType.SectionEnd);
+
+  const bad = Buffer.from(good);
+  bad[FRAME_HEADER_BYTES + 777]! ^= 0x80; // in the data payload
+  const [badData] = await read(bad);
+  t.throws(() => verifyFrame(badData!), { code: 'ERR_MIGRATION_PROTOCOL', message: /checksum mismatch in a SectionData frame of section 2/ });
+
+  const badControl = Buffer.from(good);
+  badControl[badControl.length - 1]! ^= 0x01; // in the control payload
+  const [, err] = await read(badControl);
+  t.true(err instanceof MigrationError && /checksum mismatch in a SectionEnd frame/.test(err.message), 'control frames are verified by the reader');
 });

@@ -15,8 +15,9 @@ export interface Channel {
   dataBytes: number;
 }
 
-export function makeChannel(index: number, socket: net.Socket): Channel {
-  return { index, socket, reader: new FrameReader(socket), writer: new FrameWriter(socket), dataBytes: 0 };
+/** `deferDataChecksums`: section data is checked by the loader (see FrameReader). */
+export function makeChannel(index: number, socket: net.Socket, options: { deferDataChecksums?: boolean } = {}): Channel {
+  return { index, socket, reader: new FrameReader(socket, options), writer: new FrameWriter(socket), dataBytes: 0 };
 }
 
 /** Shared cap on the stream rate (max-bandwidth), bytes/s; 0 = none. */

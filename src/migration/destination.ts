@@ -8,7 +8,7 @@ import { MigrationError, describeError } from './errors.js';
 import type { HandlerContext, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
 import { type Channel, makeChannel, settleAll } from './channels.js';
-import { type Frame, FrameType, type LoadReportMessage, WIRE_VERSION, parseJson } from './wire.js';
+import { type Frame, FrameType, type LoadReportMessage, WIRE_VERSION, parseJson, verifyFrame } from './wire.js';
 import { type MigrationServer, formatUri, listen, parseUri } from './transport.js';
 import type { HelloMessage, RunningMessage } from './source.js';
 import type { MigrationState } from '../vfio/states.js';
@@ -257,7 +257,7 @@ export class MigrationDestination extends MigrationEvents {
     // Connections may arrive in any order; the one that says Hello is the main channel.
     for (;;) {
       const socket = await this.#nextConnection(signal);
-      const ch = makeChannel(0, socket);
+      const ch = makeChannel(0, socket, { deferDataChecksums: true });
       const first = await ch.reader.next().catch(() => null);
       if (first?.type === FrameType.Hello) {
         this.#channels[0] = ch;
@@ -316,7 +316,7 @@ export class MigrationDestination extends MigrationEvents {
       } finally {
         clearTimeout(timer);
       }
-      const ch = makeChannel(0, socket);
+      const ch = makeChannel(0, socket, { deferDataChecksums: true });
       const first = await ch.reader.next();
       if (first?.type !== FrameType.ChannelHello) throw new MigrationError('ERR_MIGRATION_PROTOCOL', 'an extra channel did not identify itself');
       const m = parseJson<{ migrationId: string; index: number }>(first);
@@ -363,7 +363,13 @@ export class MigrationDestination extends MigrationEvents {
             frames.push(next);
             gathered += next.length;
           }
-          const loading = handler.load(parts);
+          // Checked where the bytes are loaded (off the event loop) if the handler can; else here.
+          let loading: Promise<void>;
+          if (handler.loadChecked) loading = handler.loadChecked(parts, frames.map((f) => ({ parts: f.parts.length, crc32c: f.checksum })));
+          else {
+            frames.forEach(verifyFrame);
+            loading = handler.load(parts);
+          }
           // Once the device has them, the bytes' memory can take new reads.
           void loading.finally(() => frames.forEach((f) => f.release())).catch(() => {});
           const load = loading.then(() => {

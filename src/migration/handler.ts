@@ -66,6 +66,14 @@ export interface StateHandler {
    * anything kept beyond that.
    */
   load(parts: readonly Buffer[]): Promise<void>;
+  /**
+   * Optional: load() for data not yet checked. Each run of `checksums[i].parts`
+   * parts must have CRC32C `checksums[i].crc32c`; the handler verifies a run
+   * before any of its bytes are used (e.g. on the device's data thread) and
+   * rejects with ERR_MIGRATION_PROTOCOL on a mismatch. Without it, the
+   * destination verifies on the event loop before load().
+   */
+  loadChecked?(parts: readonly Buffer[], checksums: readonly { parts: number; crc32c: number }[]): Promise<void>;
   /** The section's data is an opaque byte stream: frame boundaries carry no meaning (a VFIO data fd). */
   readonly byteStream?: boolean;
   /** Whether this section sends initial bytes that must load before switchover (switchover-ack waits for them). */

@@ -1,6 +1,7 @@
 // The VFIO device state handler: drives one VfioDevice through the migration
 // and turns its data fd into section data.
 import type { DataSession, ReadResult, VfioDevice } from '../vfio/device.js';
+import type { VfioError } from '../vfio/errors.js';
 import type { Arc } from '../vfio/arc-planner.js';
 import { type MigrationFlags, type MigrationState, P2P_QUIESCED_STATES, PRECOPY_STATES } from '../vfio/states.js';
 import type { DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler } from './handler.js';
@@ -299,10 +300,23 @@ export class VfioHandler implements StateHandler {
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: no data fd in resuming`);
   }
 
-  async load(parts: readonly Buffer[]): Promise<void> {
+  load(parts: readonly Buffer[]): Promise<void> {
+    return this.#load(parts);
+  }
+
+  loadChecked(parts: readonly Buffer[], checksums: readonly { parts: number; crc32c: number }[]): Promise<void> {
+    return this.#load(parts, checksums);
+  }
+
+  async #load(parts: readonly Buffer[], checksums?: readonly { parts: number; crc32c: number }[]): Promise<void> {
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: data arrived outside resuming`);
     const t0 = performance.now();
-    await this.#session.write(parts);
+    try {
+      await this.#session.write(parts, checksums ? { checksums } : {});
+    } catch (err) {
+      if ((err as VfioError).code === 'EBADMSG') throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in section data for ${this.device.id}: the stream was corrupted on its way`, { cause: err });
+      throw err;
+    }
     // Writes queue on the device's data thread: service time is from when
     // this one could start (the previous one finished) to when it finished.
     const done = performance.now();

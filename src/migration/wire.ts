@@ -53,6 +53,14 @@ export interface Frame {
   parts: Buffer[];
   /** The payload in one Buffer (joined on first use). */
   readonly payload: Buffer;
+  /** The payload's CRC32C as the header states it. */
+  checksum: number;
+  /**
+   * False for a SectionData frame a reader with `deferDataChecksums` handed
+   * over unchecked: its consumer verifies `checksum` before using the bytes
+   * (verifyFrame, or a device write that checks them off the event loop).
+   */
+  verified: boolean;
   /**
    * Done with the payload (and every Buffer taken from it): its memory may
    * be reused for later reads. Optional (unreleased memory is left to the
@@ -61,7 +69,7 @@ export interface Frame {
   release(): void;
 }
 
-export function makeFrame(type: FrameType, section: number, parts: Buffer[], releasePart?: (part: Buffer) => void): Frame {
+export function makeFrame(type: FrameType, section: number, parts: Buffer[], check: { checksum: number; verified: boolean }, releasePart?: (part: Buffer) => void): Frame {
   let joined: Buffer | null = null;
   let released = false;
   return {
@@ -69,6 +77,8 @@ export function makeFrame(type: FrameType, section: number, parts: Buffer[], rel
     section,
     length: parts.reduce((n, p) => n + p.length, 0),
     parts,
+    checksum: check.checksum,
+    verified: check.verified,
     get payload() {
       joined ??= parts.length === 1 ? parts[0]! : Buffer.concat(parts);
       return joined;
@@ -92,6 +102,19 @@ export function encodeFrame(type: FrameType, section: number, payload: Buffer = 
   h.writeUInt32BE(payload.length, 8);
   h.writeUInt32BE(crc32c ?? native.crc32c(payload), 12);
   return payload.length ? [h, payload] : [h];
+}
+
+/** Checks an unverified frame's payload against its header's CRC32C (ERR_MIGRATION_PROTOCOL on a mismatch). */
+export function verifyFrame(frame: Frame): void {
+  if (frame.verified) return;
+  let crc = 0;
+  for (const p of frame.parts) crc = native.crc32c(p, crc);
+  if (crc !== frame.checksum) throw checksumMismatch(frame.type, frame.section);
+  frame.verified = true;
+}
+
+export function checksumMismatch(type: FrameType, section: number): MigrationError {
+  return new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
 }
 
 export function jsonPayload(value: unknown): Buffer {
@@ -135,8 +158,10 @@ export class FrameReader {
   #scanCrc = 0;
   /** A header with an impossible length: frame bounds are lost, #peekHeader reports it. */
   #scanLost = false;
-  /** CRC32C of each scanned frame's payload, in stream order, until its frame is taken. */
-  #scannedCrcs: number[] = [];
+  /** CRC32C of each scanned frame's payload (null: deferred), in stream order, until its frame is taken. */
+  #scannedCrcs: (number | null)[] = [];
+  /** The payload being scanned is a SectionData one whose check is deferred. */
+  #scanDeferred = false;
 
   /** Gives consumed bytes back to the socket's slabs (slab reads only). */
   #releasePart: ((part: Buffer) => void) | undefined;
@@ -144,8 +169,12 @@ export class FrameReader {
   /** Past this many buffered bytes the socket is paused (backpressure to the sender). */
   static readonly MAX_BUFFERED_BYTES = 16 << 20;
 
-  constructor(stream: Duplex) {
+  /** SectionData payloads are not checksummed here: their consumer does it (see Frame.verified). */
+  readonly deferDataChecksums: boolean;
+
+  constructor(stream: Duplex, options: { deferDataChecksums?: boolean } = {}) {
     this.#stream = stream;
+    this.deferDataChecksums = options.deferDataChecksums ?? false;
     // 'data' hands over the socket's chunks as they are; read() would
     // concatenate everything buffered into one new Buffer each time. An
     // accepted migration socket hands them over directly (slab reads).
@@ -192,15 +221,16 @@ export class FrameReader {
           return;
         }
         this.#scanCrc = 0;
-        if (length === 0) this.#scannedCrcs.push(0);
+        this.#scanDeferred = this.deferDataChecksums && this.#scanHeader.readUInt8(5) === FrameType.SectionData;
+        if (length === 0) this.#scannedCrcs.push(this.#scanDeferred ? null : 0);
         else this.#scanPayloadLeft = length;
       } else {
         const n = Math.min(this.#scanPayloadLeft, chunk.length - at);
-        this.#scanCrc = native.crc32c(at === 0 && n === chunk.length ? chunk : chunk.subarray(at, at + n), this.#scanCrc);
+        if (!this.#scanDeferred) this.#scanCrc = native.crc32c(at === 0 && n === chunk.length ? chunk : chunk.subarray(at, at + n), this.#scanCrc);
         this.#scanPayloadLeft -= n;
         at += n;
         if (this.#scanPayloadLeft === 0) {
-          this.#scannedCrcs.push(this.#scanCrc);
+          this.#scannedCrcs.push(this.#scanDeferred ? null : this.#scanCrc);
           this.#scanPayloadLeft = -1;
         }
       }
@@ -318,8 +348,9 @@ export class FrameReader {
     const parts = length ? this.#takeParts(length) : [];
     // A whole buffered frame has been scanned (the scan sees every byte first).
     const crc = this.#scannedCrcs.shift();
-    if (crc !== expectedCrc) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
-    return makeFrame(type, section, parts, this.#releasePart);
+    if (crc === null) return makeFrame(type, section, parts, { checksum: expectedCrc, verified: false }, this.#releasePart);
+    if (crc !== expectedCrc) throw checksumMismatch(type, section);
+    return makeFrame(type, section, parts, { checksum: expectedCrc, verified: true }, this.#releasePart);
   }
 }
 

@@ -363,15 +363,32 @@ export class DataSession {
     }
   }
 
-  /** Writes all of `data` (a Buffer, or Buffers written in order) into a resume session. */
-  async write(data: Buffer | readonly Buffer[]): Promise<void> {
+  /**
+   * Writes all of `data` (a Buffer, or Buffers written in order) into a
+   * resume session. With `checksums`, each run of `parts` Buffers must have
+   * the given CRC32C: it is verified on the data thread right before the run
+   * is written, and a mismatch rejects with EBADMSG before any byte of that
+   * run reaches the device (runs before it are written).
+   */
+  async write(data: Buffer | readonly Buffer[], options: { checksums?: readonly { parts: number; crc32c: number }[] } = {}): Promise<void> {
     if (this.direction !== 'resume') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.device.id}: write() on a save session`);
     const parts = Buffer.isBuffer(data) ? [data] : data;
     if (!Array.isArray(parts) || !parts.every((p) => Buffer.isBuffer(p))) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', 'write(data): data must be a Buffer or an array of Buffers');
     const bytes = parts.reduce((n, p) => n + p.length, 0);
-    if (bytes === 0) return;
+    let checks: Uint32Array | undefined;
+    if (options.checksums) {
+      const runs = options.checksums;
+      if (!runs.every((r) => Number.isInteger(r.parts) && r.parts > 0 && Number.isInteger(r.crc32c) && r.crc32c >= 0 && r.crc32c <= 0xffffffff) || runs.reduce((n, r) => n + r.parts, 0) !== parts.length)
+        throw new VfioError('ERR_VFIO_BAD_ARGUMENT', 'write(data, { checksums }): runs of at least one part with a 32-bit CRC, covering every part once');
+      checks = new Uint32Array(runs.length * 2);
+      runs.forEach((r, i) => {
+        checks![2 * i] = r.parts;
+        checks![2 * i + 1] = r.crc32c;
+      });
+    }
+    if (bytes === 0 && !checks) return;
     try {
-      await this.#handle.writeData(this.fd, Buffer.isBuffer(data) ? data : parts);
+      await this.#handle.writeData(this.fd, Buffer.isBuffer(data) ? data : parts, checks);
       this.bytesTransferred += bytes;
     } catch (err) {
       throw fromNative(err, { device: this.device.id });

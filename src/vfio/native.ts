@@ -54,7 +54,8 @@ export interface NativeDeviceHandle {
   dmaLoggingReport(iova: number | bigint, length: number | bigint, pageSize: number | bigint): Promise<Buffer>;
   /** One read(2); the CRC32C of the bytes is computed on the device's data thread. */
   readData(dataFd: number, maxBytes: number): Promise<{ bytes: Buffer; crc32c: number } | null>;
-  writeData(dataFd: number, data: Buffer | readonly Buffer[]): Promise<number>;
+  /** `checks`: [parts, crc32c] pairs; each run of parts is verified (EBADMSG) before it is written. */
+  writeData(dataFd: number, data: Buffer | readonly Buffer[], checks?: Uint32Array): Promise<number>;
   closeDataFd(dataFd: number): Promise<void>;
   openDataFds(): number[];
   mockInfo(): NativeMockInfo;
