@@ -52,10 +52,8 @@ export interface MockProfileInput {
 }
 
 /** A validated profile: every field present, sizes in bytes. */
-export interface MockProfile {
-  name: string;
-  description: string;
-  flags: { stopCopy: boolean; p2p: boolean; preCopy: boolean };
+/** Profile fields the addon takes as they are (NativeMockProfile shares them). */
+export interface MockProfileScalars {
   stateBytes: number;
   chunkBytes: number;
   setupBytes: number;
@@ -63,17 +61,23 @@ export interface MockProfile {
   dirtyBytesPerSec: number;
   dirtyWorkingSetBytes: number;
   defaultArcLatencyMs: number;
-  arcLatencyMs: { from: MigrationState; to: MigrationState; ms: number }[];
   loadInitialMs: number;
   loadMsPerMiB: number;
   maxBytesPerSec: number;
   resumeFailureIntoError: boolean;
   dmaLogging: boolean;
-  faults: { from: MigrationState; to: MigrationState; errno: string; intoError: boolean; times: number }[];
   corruptSaveAtByte: number;
   bogusInitialBytes?: bigint;
   bogusDirtyBytes?: bigint;
   bogusStopCopyBytes?: bigint;
+}
+
+export interface MockProfile extends MockProfileScalars {
+  name: string;
+  description: string;
+  flags: { stopCopy: boolean; p2p: boolean; preCopy: boolean };
+  arcLatencyMs: { from: MigrationState; to: MigrationState; ms: number }[];
+  faults: { from: MigrationState; to: MigrationState; errno: string; intoError: boolean; times: number }[];
   driver?: 'generic' | 'mtty';
   ports?: number;
 }

@@ -2,28 +2,14 @@
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
+import type { MockProfileScalars } from './mock-profile.js';
 
-export interface NativeMockProfile {
+/** A validated profile in the addon's terms: states and errnos as kernel numbers. */
+export interface NativeMockProfile extends MockProfileScalars {
   name: string;
   flags: number;
-  stateBytes: number;
-  chunkBytes: number;
-  setupBytes: number;
-  stopCopyOnlyBytes: number;
-  dirtyBytesPerSec: number;
-  dirtyWorkingSetBytes: number;
-  defaultArcLatencyMs: number;
   arcLatencies: { from: number; to: number; ms: number }[];
-  loadInitialMs: number;
-  loadMsPerMiB: number;
-  maxBytesPerSec: number;
-  resumeFailureIntoError: boolean;
-  dmaLogging: boolean;
   faults: { from: number; to: number; errno: number; intoError: boolean; times: number }[];
-  corruptSaveAtByte: number;
-  bogusInitialBytes?: bigint;
-  bogusDirtyBytes?: bigint;
-  bogusStopCopyBytes?: bigint;
   profileHash: bigint;
 }
 
