@@ -126,6 +126,7 @@ export class MigrationDestination extends MigrationEvents {
     options.signal?.addEventListener('abort', onAbort, { once: true });
     let setupStarted = false;
     let main: Channel | null = null;
+    let reporter: NodeJS.Timeout | undefined;
     try {
       const hello = await this.#acceptMain(options.signal);
       main = this.#channels[0]!;
@@ -148,7 +149,18 @@ export class MigrationDestination extends MigrationEvents {
       this.#setStatus('active');
       if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
       loadStart = performance.now();
+      // Tell the source how far arrival and loading got, every 10 ms while
+      // either moves: also while a slow load holds everything up (arrivals
+      // still count), and no more often (per-MiB reports cost a fast link dearly).
+      let reported = { received: -1, loaded: -1 };
+      reporter = setInterval(() => {
+        const received = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
+        if (received === reported.received && this.#loadedBytes === reported.loaded) return;
+        reported = { received, loaded: this.#loadedBytes };
+        void this.#sendLoadReport(main!).catch(() => {});
+      }, LOAD_REPORT_INTERVAL_MS);
       await settleAll(this.#channels.map((ch) => this.#channelLoop(ch, hello)));
+      clearInterval(reporter);
       loadEnd = performance.now();
       if (this.#failure) throw this.#failure;
 
@@ -195,6 +207,7 @@ export class MigrationDestination extends MigrationEvents {
       e.result = { status: this.#status, totalTimeMs: performance.now() - t0, loadMs: loadEnd ? loadEnd - loadStart : 0, downtimeMs: null, digests: [], sectionBytes: this.#sectionBytes, error };
       throw cause;
     } finally {
+      clearInterval(reporter);
       options.signal?.removeEventListener('abort', onAbort);
       for (const s of this.#sockets) endSocket(s);
     }
@@ -203,7 +216,6 @@ export class MigrationDestination extends MigrationEvents {
   #sectionBytes: number[] = [];
   /** Section bytes the devices have finished loading (the source subtracts them from what it sent). */
   #loadedBytes = 0;
-  #reportedAtMs = 0;
 
   /** Tells the source what this side's devices need at switchover (for its downtime estimate). */
   async #sendLoadReport(main: Channel): Promise<void> {
@@ -211,7 +223,6 @@ export class MigrationDestination extends MigrationEvents {
     this.handlers.forEach((h, section) => {
       if (h.resumeDeviceTimeMs) sections.push({ section, resumeDeviceMs: h.resumeDeviceTimeMs(), loadMsPerMiB: h.loadMsPerMiB?.() ?? null });
     });
-    this.#reportedAtMs = performance.now();
     // Arrived counts what sits in this side's buffers too: it has crossed the link.
     const receivedBytes = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
     await main.writer.writeJson(FrameType.LoadReport, 0, { sections, receivedBytes, loadedBytes: this.#loadedBytes } satisfies LoadReportMessage);
@@ -374,9 +385,6 @@ export class MigrationDestination extends MigrationEvents {
           void loading.finally(() => frames.forEach((f) => f.release())).catch(() => {});
           const load = loading.then(() => {
             this.#loadedBytes += gathered;
-            // Tell the source how far arrival and loading got, at most every 10 ms
-            // (fresh enough for its estimate; per-MiB reports cost a fast link dearly).
-            if (performance.now() - this.#reportedAtMs >= LOAD_REPORT_INTERVAL_MS) void this.#sendLoadReport(main).catch(() => {});
           });
           load.catch(() => {}); // awaited below; this only keeps it from counting as unhandled meanwhile
           inflight.push(load);
