@@ -52,6 +52,8 @@ struct HeaderPayload {
 };
 static_assert(sizeof(HeaderPayload) == 32, "HeaderPayload");
 constexpr size_t kPipeBytes = 1 << 20;
+// Most one read(2) or write(2) moves, as a driver's own buffering limits it.
+constexpr size_t kMaxIoBytes = 4 << 20;
 
 inline uint64_t Mix(uint64_t x) {  // splitmix64 finaliser
   x += 0x9e3779b97f4a7c15ull;
@@ -542,7 +544,7 @@ ssize_t MockDevice::ReadData(int data_fd, void* buf, size_t len) {
   // Like a driver's read(), the stream is copied straight into the caller's
   // buffer; the pipe is the session's fd (its lifetime, close and staleness).
   uint8_t* out = static_cast<uint8_t*>(buf);
-  size_t want = std::min(len, kPipeBytes);
+  size_t want = std::min(len, kMaxIoBytes);
   size_t n = std::min(want, s.staging.size());
   if (n) memcpy(out, s.staging.data(), n);
   s.staging.Consume(n);
@@ -574,7 +576,7 @@ ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
   if (!current) return stale_fds_.count(data_fd) ? -ENODEV : -EBADF;
   Session& s = session_;
   if (s.kind != SessionKind::kResume) return -EINVAL;
-  size_t w = std::min(len, kPipeBytes);
+  size_t w = std::min(len, kMaxIoBytes);
   const uint8_t* in = static_cast<const uint8_t*>(buf);
   info_.bytes_written += w;
   bool was_initial_done = s.initial_done;

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -132,23 +133,29 @@ MockProfile ParseProfile(const Napi::Object& o) {
 // Read buffers of the default size come from a free list: a fresh 1 MiB
 // malloc per read is an mmap plus 256 page faults, a measurable share of a
 // GB/s stream. Buffers return here from their JS finalizer.
+// Read buffers by size: the migration layer reads in powers of two from
+// 256 KiB to 4 MiB, and a returned block serves the next read of its size.
 class ReadBufferPool {
  public:
-  static constexpr size_t kBytes = 1 << 20;
-  static constexpr size_t kMaxFree = 64;
+  static constexpr size_t kMaxFreePerSize = 8;
   static uint8_t* Get(size_t n) {
-    if (n != kBytes) return static_cast<uint8_t*>(malloc(n));
-    std::lock_guard<std::mutex> l(mu_);
-    if (free_.empty()) return static_cast<uint8_t*>(malloc(n));
-    uint8_t* p = free_.back();
-    free_.pop_back();
-    return p;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = free_.find(n);
+      if (it != free_.end() && !it->second.empty()) {
+        uint8_t* p = it->second.back();
+        it->second.pop_back();
+        return p;
+      }
+    }
+    return static_cast<uint8_t*>(malloc(n));
   }
   static void Put(uint8_t* p, size_t n) {
-    if (n == kBytes) {
+    if (Pooled(n)) {
       std::lock_guard<std::mutex> l(mu_);
-      if (free_.size() < kMaxFree) {
-        free_.push_back(p);
+      auto& list = free_[n];
+      if (list.size() < kMaxFreePerSize) {
+        list.push_back(p);
         return;
       }
     }
@@ -156,8 +163,9 @@ class ReadBufferPool {
   }
 
  private:
+  static bool Pooled(size_t n) { return n >= (256u << 10) && n <= (4u << 20) && (n & (n - 1)) == 0; }
   static inline std::mutex mu_;
-  static inline std::vector<uint8_t*> free_;
+  static inline std::map<size_t, std::vector<uint8_t*>> free_;
 };
 
 }  // namespace

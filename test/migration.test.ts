@@ -7,6 +7,7 @@ import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MigrationSource } from '../src/migration/source.js';
 import { MigrationError } from '../src/migration/errors.js';
+import type { VfioHandler } from '../src/migration/vfio-handler.js';
 import type { MigrationEventRecord } from '../src/migration/events.js';
 import { CLI, deviceArgs, sourceSide, startDestination } from './harness.js';
 import { openFdCount } from './helpers.js';
@@ -265,6 +266,22 @@ test.serial('a bit flipped on the link is caught by the frame checksum where the
   t.is((r?.error as { code: string }).code, 'ERR_MIGRATION_PROTOCOL');
   await side.close();
   await dest.exitCode;
+});
+
+test.serial('data reads follow the device: large on a fast device, small on a slow one (a read in flight never holds a switchover up long)', async (t) => {
+  const readSize = async (overrides: Record<string, unknown>) => {
+    const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: { ...nic, dirtyBytesPerSec: 0, ...overrides } };
+    const dest = await startDestination(deviceArgs(spec));
+    const side = await sourceSide(spec);
+    const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+    await src.migrate(dest.uri);
+    await dest.exitCode;
+    await side.close();
+    return (side.handlers[0] as VfioHandler).readBytes;
+  };
+  t.is(await readSize({ stateBytes: '96MiB' }), 4 << 20, 'a fast device is read 4 MiB at a time');
+  // 12 MiB/s: a 20 ms read is ~256 KiB.
+  t.true((await readSize({ stateBytes: '6MiB', maxBytesPerSec: '12MiB' })) <= 512 << 10, 'a slow device in small reads');
 });
 
 test.serial('a stream the destination device rejects fails the migration and rolls the source back', async (t) => {

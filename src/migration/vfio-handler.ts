@@ -8,7 +8,16 @@ import type { DeviceInfo, HandlerContext, PendingBytes, SectionDescription, Sect
 import { MAX_REPORTED_BYTES, clampDeviceBytes } from './accounting.js';
 import { MigrationError } from './errors.js';
 
-const READ_BYTES = 1 << 20;
+/**
+ * Reads start at 1 MiB and follow the device's rate between 256 KiB and
+ * 4 MiB, so that one takes about READ_TARGET_MS: large enough that a fast
+ * device streams in few round trips, small enough that a slow device's read
+ * in flight never holds a switchover (or its abort) up for long.
+ */
+const FIRST_READ_BYTES = 1 << 20;
+const MIN_READ_BYTES = 256 << 10;
+const MAX_READ_BYTES = 4 << 20;
+const READ_TARGET_MS = 20;
 /** Reads kept queued on the device's data thread, so it produces while the event loop sends. */
 const READS_AHEAD = 3;
 /** Precopy data smaller than this is gathered before it goes out as a frame. */
@@ -123,10 +132,34 @@ export class VfioHandler implements StateHandler {
   /** Reads issued ahead of time, in stream order; `inPrecopy`: issued in a PRE_COPY state. */
   #readsAhead: { result: Promise<ReadResult>; inPrecopy: boolean }[] = [];
 
+  #readBytes = FIRST_READ_BYTES;
+  #lastReadDoneAt = 0;
+
+  /** Bytes the next data reads ask for (follows the device's read rate). */
+  get readBytes(): number {
+    return this.#readBytes;
+  }
+
   #issueRead(session: DataSession): void {
-    const result = session.read(READ_BYTES);
+    const asked = this.#readBytes;
+    const issuedAt = performance.now();
+    const result = session.read(asked).then((r) => {
+      this.#learnReadRate(r, asked, issuedAt);
+      return r;
+    });
     result.catch(() => {}); // awaited in order by #nextRead or #closeSession
     this.#readsAhead.push({ result, inPrecopy: PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState) });
+  }
+
+  /** Sizes the next reads from this one's service time (from when it could start: reads queue). */
+  #learnReadRate(r: ReadResult, asked: number, issuedAt: number): void {
+    const done = performance.now();
+    const serviceMs = done - Math.max(issuedAt, this.#lastReadDoneAt);
+    this.#lastReadDoneAt = done;
+    // A short read only says the stream ran dry for now.
+    if (r.kind !== 'data' || r.bytes.length < asked) return;
+    const fits = (r.bytes.length / Math.max(serviceMs, 0.01)) * READ_TARGET_MS;
+    this.#readBytes = Math.min(MAX_READ_BYTES, Math.max(MIN_READ_BYTES, 2 ** Math.floor(Math.log2(Math.max(1, fits)))));
   }
 
   #nextRead(session: DataSession): { result: Promise<ReadResult>; inPrecopy: boolean } {
@@ -154,7 +187,7 @@ export class VfioHandler implements StateHandler {
       const r = await this.#nextRead(session).result;
       if (r.kind !== 'data') break;
       // Read the next chunks while this one goes out, as far as the budget goes.
-      while (this.#readsAhead.length < READS_AHEAD && sent + r.bytes.length + this.#readsAhead.length * READ_BYTES < budgetBytes) this.#issueRead(session);
+      while (this.#readsAhead.length < READS_AHEAD && sent + r.bytes.length + this.#readsAhead.length * this.#readBytes < budgetBytes) this.#issueRead(session);
       sent += r.bytes.length;
       if (r.bytes.length >= MIN_FRAME_BYTES && smallBytes === 0) await out.send(r.bytes, r.crc32c);
       else {
