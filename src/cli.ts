@@ -17,7 +17,7 @@ import { RamHandler } from './migration/ram-handler.js';
 import { SyntheticVm } from './migration/vm.js';
 import { MigrationSource, type MigrationInfo } from './migration/source.js';
 import { MigrationDestination } from './migration/destination.js';
-import { describeError } from './migration/errors.js';
+import { type MigrationError, describeError } from './migration/errors.js';
 import { parseByteSize } from './vfio/mock-profile.js';
 import type { StateHandler } from './migration/handler.js';
 import { onJsonLines } from './json-lines.js';
@@ -258,8 +258,9 @@ async function cmdMigrate(v: Values): Promise<number> {
   let info: MigrationInfo;
   try {
     info = await src.migrate(v.to, { channels });
-  } catch {
-    code = 1;
+  } catch (err) {
+    // 3: the destination may be running the VM; this side stays stopped (see resumeOnSource()).
+    code = (err as MigrationError).code === 'ERR_MIGRATION_OUTCOME_UNKNOWN' ? 3 : 1;
     info = src.query();
   } finally {
     if (timer) clearInterval(timer);
