@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 
 #if defined(__x86_64__)
 #include <nmmintrin.h>
@@ -141,7 +142,7 @@ uint32_t Crc32c(const uint8_t* p, size_t n, uint32_t previous) {
   return ~Crc32cTable(crc, p, n);
 }
 
-void InitCrc32c() {
+void InitTablesOnce() {
   InitTables();
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -149,6 +150,12 @@ void InitCrc32c() {
   InitShiftTable(g_shift_long, kLongBlock);
   InitShiftTable(g_shift_short, kShortBlock);
 #endif
+}
+
+void InitCrc32c() {
+  // Once per process: worker threads load the addon again while data threads may be reading the tables.
+  static std::once_flag once;
+  std::call_once(once, InitTablesOnce);
 }
 
 Napi::Value Crc32cJs(const Napi::CallbackInfo& info) {

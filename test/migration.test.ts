@@ -284,6 +284,24 @@ test.serial('data reads follow the device: large on a fast device, small on a sl
   t.true((await readSize({ stateBytes: '6MiB', maxBytesPerSec: '12MiB' })) <= 512 << 10, 'a slow device in small reads');
 });
 
+test.serial('a source device failing its last arc after the destination runs the VM is a warning: the migration completed', async (t) => {
+  const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: { ...nic, dirtyBytesPerSec: 0 } };
+  const dest = await startDestination(deviceArgs(spec));
+  // stop-copy -> stop is the source's clean-up once the VM runs on the destination.
+  const side = await sourceSide({ ...spec, overrides: { ...spec.overrides, faults: [{ arc: 'stop-copy>stop', errno: 'EIO' }] } });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const warnings: string[] = [];
+  src.on('MIGRATION_WARNING', (w: { message: string }) => warnings.push(w.message));
+  const info = await src.migrate(dest.uri);
+  t.is(info.status, 'completed');
+  t.false(side.vm.running, 'the VM runs on the destination only');
+  t.true(warnings.some((m) => /cleanup after completion.*EIO/.test(m)), warnings.join('; '));
+  t.true(info.digests?.length === 1 && info.digests.every((d) => d.match === true));
+  t.is((await dest.result)?.status, 'completed');
+  await side.close();
+  await dest.exitCode;
+});
+
 test.serial('a stream the destination device rejects fails the migration and rolls the source back', async (t) => {
   const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: nic };
   const dest = await startDestination(deviceArgs(spec));

@@ -111,7 +111,7 @@ test('a flipped payload bit, a bad magic, an oversize length or a cut frame is a
   t.throws(() => encodeFrame(FrameType.SectionData, 0, Buffer.alloc(MAX_FRAME_PAYLOAD_BYTES + 1)), { code: 'ERR_MIGRATION_PROTOCOL' });
 });
 
-test('slab reads: frames stay intact until released while slabs are reused under them', async (t) => {
+test.serial('slab reads: frames stay intact until released while slabs are reused under them', async (t) => {
   const { server, uri } = await listen(parseUri('tcp:127.0.0.1:0'));
   t.teardown(() => server.close());
   const accepted = new Promise<net.Socket>((r) => server.once('accepted', r));
@@ -194,4 +194,34 @@ test('deferred data checksums: section data arrives unverified for its loader, c
   badControl[badControl.length - 1]! ^= 0x01; // in the control payload
   const [, err] = await read(badControl);
   t.true(err instanceof MigrationError && /checksum mismatch in a SectionEnd frame/.test(err.message), 'control frames are verified by the reader');
+});
+
+test.serial('an accepted connection reads nothing until a reader attaches: a peer cannot fill memory at its own pace', async (t) => {
+  const { server, uri } = await listen(parseUri('tcp:127.0.0.1:0'));
+  t.teardown(() => server.close());
+  const accepted = new Promise<net.Socket>((r) => server.once('accepted', r));
+  const a = await connect(uri);
+  const b = await accepted;
+  t.teardown(() => {
+    a.destroy();
+    b.destroy();
+  });
+  const before = slabStats();
+  const writer = new FrameWriter(a);
+  const total = 48;
+  const sending = (async () => {
+    for (let i = 0; i < total; i++) await writer.write(FrameType.SectionData, 0, Buffer.alloc(1 << 20, i));
+  })();
+  sending.catch(() => {}); // awaited at the end; a failed assertion must not leave it unhandled
+  await new Promise((r) => setTimeout(r, 300));
+  // Only the kernel's socket buffers hold anything: the sender is held back.
+  t.true(a.writableLength > 8 << 20, `sender still holds ${a.writableLength} bytes`);
+  t.true(slabStats().allocated - before.allocated <= 1, 'no slabs filled for an unread connection');
+  const reader = new FrameReader(b);
+  for (let i = 0; i < total; i++) {
+    const f = await reader.next();
+    t.is(f!.payload[0], i);
+    f!.release();
+  }
+  await sending;
 });

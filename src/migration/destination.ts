@@ -25,6 +25,8 @@ function endSocket(s: net.Socket): void {
 
 /** Section loads one channel may have queued on the devices at once. */
 const MAX_INFLIGHT_LOADS = 4;
+/** Longest wait for the source's Commit after ReadyToRun (it answers at once unless gone). */
+const COMMIT_TIMEOUT_MS = 30_000;
 /** Shortest interval between two LoadReports while data loads. */
 const LOAD_REPORT_INTERVAL_MS = 10;
 /** Up to this many bytes of already-arrived data frames go to a device in one write. */
@@ -174,14 +176,9 @@ export class MigrationDestination extends MigrationEvents {
       await settleAll(this.handlers.map((h) => h.loadResumeP2P(ctx)));
       await settleAll(this.handlers.map((h) => h.loadResume(ctx)));
       await this.vm.resume();
-      const downtimeMs = this.#sourceStoppedAt ? performance.timeOrigin + performance.now() - this.#sourceStoppedAt : null;
-      const digests = this.handlers.map((h) => h.digest?.('loaded') ?? null);
-      const running: RunningMessage = { digests, loadMs: loadEnd - loadStart, resumeMs: performance.now() - loadEnd };
-      // The VM runs here now, whether or not the source hears of it.
-      await main.writer.writeJson(FrameType.Running, 0, running).catch(() => {});
-      this.#setStatus('completed');
-      await settleAll(this.handlers.map((h) => h.loadCleanup('completed', ctx)));
-      return { status: 'completed', totalTimeMs: performance.now() - t0, loadMs: loadEnd - loadStart, downtimeMs, digests, sectionBytes: this.#sectionBytes };
+      // The VM runs here now: nothing after this may stop it (the source gave
+      // it up), so what still fails is only a warning.
+      return await this.#finishRunning(main, ctx, { t0, loadStart, loadEnd });
     } catch (err) {
       const cause = this.#failure ?? (err as Error);
       if (this.#abortTimer) clearTimeout(this.#abortTimer);
@@ -193,8 +190,9 @@ export class MigrationDestination extends MigrationEvents {
         if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, { ...describeError(cause), notRunning: true }).catch(() => {});
         this.#fail(cause);
       } else {
-        // Tell the source why before the connections go.
-        if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, describeError(cause)).catch(() => {});
+        // Tell the source why before the connections go. Nothing ever ran
+        // here: even if this crosses the source's Commit, it may resume.
+        if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, { ...describeError(cause), notRunning: true }).catch(() => {});
         this.#fail(cause);
         if (setupStarted) {
           if (this.vm.running) await this.vm.stop();
@@ -211,6 +209,37 @@ export class MigrationDestination extends MigrationEvents {
       options.signal?.removeEventListener('abort', onAbort);
       for (const s of this.#sockets) endSocket(s);
     }
+  }
+
+  /** After the VM resumed here: report, clean up; failures are warnings (the VM keeps running). */
+  async #finishRunning(main: Channel, ctx: HandlerContext, times: { t0: number; loadStart: number; loadEnd: number }): Promise<IncomingResult> {
+    const warn = (what: string, err: unknown) => {
+      try {
+        this.emitEvent('MIGRATION_WARNING', { message: `${what} after the VM started here: ${describeError(err).message}` });
+      } catch {
+        // A throwing listener changes nothing here.
+      }
+    };
+    const downtimeMs = this.#sourceStoppedAt ? performance.timeOrigin + performance.now() - this.#sourceStoppedAt : null;
+    const digests = this.handlers.map((h) => {
+      try {
+        return h.digest?.('loaded') ?? null;
+      } catch (err) {
+        warn('digest', err);
+        return null;
+      }
+    });
+    const running: RunningMessage = { digests, loadMs: times.loadEnd - times.loadStart, resumeMs: performance.now() - times.loadEnd };
+    // Whether or not the source hears of it.
+    await main.writer.writeJson(FrameType.Running, 0, running).catch(() => {});
+    try {
+      this.#setStatus('completed');
+    } catch (err) {
+      warn('a MIGRATION listener', err);
+    }
+    const cleanup = await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('completed', ctx)));
+    for (const r of cleanup) if (r.status === 'rejected') warn('cleanup', r.reason);
+    return { status: 'completed', totalTimeMs: performance.now() - times.t0, loadMs: times.loadEnd - times.loadStart, downtimeMs, digests, sectionBytes: this.#sectionBytes };
   }
 
   #sectionBytes: number[] = [];
@@ -234,7 +263,12 @@ export class MigrationDestination extends MigrationEvents {
     if (this.#abortTimer) clearTimeout(this.#abortTimer);
     this.#readySent = true;
     await main.writer.write(FrameType.ReadyToRun, 0);
-    const frame = await main.reader.next();
+    // A source that never answers (gone without a FIN) must not keep this side waiting forever.
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new MigrationError('ERR_MIGRATION_CONNECTION', `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`)), COMMIT_TIMEOUT_MS);
+    });
+    const frame = await Promise.race([main.reader.next(), timeout]).finally(() => clearTimeout(timer));
     if (frame?.type === FrameType.Commit) {
       this.#committed = true;
       return;
@@ -376,7 +410,12 @@ export class MigrationDestination extends MigrationEvents {
           }
           // Checked where the bytes are loaded (off the event loop) if the handler can; else here.
           let loading: Promise<void>;
-          if (handler.loadChecked) loading = handler.loadChecked(parts, frames.map((f) => ({ parts: f.parts.length, crc32c: f.checksum })));
+          if (handler.loadChecked) {
+            // An empty frame has no bytes to check on the device's thread: check it here.
+            frames.filter((f) => f.parts.length === 0).forEach(verifyFrame);
+            const checksums = frames.filter((f) => f.parts.length > 0).map((f) => ({ parts: f.parts.length, crc32c: f.checksum }));
+            loading = handler.loadChecked(parts, checksums);
+          }
           else {
             frames.forEach(verifyFrame);
             loading = handler.load(parts);

@@ -4,7 +4,12 @@
 // cancel leaves the VM running with every device back in RUNNING.
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { MigrationEvents, type MigrationStatus } from './events.js';
+import { MigrationEvents, type MigrationEventMap, type MigrationEventName, type MigrationStatus } from './events.js';
+
+/** Longest wait, after the end of the stream, for the destination to load and stop every device. */
+const READY_TIMEOUT_MS = 60_000;
+/** Longest wait, after the commit, for the destination to say the VM runs (then the outcome is unknown). */
+const RUNNING_TIMEOUT_MS = 60_000;
 import { MigrationError, describeError } from './errors.js';
 import type { DeviceInfo, HandlerContext, PendingBytes, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
@@ -114,6 +119,8 @@ export class MigrationSource extends MigrationEvents {
   #committed = false;
   /** The destination reported a failure after which it runs nothing (its VM stopped, devices reset). */
   #destinationNotRunning = false;
+  /** The destination said the VM runs there: nothing after that is a failure of the migration. */
+  #runningThere = false;
   /** The outcome is unknown and the source waits for resumeOnSource(). */
   #awaitingResume: { ctx: HandlerContext } | null = null;
 
@@ -153,6 +160,16 @@ export class MigrationSource extends MigrationEvents {
   #setStatus(status: MigrationStatus, reason?: { code: string; message: string }): void {
     this.#status = status;
     this.emitEvent('MIGRATION', reason ? { status, reason } : { status });
+  }
+
+  /** Emits where a throwing listener must not change the outcome (past the commit). */
+  #emitSafely<K extends MigrationEventName>(event: K, data: MigrationEventMap[K]): void {
+    try {
+      this.emitEvent(event, data);
+    } catch (err) {
+      // Past the commit a listener's bug must not turn a migration into a failure.
+      this.#warnings.push(`a ${event} listener threw: ${describeError(err).message}`);
+    }
   }
 
   #warn(message: string, data?: Record<string, unknown>): void {
@@ -326,19 +343,30 @@ export class MigrationSource extends MigrationEvents {
         // is ready, and runs nothing until this side commits. Before the
         // commit a failure rolls back here; after it, this side never resumes
         // the VM by itself, so a lost connection cannot leave it running twice.
-        await new Promise<void>((resolve, reject) => {
-          this.#readyToRun = { resolve, reject };
-          if (this.#failure) reject(this.#failure);
-        });
+        await this.#withTimeout(
+          new Promise<void>((resolve, reject) => {
+            this.#readyToRun = { resolve, reject };
+            if (this.#failure) reject(this.#failure);
+          }),
+          READY_TIMEOUT_MS,
+          `the destination did not report ready within ${READY_TIMEOUT_MS} ms of the end of the stream`,
+        );
         this.#check();
         if (abortTimer) clearTimeout(abortTimer);
+        // Committed from the moment the frame may leave: it can reach the
+        // destination even if the write then fails here.
         this.#committed = true;
-        this.emitEvent('MIGRATION_COMMITTED', { afterStopMs: performance.now() - this.#stoppedAt });
         await main.writer.write(FrameType.Commit, 0);
-        const running = await new Promise<RunningMessage>((resolve, reject) => {
-          this.#running = { resolve, reject };
-          if (this.#failure) reject(this.#failure);
-        });
+        this.#emitSafely('MIGRATION_COMMITTED', { afterStopMs: performance.now() - this.#stoppedAt });
+        const running = await this.#withTimeout(
+          new Promise<RunningMessage>((resolve, reject) => {
+            this.#running = { resolve, reject };
+            if (this.#failure) reject(this.#failure);
+          }),
+          RUNNING_TIMEOUT_MS,
+          `the destination did not report running within ${RUNNING_TIMEOUT_MS} ms of the commit`,
+        );
+        this.#runningThere = true;
         this.#downtimeMs = performance.now() - this.#stoppedAt;
         this.#digests = this.handlers.map((h, i) => {
           const src = h.digest?.('saved') ?? null;
@@ -348,12 +376,20 @@ export class MigrationSource extends MigrationEvents {
       } finally {
         if (abortTimer) clearTimeout(abortTimer);
       }
-      this.#check();
-      await settleAll(this.handlers.map((h) => h.saveCleanup('completed', ctx)));
+      // The VM runs on the destination: what fails from here on is only a warning.
+      const cleanup = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('completed', ctx)));
+      for (const r of cleanup) if (r.status === 'rejected') this.#warn(`cleanup after completion: ${describeError(r.reason).message}`);
       this.#endAt = performance.now();
       this.#setStatus('completed');
       return this.query();
     } catch (err) {
+      if (this.#runningThere) {
+        // Only a listener or a digest can throw here: the migration itself completed.
+        this.#warn(`after completion: ${describeError(err).message}`);
+        if (!this.#endAt) this.#endAt = performance.now();
+        if ((this.#status as MigrationStatus) !== 'completed') this.#setStatus('completed');
+        return this.query();
+      }
       this.#fail(this.#failure ?? (err as Error));
       // A failure seen here first (a broken pipe) is often the echo of one the
       // destination reports on the return path: give that report a moment.

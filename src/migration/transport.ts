@@ -1,4 +1,5 @@
 // Migration URIs and their sockets: tcp:host:port and unix:path, as QEMU spells them.
+import { closeSync } from 'node:fs';
 import net from 'node:net';
 import { native } from '../vfio/native.js';
 import { MigrationError } from './errors.js';
@@ -90,39 +91,50 @@ function withSlabReads(accepted: net.Socket): net.Socket {
     if (typeof fd !== 'number' || fd < 0) throw new Error('no fd');
     copy = native.dupSocketFd(fd);
   } catch {
-    accepted.resume();
+    // Paused (pauseOnConnect) until a reader attaches: its 'data' listener starts the reads.
     return accepted;
   }
   let current = newSlab();
   const early: Buffer[] = [];
   let sink: ((chunk: Buffer) => void) | null = null;
-  const socket = new net.Socket({
-    fd: copy,
-    readable: true,
-    writable: true,
-    highWaterMark: SOCKET_BUFFER_BYTES,
-    onread: {
-      buffer: () => {
-        if (SLAB_BYTES - current.filled < MIN_READ_BYTES) {
-          current.retired = true;
-          recycleIfDone(current);
-          current = newSlab();
-        }
-        return current.slab.subarray(current.filled);
+  let socket: net.Socket;
+  try {
+    socket = new net.Socket({
+        fd: copy,
+      readable: true,
+      writable: true,
+      highWaterMark: SOCKET_BUFFER_BYTES,
+      onread: {
+        buffer: () => {
+          if (SLAB_BYTES - current.filled < MIN_READ_BYTES) {
+            current.retired = true;
+            recycleIfDone(current);
+            current = newSlab();
+          }
+          return current.slab.subarray(current.filled);
+        },
+        callback: (bytes: number, buf: Uint8Array) => {
+          const chunk = Buffer.from(buf.buffer, buf.byteOffset, bytes);
+          current.filled += bytes;
+          if (sink) sink(chunk);
+          else early.push(chunk);
+        },
       },
-      callback: (bytes: number, buf: Uint8Array) => {
-        const chunk = Buffer.from(buf.buffer, buf.byteOffset, bytes);
-        current.filled += bytes;
-        if (sink) sink(chunk);
-        else early.push(chunk);
-      },
-    },
-  } as net.SocketConstructorOpts);
+    } as net.SocketConstructorOpts);
+  } catch {
+    closeSync(copy);
+    return accepted;
+  }
+  accepted.destroy();
   socket.setNoDelay(true);
+  // No reads until a reader attaches: a connection nobody reads yet (queued,
+  // or a stray one) must not fill memory at the peer's pace.
+  socket.pause();
   const direct: DirectChunks = {
     attach(s) {
       sink = s;
       for (const c of early.splice(0)) s(c);
+      socket.resume();
     },
     release: releaseSlabBytes,
   };
@@ -132,7 +144,6 @@ function withSlabReads(accepted: net.Socket): net.Socket {
     recycleIfDone(current);
   });
   Object.defineProperty(socket, directChunks, { value: direct });
-  accepted.destroy();
   return socket;
 }
 
