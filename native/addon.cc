@@ -33,7 +33,7 @@ const char* ErrnoName(int e) {
     E(EPERM) E(ENOENT) E(EINTR) E(EIO) E(ENXIO) E(E2BIG) E(EBADF) E(EAGAIN) E(ENOMEM) E(EACCES)
     E(EFAULT) E(EBUSY) E(EEXIST) E(ENODEV) E(EINVAL) E(ENFILE) E(EMFILE) E(ENOTTY) E(ENOSPC)
     E(EPIPE) E(ERANGE) E(ENOSYS) E(ENOMSG) E(ENODATA) E(EOPNOTSUPP) E(ETIMEDOUT) E(ECANCELED)
-    E(EOVERFLOW) E(EPROTO) E(EBADMSG) E(ENOTSUP == EOPNOTSUPP ? 0 : ENOTSUP)
+    E(EOVERFLOW) E(EPROTO) E(EBADMSG) E(ENOTSOCK) E(ENOTSUP == EOPNOTSUPP ? 0 : ENOTSUP)
 #undef E
     default: return "EUNKNOWN";
   }
@@ -130,11 +130,10 @@ MockProfile ParseProfile(const Napi::Object& o) {
   return p;
 }
 
-// Read buffers of the default size come from a free list: a fresh 1 MiB
-// malloc per read is an mmap plus 256 page faults, a measurable share of a
-// GB/s stream. Buffers return here from their JS finalizer.
-// Read buffers by size: the migration layer reads in powers of two from
-// 256 KiB to 4 MiB, and a returned block serves the next read of its size.
+// Read buffers come from free lists by size (the migration layer reads in
+// powers of two from 256 KiB to 4 MiB): a fresh malloc per read is an mmap
+// plus a page fault per 4 KiB, a measurable share of a GB/s stream. Buffers
+// return here from their JS finalizer.
 class ReadBufferPool {
  public:
   static constexpr size_t kMaxFreePerSize = 8;
@@ -508,8 +507,8 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     // must have that CRC32C, verified here on the data thread right before
     // the run is written (the device then reads bytes still in cache); a
     // mismatch is EBADMSG and nothing of that run reaches the device.
-    struct Run_ { size_t parts; uint32_t crc; };
-    auto runs = std::make_shared<std::vector<Run_>>();
+    struct CheckedRun { size_t parts; uint32_t crc; };
+    auto runs = std::make_shared<std::vector<CheckedRun>>();
     if (info.Length() > 2 && !info[2].IsUndefined()) {
       if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
         throw Napi::TypeError::New(env, "writeData(fd, data, checks): checks must be a Uint32Array of [parts, crc32c] pairs");
@@ -530,7 +529,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                  size_t next = 0;  // first part of the next checked run
                  for (size_t i = 0, k = 0; i < parts->size(); i++) {
                    if (i == next && k < runs->size()) {
-                     const Run_& run = (*runs)[k++];
+                     const CheckedRun& run = (*runs)[k++];
                      uint32_t crc = 0;
                      for (size_t j = i; j < i + run.parts; j++) crc = Crc32c((*parts)[j].data, (*parts)[j].len, crc);
                      if (crc != run.crc) {
@@ -702,17 +701,9 @@ Napi::Value DupSocketFdJs(const Napi::CallbackInfo& info) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   int type = 0;
   socklen_t len = sizeof type;
-  if (fd < 0 || getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) {
-    Napi::Error e = Napi::Error::New(env, std::string("dupSocketFd: ") + strerror(errno));
-    e.Set("code", Napi::String::New(env, "EBADF"));
-    throw e;
-  }
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) throw MakeError(env, errno, "getsockopt(SO_TYPE) in dupSocketFd");
   int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (copy < 0) {
-    Napi::Error e = Napi::Error::New(env, std::string("dupSocketFd: ") + strerror(errno));
-    e.Set("code", Napi::String::New(env, errno == EMFILE ? "EMFILE" : "EIO"));
-    throw e;
-  }
+  if (copy < 0) throw MakeError(env, errno, "fcntl(F_DUPFD_CLOEXEC) in dupSocketFd");
   return Napi::Number::New(env, copy);
 }
 

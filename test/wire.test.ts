@@ -1,5 +1,7 @@
 import test from 'ava';
 import net from 'node:net';
+import { closeSync, openSync, writeSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { native } from '../src/vfio/native.js';
 import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame, verifyFrame } from '../src/migration/wire.js';
@@ -39,16 +41,48 @@ test('crc32c agrees with a bit-wise reference at every length and alignment, and
   }
 });
 
+test('dupSocketFd duplicates a socket and refuses anything else with its errno', async (t) => {
+  const { a, b, close } = await socketPair();
+  t.teardown(close);
+  const fd = (b as unknown as { _handle: { fd: number } })._handle.fd;
+  const copy = native.dupSocketFd(fd);
+  t.not(copy, fd);
+  // The copy is the same connection: what is written to it arrives at the peer.
+  const got = new Promise<Buffer>((r) => a.once('data', r));
+  writeSync(copy, 'hello');
+  t.is((await got).toString(), 'hello');
+  closeSync(copy);
+  const file = openSync(fileURLToPath(import.meta.url), 'r');
+  t.teardown(() => closeSync(file));
+  t.throws(() => native.dupSocketFd(file), { code: 'ENOTSOCK', message: /getsockopt/ });
+  t.throws(() => native.dupSocketFd(99_999), { code: 'EBADF' });
+  t.throws(() => native.dupSocketFd('3' as unknown as number), { instanceOf: TypeError });
+});
+
 test('crc32c refuses what is not bytes with a TypeError', (t) => {
   t.throws(() => native.crc32c('text' as unknown as Buffer), { instanceOf: TypeError, message: /Buffer/ });
 });
 
-async function socketPair(): Promise<{ a: net.Socket; b: net.Socket; close: () => void }> {
-  const server = net.createServer();
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const port = (server.address() as net.AddressInfo).port;
-  const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
-  const a = net.connect(port, '127.0.0.1');
+/**
+ * A connected pair over loopback TCP: `b` as a plain net.Server gives it
+ * ('data' events), or with `migration`, as the migration transport accepts it
+ * (slab reads).
+ */
+async function socketPair(options: { migration?: boolean } = {}): Promise<{ a: net.Socket; b: net.Socket; close: () => void }> {
+  let server: net.Server;
+  let a: net.Socket;
+  let accepted: Promise<net.Socket>;
+  if (options.migration) {
+    const listening = await listen(parseUri('tcp:127.0.0.1:0'));
+    server = listening.server;
+    accepted = new Promise<net.Socket>((r) => listening.server.once('accepted', r));
+    a = await connect(listening.uri);
+  } else {
+    server = net.createServer();
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    accepted = new Promise<net.Socket>((r) => server.once('connection', r));
+    a = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  }
   const b = await accepted;
   return { a, b, close: () => { a.destroy(); b.destroy(); server.close(); } };
 }
@@ -112,15 +146,8 @@ test('a flipped payload bit, a bad magic, an oversize length or a cut frame is a
 });
 
 test.serial('slab reads: frames stay intact until released while slabs are reused under them', async (t) => {
-  const { server, uri } = await listen(parseUri('tcp:127.0.0.1:0'));
-  t.teardown(() => server.close());
-  const accepted = new Promise<net.Socket>((r) => server.once('accepted', r));
-  const a = await connect(uri);
-  const b = await accepted;
-  t.teardown(() => {
-    a.destroy();
-    b.destroy();
-  });
+  const { a, b, close } = await socketPair({ migration: true });
+  t.teardown(close);
   const before = slabStats();
   const writer = new FrameWriter(a);
   const reader = new FrameReader(b);
@@ -197,15 +224,8 @@ test('deferred data checksums: section data arrives unverified for its loader, c
 });
 
 test.serial('an accepted connection reads nothing until a reader attaches: a peer cannot fill memory at its own pace', async (t) => {
-  const { server, uri } = await listen(parseUri('tcp:127.0.0.1:0'));
-  t.teardown(() => server.close());
-  const accepted = new Promise<net.Socket>((r) => server.once('accepted', r));
-  const a = await connect(uri);
-  const b = await accepted;
-  t.teardown(() => {
-    a.destroy();
-    b.destroy();
-  });
+  const { a, b, close } = await socketPair({ migration: true });
+  t.teardown(close);
   const before = slabStats();
   const writer = new FrameWriter(a);
   const total = 48;

@@ -5,6 +5,7 @@ import type net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES } from './wire.js';
 import type { SectionOutput } from './handler.js';
+import { MigrationError } from './errors.js';
 
 export interface Channel {
   index: number;
@@ -62,6 +63,16 @@ export function sectionOutput(channel: Channel, section: number, limiter: RateLi
       await channel.writer.write(FrameType.InitialSent, section);
     },
   };
+}
+
+/** `p`, or ERR_MIGRATION_CONNECTION with `message` once `ms` have passed (a peer gone without a word). */
+export async function withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new MigrationError('ERR_MIGRATION_CONNECTION', message)), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** Waits for every promise; throws the first failure only after all settled. */

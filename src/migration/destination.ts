@@ -7,7 +7,7 @@ import { MigrationEvents, type MigrationStatus } from './events.js';
 import { MigrationError, describeError } from './errors.js';
 import type { HandlerContext, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
-import { type Channel, makeChannel, settleAll } from './channels.js';
+import { type Channel, makeChannel, settleAll, withTimeout } from './channels.js';
 import { type Frame, FrameType, type LoadReportMessage, WIRE_VERSION, parseJson, verifyFrame } from './wire.js';
 import { type MigrationServer, formatUri, listen, parseUri } from './transport.js';
 import type { HelloMessage, RunningMessage } from './source.js';
@@ -67,8 +67,6 @@ export class MigrationDestination extends MigrationEvents {
   #abortTimer: NodeJS.Timeout | null = null;
   #initialPending = new Set<number>();
   #acked = false;
-  /** ReadyToRun sent: the source decides now (this side's abort timer is off). */
-  #readySent = false;
   /** The source committed: this side runs the VM whatever happens to the connection. */
   #committed = false;
   uri: string | null = null;
@@ -182,22 +180,24 @@ export class MigrationDestination extends MigrationEvents {
     } catch (err) {
       const cause = this.#failure ?? (err as Error);
       if (this.#abortTimer) clearTimeout(this.#abortTimer);
-      if (this.#committed) {
-        // The source gave the VM to this side and will not resume it unless
-        // told that nothing runs here: stop and reset first, then say so.
+      // `notRunning`: the source may resume the VM. True before this side's
+      // commit (nothing ever ran here, even if this crosses the source's
+      // Commit); after it, only once the VM is stopped and the devices reset.
+      const tellSource = async () => {
+        if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, { ...describeError(cause), notRunning: true }).catch(() => {});
+        this.#fail(cause);
+      };
+      const stopHere = async () => {
         if (this.vm.running) await this.vm.stop();
         await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('failed', ctx)));
-        if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, { ...describeError(cause), notRunning: true }).catch(() => {});
-        this.#fail(cause);
+      };
+      if (this.#committed) {
+        await stopHere();
+        await tellSource();
       } else {
-        // Tell the source why before the connections go. Nothing ever ran
-        // here: even if this crosses the source's Commit, it may resume.
-        if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, { ...describeError(cause), notRunning: true }).catch(() => {});
-        this.#fail(cause);
-        if (setupStarted) {
-          if (this.vm.running) await this.vm.stop();
-          await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('failed', ctx)));
-        }
+        // Tell the source why before the connections go.
+        await tellSource();
+        if (setupStarted) await stopHere();
       }
       const error = describeError(cause);
       this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', error);
@@ -261,14 +261,9 @@ export class MigrationDestination extends MigrationEvents {
   async #awaitCommit(main: Channel): Promise<void> {
     // From here the source decides: it aborts (and says so) or commits.
     if (this.#abortTimer) clearTimeout(this.#abortTimer);
-    this.#readySent = true;
     await main.writer.write(FrameType.ReadyToRun, 0);
     // A source that never answers (gone without a FIN) must not keep this side waiting forever.
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new MigrationError('ERR_MIGRATION_CONNECTION', `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`)), COMMIT_TIMEOUT_MS);
-    });
-    const frame = await Promise.race([main.reader.next(), timeout]).finally(() => clearTimeout(timer));
+    const frame = await withTimeout(main.reader.next(), COMMIT_TIMEOUT_MS, `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`);
     if (frame?.type === FrameType.Commit) {
       this.#committed = true;
       return;
@@ -415,8 +410,7 @@ export class MigrationDestination extends MigrationEvents {
             frames.filter((f) => f.parts.length === 0).forEach(verifyFrame);
             const checksums = frames.filter((f) => f.parts.length > 0).map((f) => ({ parts: f.parts.length, crc32c: f.checksum }));
             loading = handler.loadChecked(parts, checksums);
-          }
-          else {
+          } else {
             frames.forEach(verifyFrame);
             loading = handler.load(parts);
           }
@@ -477,12 +471,12 @@ export class MigrationDestination extends MigrationEvents {
       elapsed = 0;
     }
     this.#abortTimer = setTimeout(() => {
-      if (this.#status === 'completed' || this.#readySent) return;
+      if (this.#status === 'completed') return;
       const measured = performance.timeOrigin + performance.now() - this.#sourceStoppedAt;
       this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs: this.#switchoverLimitMs, side: 'destination' });
       const err = new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past downtime-limit + switchover-limit (${this.#switchoverLimitMs} ms)`);
       const main = this.#channels[0];
-      const tell = main && !main.socket.destroyed ? main.writer.writeJson(FrameType.Error, 0, describeError(err)).catch(() => {}) : Promise.resolve();
+      const tell = main && !main.socket.destroyed ? main.writer.writeJson(FrameType.Error, 0, { ...describeError(err), notRunning: true }).catch(() => {}) : Promise.resolve();
       void tell.then(() => this.#fail(err));
     }, Math.max(0, this.#switchoverLimitMs - elapsed));
   }

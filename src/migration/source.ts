@@ -5,21 +5,21 @@
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MigrationEvents, type MigrationEventMap, type MigrationEventName, type MigrationStatus } from './events.js';
-
-/** Longest wait, after the end of the stream, for the destination to load and stop every device. */
-const READY_TIMEOUT_MS = 60_000;
-/** Longest wait, after the commit, for the destination to say the VM runs (then the outcome is unknown). */
-const RUNNING_TIMEOUT_MS = 60_000;
 import { MigrationError, describeError } from './errors.js';
 import type { DeviceInfo, HandlerContext, PendingBytes, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
 import { type MigrationCapabilities, type MigrationParameters, DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './params.js';
-import { type Channel, RateLimiter, makeChannel, sectionOutput, settleAll } from './channels.js';
+import { type Channel, RateLimiter, makeChannel, sectionOutput, settleAll, withTimeout } from './channels.js';
 import { FrameType, type LoadReportMessage, WIRE_VERSION, parseJson } from './wire.js';
 import { connect, parseUri } from './transport.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
 import { DowntimePolicy, type PolicyKind } from './policy.js';
 import type { MigrationState } from '../vfio/states.js';
+
+/** Longest wait, after the end of the stream, for the destination to load and stop every device. */
+const READY_TIMEOUT_MS = 60_000;
+/** Longest wait, after the commit, for the destination to say the VM runs (then the outcome is unknown). */
+const RUNNING_TIMEOUT_MS = 60_000;
 
 export interface HelloMessage {
   wireVersion: number;
@@ -249,7 +249,7 @@ export class MigrationSource extends MigrationEvents {
         this.#channels.push(ch);
         await ch.writer.writeJson(FrameType.ChannelHello, 0, { migrationId, index: i });
       }
-      const answer = await this.#withTimeout(main.reader.next(), options.handshakeTimeoutMs ?? 10_000, 'the destination did not answer the handshake');
+      const answer = await withTimeout(main.reader.next(), options.handshakeTimeoutMs ?? 10_000, 'the destination did not answer the handshake');
       if (!answer) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection during the handshake');
       if (answer.type === FrameType.Error) {
         const e = parseJson<{ code: string; message: string }>(answer);
@@ -343,7 +343,7 @@ export class MigrationSource extends MigrationEvents {
         // is ready, and runs nothing until this side commits. Before the
         // commit a failure rolls back here; after it, this side never resumes
         // the VM by itself, so a lost connection cannot leave it running twice.
-        await this.#withTimeout(
+        await withTimeout(
           new Promise<void>((resolve, reject) => {
             this.#readyToRun = { resolve, reject };
             if (this.#failure) reject(this.#failure);
@@ -358,7 +358,7 @@ export class MigrationSource extends MigrationEvents {
         this.#committed = true;
         await main.writer.write(FrameType.Commit, 0);
         this.#emitSafely('MIGRATION_COMMITTED', { afterStopMs: performance.now() - this.#stoppedAt });
-        const running = await this.#withTimeout(
+        const running = await withTimeout(
           new Promise<RunningMessage>((resolve, reject) => {
             this.#running = { resolve, reject };
             if (this.#failure) reject(this.#failure);
@@ -461,15 +461,6 @@ export class MigrationSource extends MigrationEvents {
 
   /** Time from VM stop to the VM running again on the source, after an aborted or failed switchover. */
   #resumedAfterMs: number | null = null;
-
-  async #withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> {
-    let timer: NodeJS.Timeout | undefined;
-    try {
-      return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new MigrationError('ERR_MIGRATION_CONNECTION', message)), ms)))]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
 
   #channelFor(h: StateHandler, index: number): Channel {
     // RAM and other non-device sections stay on the main channel; devices

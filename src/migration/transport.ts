@@ -100,7 +100,7 @@ function withSlabReads(accepted: net.Socket): net.Socket {
   let socket: net.Socket;
   try {
     socket = new net.Socket({
-        fd: copy,
+      fd: copy,
       readable: true,
       writable: true,
       highWaterMark: SOCKET_BUFFER_BYTES,

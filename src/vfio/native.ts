@@ -54,7 +54,7 @@ export interface NativeAddon {
   uapi: Record<string, number>;
   /** CRC32C (Castagnoli) of the bytes, hardware-accelerated where the CPU allows. */
   crc32c(data: Uint8Array, previous?: number): number;
-  /** A close-on-exec duplicate of a socket fd (EBADF if `fd` is not a socket). */
+  /** A close-on-exec duplicate of a socket fd; throws ENOTSOCK for other fds, EBADF for closed ones. */
   dupSocketFd(fd: number): number;
   kernelBackend: boolean;
 }
