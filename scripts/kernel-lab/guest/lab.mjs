@@ -63,6 +63,17 @@ async function expectCode(p, code, what) {
 const open = (i, via) => VfioDevice.openKernel({ path: via === 'cdev' ? mdevs[i].cdev : mdevs[i].sysfs, via, id: `mtty${i}-${via}` });
 const openMtty = (seed) => VfioDevice.openMock({ profile: { name: 'mtty', driver: 'mtty', ports, flags: ['stop-copy', 'p2p', 'pre-copy'] }, seed });
 
+/** Opens the devices, runs `fn` with them, and closes them whatever happens. */
+async function withDevices(openers, fn) {
+  const devices = [];
+  try {
+    for (const openDevice of openers) devices.push(await openDevice());
+    return await fn(...devices);
+  } finally {
+    for (const d of devices) await d.close();
+  }
+}
+
 async function saveStream(dev) {
   // running -> stop-copy in one SET (walks running-p2p, stop), then read to the end.
   const s = await dev.setState('stop-copy');
@@ -137,9 +148,7 @@ if (setupOk) {
 
   // --- 3. save on one, restore on the other, through the data streams --------------------
   await check('migrate: pre-copy + stop-copy stream from mtty0 restored on mtty1 via Readable -> Writable', async () => {
-    const a = await open(0, 'cdev');
-    const b = await open(1, 'group');
-    try {
+    return withDevices([() => open(0, 'cdev'), () => open(1, 'group')], async (a, b) => {
       await a.reset();
       await b.reset();
       const before = await saveStream(a);
@@ -177,16 +186,11 @@ if (setupOk) {
       expect(after.equals(sent), 'the destination saves different bytes than it was given');
       await a.setState('running');
       return `precopy info on entry ${info.initialBytes}/${info.dirtyBytes}; ${sent.length} bytes (${drained} temporary end(s) in pre-copy); destination re-saves the same ${after.length} bytes`;
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
   });
 
   await check('migrate: a corrupted stream is rejected with the driver\'s error', async () => {
-    const a = await open(0, 'cdev');
-    const b = await open(1, 'cdev');
-    try {
+    return withDevices([() => open(0, 'cdev'), () => open(1, 'cdev')], async (a, b) => {
       await a.reset();
       await b.reset();
       await b.setState('stop');
@@ -211,16 +215,12 @@ if (setupOk) {
       await b.reset();
       await a.setState('running');
       return `write failed with ${err.code}, destination stays resuming; ${after}`;
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
   });
 
   // --- 4. error paths ----------------------------------------------------------------------
   await check('errors: stop-copy -> pre-copy is refused (EINVAL), device stays in stop-copy', async () => {
-    const a = await open(0, 'cdev');
-    try {
+    return withDevices([() => open(0, 'cdev')], async (a) => {
       await a.reset();
       const s = await a.setState('stop-copy');
       const e = await expectCode(a.setState('pre-copy'), 'EINVAL', 'stop-copy -> pre-copy');
@@ -230,14 +230,11 @@ if (setupOk) {
       expect(r.kind === 'data' && r.bytes.length === streamBytes, 'the data fd stopped working after the refused SET');
       await a.setState('running');
       return `EINVAL, stateAfter ${e.stateAfter}; the stop-copy fd still delivers ${streamBytes} bytes`;
-    } finally {
-      await a.close();
-    }
+    });
   });
 
   await check('errors: precopy info outside PRE_COPY (EINVAL in stop-copy and in running; ENOTTY on a resume fd)', async () => {
-    const a = await open(0, 'cdev');
-    try {
+    return withDevices([() => open(0, 'cdev')], async (a) => {
       await a.reset();
       const s = await a.setState('pre-copy');
       const inPre = await a.precopyInfo(s);
@@ -251,15 +248,11 @@ if (setupOk) {
       const st = await a.getState();
       await a.reset();
       return `in pre-copy ${inPre.initialBytes}/${inPre.dirtyBytes}; stop-copy EINVAL; running EINVAL; resume fd ENOTTY (device ${st})`;
-    } finally {
-      await a.close();
-    }
+    });
   });
 
   await check('errors: a truncated resume fails at resuming -> stop (EINVAL), device stays resuming, completing it succeeds', async () => {
-    const a = await open(0, 'cdev');
-    const b = await open(1, 'cdev');
-    try {
+    return withDevices([() => open(0, 'cdev'), () => open(1, 'cdev')], async (a, b) => {
       await a.reset();
       await b.reset();
       const stream = await saveStream(a);
@@ -273,16 +266,11 @@ if (setupOk) {
       expect((await b.getState()) === 'stop', 'retry did not reach stop');
       await b.setState('running');
       return `EINVAL with ${stream.length - 1}/${stream.length} bytes, stateAfter ${e.stateAfter}; after the last byte resuming -> stop succeeds`;
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
   });
 
   await check('errors: an oversize resume write is refused (ENOMEM), nothing consumed, device stays resuming', async () => {
-    const a = await open(0, 'cdev');
-    const b = await open(1, 'cdev');
-    try {
+    return withDevices([() => open(0, 'cdev'), () => open(1, 'cdev')], async (a, b) => {
       await a.reset();
       await b.reset();
       const stream = await saveStream(a);
@@ -294,10 +282,7 @@ if (setupOk) {
       await r.write(stream);
       await b.setState('running');
       return `ENOMEM for ${stream.length + 1} bytes, device ${st}; the ${stream.length}-byte stream then loads`;
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
   });
 }
 
@@ -308,25 +293,15 @@ let traceDiff = [];
 let fixtureDiff = null;
 if (setupOk) {
   await check('trace: the behaviour-trace sequence runs on the real driver', async () => {
-    const a = await open(0, 'cdev');
-    const b = await open(1, 'cdev');
-    try {
+    await withDevices([() => open(0, 'cdev'), () => open(1, 'cdev')], async (a, b) => {
       kernelTrace = await runBehaviourTrace(a, b);
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
     return `${kernelTrace.steps.length} steps`;
   });
   await check('trace: the mock mtty personality produces the same trace as the real driver', async () => {
-    const a = await openMtty(0);
-    const b = await openMtty(0);
-    try {
+    await withDevices([() => openMtty(0), () => openMtty(0)], async (a, b) => {
       mockTrace = await runBehaviourTrace(a, b);
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
     expect(kernelTrace, 'no kernel trace');
     traceDiff = diffTraces(kernelTrace, mockTrace, ['kernel', 'mock']);
     expect(traceDiff.length === 0, `${traceDiff.length} step(s) differ; first: ${traceDiff[0]}`);
