@@ -31,6 +31,23 @@ export interface MigrationEventRecord<K extends MigrationEventName = MigrationEv
   timestamp: number;
 }
 
+/** A record of any event, discriminated by `event` (what 'event' listeners receive). */
+export type AnyMigrationEventRecord = { [K in MigrationEventName]: MigrationEventRecord<K> }[MigrationEventName];
+
+/** A listener of one named event: its payload and when it was emitted (ms since the epoch). */
+export type MigrationEventListener<K extends MigrationEventName> = (data: MigrationEventMap[K], timestamp: number) => void;
+
+// Typed on/once/off for every event (declaration merging with the class
+// below): a misspelt event name or a wrong payload type is a compile error.
+export interface MigrationEvents {
+  on<K extends MigrationEventName>(event: K, listener: MigrationEventListener<K>): this;
+  on(event: 'event', listener: (record: AnyMigrationEventRecord) => void): this;
+  once<K extends MigrationEventName>(event: K, listener: MigrationEventListener<K>): this;
+  once(event: 'event', listener: (record: AnyMigrationEventRecord) => void): this;
+  off<K extends MigrationEventName>(event: K, listener: MigrationEventListener<K>): this;
+  off(event: 'event', listener: (record: AnyMigrationEventRecord) => void): this;
+}
+
 export class MigrationEvents extends EventEmitter {
   readonly history: MigrationEventRecord[] = [];
   keepHistory = true;

@@ -22,8 +22,8 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 
 const T0 = performance.now();
-const lib = await import('/lab/dist/src/index.js');
-const { VfioDevice, runConformance, CHECK_NAMES } = lib;
+const { VfioDevice } = await import('/lab/dist/src/index.js');
+const { runConformance, CHECK_NAMES } = await import('/lab/dist/src/testing.js');
 const { runBehaviourTrace, diffTraces } = await import('/lab/dist/src/vfio/behaviour-trace.js');
 
 let mdevs = [];
