@@ -5,19 +5,21 @@
 import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
 import { readdirSync, readlinkSync } from 'node:fs';
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VfioDevice } from './vfio/device.js';
-import { listProfiles, type MockProfileInput } from './vfio/mock-profile.js';
+import { PROFILES_DIR, loadProfile, type MockProfileInput } from './vfio/mock-profile.js';
 import { runConformance } from './vfio/conformance.js';
 import { VfioHandler, exportArcHistory, importArcHistory } from './migration/vfio-handler.js';
 import { RamHandler } from './migration/ram-handler.js';
 import { SyntheticVm } from './migration/vm.js';
 import { MigrationSource, type MigrationInfo } from './migration/source.js';
-import { MigrationDestination } from './migration/destination.js';
-import { type MigrationError, describeError } from './migration/errors.js';
+import { MigrationDestination, type IncomingResult } from './migration/destination.js';
+import { MigrationError, describeError } from './migration/errors.js';
+import { DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './migration/params.js';
+import { parseUri } from './migration/transport.js';
 import { parseByteSize } from './vfio/mock-profile.js';
 import type { StateHandler } from './migration/handler.js';
 import { onJsonLines } from './json-lines.js';
@@ -26,10 +28,11 @@ const USAGE = `usage:
   vfio-migrate incoming --listen <tcp:host:port|unix:path> [devices] [--json]
   vfio-migrate migrate --to <tcp:host:port|unix:path> [devices] [--channels N]
                [--cap name=on|off]... [--param name=value]... [--json]
-               [--on-stall wait|raise|cancel] [--timeout-ms N]
+               [--on-stall wait|raise|cancel] [--timeout-ms N] [--progress-ms N]
   vfio-migrate demo [devices]
   vfio-migrate conformance (--mock <profile> | --device <path> --peer <path>)
-  vfio-migrate profiles
+  vfio-migrate profiles [--json]
+  vfio-migrate help | --help | -h
 
 devices (both ends must list the same devices in the same order):
   --mock <profile>[:count]      mock devices of a shipped profile or a profile file (repeatable)
@@ -42,9 +45,47 @@ devices (both ends must list the same devices in the same order):
   --seed <n>                    seed of mock content (default: 1 on the source, 1000 on the destination)
   --arc-history <file|none>     where device arc latencies learned in earlier migrations are kept
                                 (default: $XDG_CACHE_HOME/vfio-migration/arc-history.json)
+
+migrate:
+  --channels <1-64>             connections the device data is spread over (default 1)
+  --cap <name>=on|off           a capability: return-path, switchover-ack, switchover-abort, events
+  --param <name>=<value>        a parameter: downtime-limit, switchover-limit (ms), max-bandwidth,
+                                avail-switchover-bandwidth (bytes/s), stall-iterations
+  --on-stall wait|raise|cancel  when the migration stalls: keep going (default), raise downtime-limit
+                                to the suggested value, or cancel
+  --timeout-ms <ms>             cancel the migration if it has not completed by then (default: none)
+  --progress-ms <ms>            print query() every <ms> ms
+  exit status: 0 the VM runs on the destination; 1 it failed and the VM runs here;
+  3 the connection was lost after the commit (the VM stays stopped here); 2 a usage error;
+  130/143 interrupted by SIGINT/SIGTERM (the VM runs here)
+
+incoming exits 0 once a migration completed, 1 when it failed, 2 on a usage error,
+130/143 when interrupted. Errors print "vfio-migrate: CODE: message" on stderr.
 `;
 
-class UsageError extends Error {}
+/**
+ * A command-line error: `code` says what kind (ERR_USAGE, or the library's
+ * code such as ERR_MIGRATION_BAD_URI), `exitCode` is 2 for bad usage.
+ */
+class CliError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+    readonly exitCode = 2,
+  ) {
+    super(message);
+  }
+}
+
+function usageError(message: string): CliError {
+  return new CliError('ERR_USAGE', message);
+}
+
+/** A library error caused by a bad command-line value: its own code, exit 2. */
+function asUsageError(err: unknown, prefix: string): CliError {
+  const e = describeError(err);
+  return new CliError(e.code, `${prefix}: ${e.message}`);
+}
 
 const options = {
   listen: { type: 'string' },
@@ -95,8 +136,43 @@ function bytesOption(v: Values, name: 'ram' | 'ram-dirty' | 'ram-working-set'): 
   try {
     return parseByteSize(raw, 'command line', `--${name}`);
   } catch (err) {
-    throw new UsageError((err as Error).message);
+    throw asUsageError(err, `--${name}`);
   }
+}
+
+/** setTimeout/setInterval take at most 2^31-1 ms; more would fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** An integer option in [min, max], or `fallback` when absent; anything else is a usage error. */
+function intOption(v: Values, name: 'channels' | 'timeout-ms' | 'progress-ms' | 'seed', min: number, max: number, fallback: number): number;
+function intOption(v: Values, name: 'channels' | 'timeout-ms' | 'progress-ms' | 'seed', min: number, max: number): number | undefined;
+function intOption(v: Values, name: 'channels' | 'timeout-ms' | 'progress-ms' | 'seed', min: number, max: number, fallback?: number): number | undefined {
+  const raw = v[name];
+  if (raw === undefined) return fallback;
+  const n = /^-?\d+$/.test(raw.trim()) ? Number(raw) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) throw usageError(`--${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(raw)}`);
+  return n;
+}
+
+function choiceOption<T extends string>(v: Values, name: 'via' | 'on-stall', choices: readonly T[], fallback: T): T {
+  const raw = v[name];
+  if (raw === undefined) return fallback;
+  if (!(choices as readonly string[]).includes(raw)) throw usageError(`--${name} must be ${choices.slice(0, -1).join(', ')} or ${choices.at(-1)}, got ${JSON.stringify(raw)}`);
+  return raw as T;
+}
+
+/** A migration URI from the command line; `connect`: port 0 (any free port) only makes sense to listen on. */
+function uriOption(v: Values, name: 'to' | 'listen', connect: boolean): string {
+  const raw = v[name];
+  if (!raw) throw usageError(`${connect ? 'migrate' : 'incoming'} needs --${name} <uri>`);
+  let uri;
+  try {
+    uri = parseUri(raw);
+  } catch (err) {
+    throw asUsageError(err, `--${name}`);
+  }
+  if (connect && uri.kind === 'tcp' && uri.port === 0) throw new CliError('ERR_MIGRATION_BAD_URI', `--${name}: "${raw}": port 0 can be listened on, not connected to`);
+  return raw;
 }
 
 /** The arc history file (device models' arc latencies, learned across migrations), or null. */
@@ -144,39 +220,73 @@ interface Setup {
   vm: SyntheticVm;
 }
 
-async function openDevices(v: Values, role: 'source' | 'destination'): Promise<Setup> {
+interface MockSpec {
+  profile: string;
+  count: number;
+}
+
+/** Every device option checked before any device opens. */
+interface DeviceOptions {
+  mocks: MockSpec[];
+  overrides: Partial<MockProfileInput>;
+  kernelPaths: string[];
+  via: 'auto' | 'cdev' | 'group';
+  ram?: { sizeBytes: number; dirtyBytesPerSec: number; workingSetBytes?: number };
+  seed: number;
+}
+
+function deviceOptions(v: Values, role: 'source' | 'destination'): DeviceOptions {
+  let overrides: Partial<MockProfileInput> = {};
+  if (v['mock-overrides'] !== undefined) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(v['mock-overrides']);
+    } catch {
+      parsed = null;
+    }
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw usageError(`--mock-overrides must be a JSON object, got ${JSON.stringify(v['mock-overrides'])}`);
+    overrides = parsed as Partial<MockProfileInput>;
+  }
+  const mocks = (v.mock ?? []).map((spec) => {
+    const m = /^(.*?)(?::(\d+))?$/.exec(spec)!;
+    const count = Number(m[2] ?? 1);
+    if (!m[1] || count < 1 || count > 256) throw usageError(`--mock ${spec}: expected <profile>[:count] with a count of 1-256`);
+    return { profile: m[1], count };
+  });
+  const sizeBytes = bytesOption(v, 'ram');
+  const ram = sizeBytes ? { sizeBytes, dirtyBytesPerSec: bytesOption(v, 'ram-dirty') ?? 0, workingSetBytes: bytesOption(v, 'ram-working-set') } : undefined;
+  const kernelPaths = v.device ?? [];
+  if (mocks.length === 0 && kernelPaths.length === 0 && !ram) throw usageError('no devices: give --mock, --device or --ram');
+  return {
+    mocks,
+    overrides,
+    kernelPaths,
+    via: choiceOption(v, 'via', ['auto', 'cdev', 'group'] as const, 'auto'),
+    ram,
+    seed: intOption(v, 'seed', 0, Number.MAX_SAFE_INTEGER, role === 'source' ? 1 : 1000),
+  };
+}
+
+async function openDevices(o: DeviceOptions, role: 'source' | 'destination'): Promise<Setup> {
   const vm = new SyntheticVm(role === 'source');
   const devices: VfioDevice[] = [];
   const handlers: StateHandler[] = [];
-  let overrides: Partial<MockProfileInput> = {};
-  if (v['mock-overrides']) {
-    try {
-      overrides = JSON.parse(v['mock-overrides']) as Partial<MockProfileInput>;
-    } catch {
-      throw new UsageError('--mock-overrides must be a JSON object');
-    }
-  }
-  const ram = bytesOption(v, 'ram');
-  if (ram) handlers.push(new RamHandler({ sizeBytes: ram, dirtyBytesPerSec: bytesOption(v, 'ram-dirty') ?? 0, workingSetBytes: bytesOption(v, 'ram-working-set'), seed: role === 'source' ? 7 : 8, vm }));
-  let seed = Number(v.seed ?? (role === 'source' ? 1 : 1000));
+  let seed = o.seed;
   try {
-    for (const spec of v.mock ?? []) {
-      const m = /^(.*?)(?::(\d+))?$/.exec(spec)!;
-      const count = Number(m[2] ?? 1);
-      if (!m[1] || count < 1 || count > 256) throw new UsageError(`--mock ${spec}: expected <profile>[:count] with a count of 1-256`);
+    if (o.ram) handlers.push(new RamHandler({ ...o.ram, seed: role === 'source' ? 7 : 8, vm }));
+    for (const { profile, count } of o.mocks) {
       for (let i = 0; i < count; i++) {
-        const dev = await VfioDevice.openMock({ profile: m[1], overrides, seed: seed, id: `${m[1].replace(/.*\//, '').replace(/\.json$/, '')}-${devices.length}` });
+        const dev = await VfioDevice.openMock({ profile, overrides: o.overrides, seed: seed, id: `${profile.replace(/.*\//, '').replace(/\.json$/, '')}-${devices.length}` });
         seed++;
         devices.push(dev);
       }
     }
-    for (const path of v.device ?? []) devices.push(await VfioDevice.openKernel({ path, via: (v.via ?? 'auto') as 'auto' }));
+    for (const path of o.kernelPaths) devices.push(await VfioDevice.openKernel({ path, via: o.via }));
   } catch (err) {
     await Promise.all(devices.map((d) => d.close()));
     throw err;
   }
   handlers.push(...devices.map((d) => new VfioHandler(d)));
-  if (handlers.length === 0) throw new UsageError('no devices: give --mock, --device or --ram');
   return { handlers, devices, vm };
 }
 
@@ -184,7 +294,7 @@ function parseKeyValues(list: string[] | undefined, what: string, parse: (value:
   const out: Record<string, unknown> = {};
   for (const item of list ?? []) {
     const i = item.indexOf('=');
-    if (i <= 0) throw new UsageError(`--${what} ${item}: expected name=value`);
+    if (i <= 0) throw usageError(`--${what} ${item}: expected name=value`);
     out[item.slice(0, i)] = parse(item.slice(i + 1));
   }
   return out;
@@ -195,41 +305,99 @@ function print(json: boolean, value: unknown, text?: string): void {
   else if (text) console.log(text);
 }
 
+/** The one way both ends report how a migration ended: the result on stdout, the error (if any) on stderr. */
+function printResult(json: boolean, result: object, error: { code: string; message: string } | undefined): void {
+  print(json, { result }, `result: ${JSON.stringify(result, null, 2)}`);
+  if (error) console.error(`vfio-migrate: ${error.code}: ${error.message}`);
+}
+
+const SIGNAL_EXIT: Record<string, number> = { SIGINT: 130, SIGTERM: 143 };
+
+/**
+ * SIGINT/SIGTERM cancel instead of killing the process, so that sockets
+ * (a unix socket's file above all), devices and the arc history are cleaned
+ * up. A second signal kills as usual.
+ */
+function onSignals(cancel: (signal: string) => void): { received: () => string | null; dispose: () => void } {
+  let received: string | null = null;
+  const handler = (signal: NodeJS.Signals) => {
+    received = signal;
+    dispose();
+    cancel(signal);
+  };
+  const dispose = () => {
+    process.off('SIGINT', handler);
+    process.off('SIGTERM', handler);
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+  return { received: () => received, dispose };
+}
+
 async function cmdIncoming(v: Values): Promise<number> {
-  if (!v.listen) throw new UsageError('incoming needs --listen <uri>');
+  const listenUri = uriOption(v, 'listen', false);
+  const devOpts = deviceOptions(v, 'destination');
+  const json = !!v.json;
   const fdsAtStart = openFdCount();
+  const ac = new AbortController();
+  const signals = onSignals((signal) => ac.abort(`interrupted by ${signal}`));
   const history = arcHistoryPath(v);
-  await loadArcHistory(history);
-  const setup = await openDevices(v, 'destination');
-  const dest = new MigrationDestination({ handlers: setup.handlers, vm: setup.vm });
-  dest.on('event', (r) => print(!!v.json, r, `${r.event} ${JSON.stringify(r.data)}`));
+  let setup: Setup | null = null;
+  let dest: MigrationDestination | null = null;
   let code = 0;
-  let result: unknown;
+  let result: Partial<IncomingResult> & object;
   try {
-    const uri = await dest.listen(v.listen);
-    print(!!v.json, { listening: uri }, `listening on ${uri}`);
-    result = await dest.incoming();
+    await loadArcHistory(history);
+    setup = await openDevices(devOpts, 'destination');
+    dest = new MigrationDestination({ handlers: setup.handlers, vm: setup.vm });
+    dest.on('event', (r) => print(json, r, `${r.event} ${JSON.stringify(r.data)}`));
+    const uri = await dest.listen(listenUri);
+    print(json, { listening: uri }, `listening on ${uri}`);
+    if (ac.signal.aborted) throw new MigrationError('ERR_MIGRATION_CANCELLED', String(ac.signal.reason));
+    result = await dest.incoming({ signal: ac.signal });
   } catch (err) {
     code = 1;
-    result = (err as { result?: unknown }).result ?? { error: describeError(err) };
+    result = (err as { result?: IncomingResult }).result ?? { status: dest?.status === 'none' || !dest ? 'failed' : dest.status, error: describeError(err) };
+    // A failure before any migration started (a device that does not open, a busy address) has no status yet.
+    if (!result.error) result.error = describeError(err);
   } finally {
-    await dest.close();
-    await Promise.all(setup.devices.map((d) => d.close()));
+    signals.dispose();
+    await dest?.close();
+    await Promise.all(setup?.devices.map((d) => d.close()) ?? []);
     await saveArcHistory(history);
   }
-  print(!!v.json, { result: { ...(result as object), fdsAtStart, fdsAtEnd: openFdCount() } }, `result: ${JSON.stringify(result)}`);
+  const signal = signals.received();
+  if (signal) code = SIGNAL_EXIT[signal] ?? 1;
+  printResult(json, { ...result, fdsAtStart, fdsAtEnd: openFdCount() }, result.error);
   return code;
 }
 
 async function cmdMigrate(v: Values): Promise<number> {
-  if (!v.to) throw new UsageError('migrate needs --to <uri>');
-  const channels = v.channels === undefined ? 1 : Number(v.channels);
+  // Every value is checked before any device opens or any connection is made.
+  const to = uriOption(v, 'to', true);
+  const channels = intOption(v, 'channels', 1, 64, 1);
   const capabilities = parseKeyValues(v.cap, 'cap', (s) => (s === 'on' || s === 'true' ? true : s === 'off' || s === 'false' ? false : s));
   const parameters = parseKeyValues(v.param, 'param', (s) => (/^-?\d+(\.\d+)?$/.test(s) ? Number(s) : s));
+  try {
+    mergeCapabilities(DEFAULT_CAPABILITIES, capabilities);
+  } catch (err) {
+    throw asUsageError(err, '--cap');
+  }
+  try {
+    mergeParameters(DEFAULT_PARAMETERS, parameters);
+  } catch (err) {
+    throw asUsageError(err, '--param');
+  }
+  const onStall = choiceOption(v, 'on-stall', ['wait', 'raise', 'cancel'] as const, 'wait');
+  const timeoutMs = intOption(v, 'timeout-ms', 1, MAX_TIMER_MS);
+  const progressMs = intOption(v, 'progress-ms', 1, MAX_TIMER_MS);
+  const devOpts = deviceOptions(v, 'source');
+  const json = !!v.json;
+
   const fdsAtStart = openFdCount();
   const history = arcHistoryPath(v);
   await loadArcHistory(history);
-  const setup = await openDevices(v, 'source');
+  const setup = await openDevices(devOpts, 'source');
   let src: MigrationSource;
   try {
     src = new MigrationSource({ handlers: setup.handlers, vm: setup.vm, capabilities, parameters });
@@ -237,42 +405,60 @@ async function cmdMigrate(v: Values): Promise<number> {
     await Promise.all(setup.devices.map((d) => d.close()));
     throw err;
   }
-  src.on('event', (r) => print(!!v.json, r, `${r.event} ${JSON.stringify(r.data)}`));
-  const progressMs = Number(v['progress-ms'] ?? 0);
-  const timer = progressMs > 0 ? setInterval(() => print(!!v.json, { progress: src.query() }), progressMs) : null;
-  const onStall = v['on-stall'] ?? 'wait';
-  if (!['wait', 'raise', 'cancel'].includes(onStall)) throw new UsageError('--on-stall must be wait, raise or cancel');
+  src.on('event', (r) => print(json, r, `${r.event} ${JSON.stringify(r.data)}`));
+  const timer = progressMs ? setInterval(() => print(json, { progress: src.query() }), progressMs) : null;
   // What a management app does with a stall: raise downtime-limit to the suggested value, or give up.
-  src.on('MIGRATION_STALLED', (d: { suggestedDowntimeLimitMs: number }) => {
+  src.on('MIGRATION_STALLED', (d) => {
     if (onStall === 'raise') {
       src.setParameters({ 'downtime-limit': d.suggestedDowntimeLimitMs });
-      print(!!v.json, { action: 'downtime-limit raised', downtimeLimitMs: d.suggestedDowntimeLimitMs }, `stalled: downtime-limit raised to ${d.suggestedDowntimeLimitMs} ms`);
+      print(json, { action: 'downtime-limit raised', downtimeLimitMs: d.suggestedDowntimeLimitMs }, `stalled: downtime-limit raised to ${d.suggestedDowntimeLimitMs} ms`);
     } else if (onStall === 'cancel') src.cancel('stalled');
   });
-  const timeoutMs = Number(v['timeout-ms'] ?? 0);
-  const deadline = timeoutMs > 0 ? setTimeout(() => src.cancel(`did not complete within ${timeoutMs} ms`), timeoutMs) : null;
-  const onSignal = () => src.cancel('interrupted by a signal');
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  const deadline = timeoutMs ? setTimeout(() => src.cancel(`did not complete within ${timeoutMs} ms (--timeout-ms)`), timeoutMs) : null;
+  const signals = onSignals((signal) => src.cancel(`interrupted by ${signal}`));
   let code = 0;
   let info: MigrationInfo;
+  let error: { code: string; message: string } | undefined;
   try {
-    info = await src.migrate(v.to, { channels });
+    info = await src.migrate(to, { channels });
   } catch (err) {
     // 3: the destination may be running the VM; this side stays stopped (see resumeOnSource()).
     code = (err as MigrationError).code === 'ERR_MIGRATION_OUTCOME_UNKNOWN' ? 3 : 1;
+    error = describeError(err);
     info = src.query();
   } finally {
     if (timer) clearInterval(timer);
     if (deadline) clearTimeout(deadline);
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    signals.dispose();
   }
+  const signal = signals.received();
+  if (signal && code === 1) code = SIGNAL_EXIT[signal] ?? 1;
   const states = await Promise.all(setup.devices.map(async (d) => ({ id: d.id, state: await d.getState().catch(() => 'unknown') })));
   await Promise.all(setup.devices.map((d) => d.close()));
   await saveArcHistory(history);
-  print(!!v.json, { result: { ...info, vmRunning: setup.vm.running, deviceStates: states, fdsAtStart, fdsAtEnd: openFdCount() } }, `result: ${JSON.stringify(info, null, 2)}`);
+  printResult(json, { ...info, error: info.error ?? error, vmRunning: setup.vm.running, deviceStates: states, fdsAtStart, fdsAtEnd: openFdCount() }, info.error ?? error);
   return code;
+}
+
+/** Every shipped profile (fault profiles under faults/) with its description. */
+async function cmdProfiles(v: Values): Promise<number> {
+  const names: string[] = [];
+  const walk = async (dir: string, prefix: string) => {
+    for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => a.name.localeCompare(b.name))) {
+      if (entry.isDirectory()) await walk(path.join(dir, entry.name), `${prefix}${entry.name}/`);
+      else if (entry.name.endsWith('.json')) names.push(`${prefix}${entry.name.slice(0, -5)}`);
+    }
+  };
+  await walk(PROFILES_DIR, '');
+  // Plain profiles first, then the fault profiles.
+  names.sort((a, b) => Number(a.includes('/')) - Number(b.includes('/')) || a.localeCompare(b));
+  const width = Math.max(...names.map((n) => n.length));
+  for (const name of names) {
+    const profile = await loadProfile(name);
+    const fault = name.startsWith('faults/');
+    print(!!v.json, { profile: { name, fault, description: profile.description } }, `${name.padEnd(width)}  ${profile.description}`);
+  }
+  return 0;
 }
 
 async function cmdConformance(v: Values): Promise<number> {
@@ -283,8 +469,9 @@ async function cmdConformance(v: Values): Promise<number> {
     target = { name: profile, open: () => VfioDevice.openMock({ profile, seed: seed++ }) };
   } else if (v.device?.length && v.peer) {
     const paths = { primary: v.device[0]!, peer: v.peer };
-    target = { name: paths.primary, open: (role: 'primary' | 'peer') => VfioDevice.openKernel({ path: paths[role], via: (v.via ?? 'auto') as 'auto' }) };
-  } else throw new UsageError('conformance needs --mock <profile>, or --device <path> --peer <path>');
+    const via = choiceOption(v, 'via', ['auto', 'cdev', 'group'] as const, 'auto');
+    target = { name: paths.primary, open: (role: 'primary' | 'peer') => VfioDevice.openKernel({ path: paths[role], via }) };
+  } else throw usageError('conformance needs --mock <profile>, or --device <path> --peer <path>');
   const report = await runConformance(target, { onCheck: (c) => print(!!v.json, { check: c }, `${c.status.padEnd(4)} ${c.name}: ${c.detail}`) });
   print(!!v.json, { report }, `${report.passed} passed, ${report.failed} failed, ${report.skipped} skipped`);
   return report.failed ? 1 : 0;
@@ -365,45 +552,48 @@ async function cmdDemo(v: Values): Promise<number> {
   return ok ? 0 : 1;
 }
 
+const COMMANDS: Record<string, (v: Values) => Promise<number>> = {
+  incoming: cmdIncoming,
+  migrate: cmdMigrate,
+  demo: cmdDemo,
+  conformance: cmdConformance,
+  profiles: cmdProfiles,
+};
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  if (command === undefined) {
+    process.stderr.write(USAGE);
+    return 2;
+  }
+  if (command === 'help' || command === '--help' || command === '-h') {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const run = COMMANDS[command];
+  if (!run) throw usageError(`unknown command ${JSON.stringify(command)} (commands: ${Object.keys(COMMANDS).join(', ')}, help)`);
   let parsed;
   try {
     parsed = parseArgs({ args: rest, options, allowPositionals: true, strict: true });
   } catch (err) {
-    throw new UsageError((err as Error).message);
+    throw usageError((err as Error).message);
   }
   const v = parsed.values;
-  if (v.help || !command) {
-    console.log(USAGE);
-    return command ? 0 : 2;
+  if (v.help) {
+    process.stdout.write(USAGE);
+    return 0;
   }
-  switch (command) {
-    case 'incoming':
-      return cmdIncoming(v);
-    case 'migrate':
-      return cmdMigrate(v);
-    case 'demo':
-      return cmdDemo(v);
-    case 'conformance':
-      return cmdConformance(v);
-    case 'profiles':
-      for (const p of await listProfiles()) console.log(p);
-      return 0;
-    default:
-      throw new UsageError(`unknown command "${command}"`);
-  }
+  if (parsed.positionals.length) throw usageError(`${command}: unexpected argument ${JSON.stringify(parsed.positionals[0])}`);
+  return run(v);
 }
 
 main(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (err) => {
-    if (err instanceof UsageError) {
-      console.error(`vfio-migrate: ${err.message}\n\n${USAGE}`);
-      process.exit(2);
-    }
+    // One format for every error, usage or not: "vfio-migrate: CODE: message".
     const e = describeError(err);
     console.error(`vfio-migrate: ${e.code}: ${e.message}`);
-    process.exit(1);
+    if (err instanceof CliError && err.exitCode === 2) console.error('run "vfio-migrate --help" for usage');
+    process.exit(err instanceof CliError ? err.exitCode : 1);
   },
 );
