@@ -55,10 +55,11 @@ test('sums saturate, differences never underflow, durations stay finite and boun
 
 test('policy: hostile pending figures never give an absurd expected downtime or remaining', (t) => {
   const r = rng(3);
-  const handlers = Array.from({ length: 4 }, () => ({ switchoverDeviceTimeMs: () => (r() < 0.1 ? Infinity : r() * 500) }) as unknown as StateHandler);
+  const hostileMs = () => (r() < 0.1 ? Infinity : r() < 0.1 ? NaN : r() < 0.1 ? null : r() * 500);
+  const handlers = Array.from({ length: 4 }, (_, i) => ({ describe: () => ({ id: `d${i}`, kind: 'vfio', compat: 'x' }), switchoverArcs: () => [{ arc: 'pre-copy>pre-copy-p2p', ms: hostileMs(), basis: 'measured' }] }) as unknown as StateHandler);
   const policy = new DowntimePolicy(handlers);
   for (let i = 0; i < 5_000; i++) {
-    policy.recordDestinationDeviceTime(Math.floor(r() * 4), r() < 0.1 ? NaN : r() * 1000);
+    policy.recordDestinationArcs(Math.floor(r() * 4), [{ arc: 'resuming>stop', ms: hostileMs(), basis: 'learned' }]);
     policy.recordLoadRate(Math.floor(r() * 4), r() < 0.1 ? Infinity : r() * 10);
     const pending = handlers.map(() => {
       const v = Number(clampDeviceBytes(hostile(r), 2 ** 40).value);

@@ -56,8 +56,8 @@ const slowLoad: Partial<MockProfileInput> = { stateBytes: '4MiB', dirtyBytesPerS
 
 test.serial('switchover-ack: with it the 2 s initial load stays out of the downtime; without it the load lands in the downtime', async (t) => {
   const limit = 300;
-  const withAck = await migrate({ mock: [['nic-vf', 1]], overrides: slowLoad, capabilities: { 'switchover-ack': true }, parameters: { 'downtime-limit': limit } });
-  const without = await migrate({ mock: [['nic-vf', 1]], overrides: slowLoad, capabilities: { 'switchover-ack': false }, parameters: { 'downtime-limit': limit } });
+  const withAck = await migrate({ mock: [['nic-vf', 1]], overrides: slowLoad, capabilities: { 'switchover-ack': true, 'x-probe-switchover-arcs': true }, parameters: { 'downtime-limit': limit } });
+  const without = await migrate({ mock: [['nic-vf', 1]], overrides: slowLoad, capabilities: { 'switchover-ack': false, 'x-probe-switchover-arcs': true }, parameters: { 'downtime-limit': limit } });
   t.is(withAck.info.status, 'completed', withAck.error?.message);
   t.is(without.info.status, 'completed', without.error?.message);
   t.log(`downtime with switchover-ack ${withAck.info.downtimeMs!.toFixed(0)} ms, without ${without.info.downtimeMs!.toFixed(0)} ms (limit ${limit} ms)`);
@@ -77,7 +77,7 @@ test.serial('switchover-ack: with it the 2 s initial load stays out of the downt
 test.serial('expected downtime: a GPU with GiBs of state on a rate-capped link, estimate at the last iteration within 15% of the measured downtime', async (t) => {
   // The cap (160 MiB/s) is well below what this 2-core machine moves, so the link, not the CPU, sets the rate.
   const gpu: Partial<MockProfileInput> = { stateBytes: '2GiB', loadInitialMs: 300, dirtyBytesPerSec: '128MiB', dirtyWorkingSetBytes: '192MiB', stopCopyOnlyBytes: '128MiB', arcLatencyMs: { default: 20 } };
-  const r = await migrate({ mock: [['gpu', 1]], overrides: gpu, parameters: { 'max-bandwidth': 160 * MiB, 'downtime-limit': 2500 }, channels: 2 });
+  const r = await migrate({ mock: [['gpu', 1]], overrides: gpu, capabilities: { 'x-probe-switchover-arcs': true }, parameters: { 'max-bandwidth': 160 * MiB, 'downtime-limit': 2500 }, channels: 2 });
   t.is(r.info.status, 'completed', r.error?.message);
   const passes = r.events.filter((e) => e.event === 'MIGRATION_PASS');
   const last = passes.at(-1)!.data as { expectedDowntimeMs: number; stopcopyBytes: number };
@@ -153,7 +153,7 @@ test.serial('switchover-abort: a slow stop-copy device aborts within the bound, 
   const first = await migrate({
     mock: [['nic-vf', 2]],
     overrides: slow,
-    capabilities: { 'switchover-abort': true },
+    capabilities: { 'switchover-abort': true, 'x-probe-switchover-arcs': true },
     parameters: { 'downtime-limit': downtimeLimit, 'switchover-limit': switchoverLimit },
   });
   t.is(first.info.status, 'failed');
@@ -172,7 +172,7 @@ test.serial('switchover-abort: a slow stop-copy device aborts within the bound, 
   const retry = await migrate({
     mock: [['nic-vf', 2]],
     overrides: slow,
-    capabilities: { 'switchover-abort': true },
+    capabilities: { 'switchover-abort': true, 'x-probe-switchover-arcs': true },
     parameters: { 'downtime-limit': downtimeLimit, 'switchover-limit': 10_000 },
   });
   t.is(retry.info.status, 'completed', retry.error?.message);

@@ -82,3 +82,70 @@ export async function settleAll<T>(promises: Promise<T>[]): Promise<T[]> {
   if (failed) throw (failed as PromiseRejectedResult).reason;
   return results.map((r) => (r as PromiseFulfilledResult<T>).value);
 }
+
+/**
+ * Liveness of the peer over one migration's channels. Every tick (a tenth of
+ * the timeout) it says "alive" on `writer` every other tick, if that channel
+ * is idle; and it calls `onSilent` once nothing (no byte on any channel) came
+ * from the peer for 90% of the timeout, so a stopped or cut-off peer is
+ * detected within it. Data this side has not consumed yet counts as the
+ * peer's life: the consumer, not the peer, holds the stream up then.
+ */
+export class PeerWatch {
+  readonly timeoutMs: number;
+  #readers: () => readonly (FrameReader | undefined)[];
+  #writer: FrameWriter | null;
+  #onSilent: (silentMs: number) => void;
+  #timer: NodeJS.Timeout | null = null;
+  #arrived = -1;
+  #lastHeardAt = 0;
+  #lastTickAt = 0;
+  #ticks = 0;
+
+  constructor(options: { timeoutMs: number; readers: () => readonly (FrameReader | undefined)[]; writer: FrameWriter | null; onSilent: (silentMs: number) => void }) {
+    this.timeoutMs = options.timeoutMs;
+    this.#readers = options.readers;
+    this.#writer = options.writer;
+    this.#onSilent = options.onSilent;
+  }
+
+  start(): void {
+    if (this.#timer) return;
+    const tickMs = Math.max(10, this.timeoutMs / 10);
+    this.#lastHeardAt = this.#lastTickAt = performance.now();
+    this.#writer?.heartbeat();
+    this.#timer = setInterval(() => this.#tick(tickMs), tickMs);
+    this.#timer.unref();
+  }
+
+  #tick(tickMs: number): void {
+    const now = performance.now();
+    // A late tick means this process did not run (stopped, starved): the
+    // peer's silence since is not the peer's; judge it from here on.
+    const late = now - this.#lastTickAt > 3 * tickMs;
+    this.#lastTickAt = now;
+    if (++this.#ticks % 2 === 0) this.#writer?.heartbeat();
+    let arrived = 0;
+    let backlogged = false;
+    for (const r of this.#readers()) {
+      if (!r) continue;
+      arrived += r.bytesArrived;
+      backlogged ||= r.backlogged;
+    }
+    if (late || backlogged || arrived !== this.#arrived) {
+      this.#arrived = arrived;
+      this.#lastHeardAt = now;
+      return;
+    }
+    const silentMs = now - this.#lastHeardAt;
+    if (silentMs >= this.timeoutMs * 0.9) {
+      this.stop();
+      this.#onSilent(silentMs);
+    }
+  }
+
+  stop(): void {
+    if (this.#timer) clearInterval(this.#timer);
+    this.#timer = null;
+  }
+}

@@ -7,21 +7,12 @@ import { MigrationEvents, type MigrationStatus } from './events.js';
 import { MigrationError, describeError } from './errors.js';
 import type { HandlerContext, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
-import { type Channel, makeChannel, settleAll, withTimeout } from './channels.js';
-import { type Frame, FrameType, type LoadReportMessage, WIRE_VERSION, parseJson, verifyFrame } from './wire.js';
+import { type Channel, PeerWatch, makeChannel, settleAll, withTimeout } from './channels.js';
+import { type Frame, FrameType, type LoadReportMessage, WIRE_VERSION, encodeFrame, jsonPayload, parseJson, readFirstFrame, verifyFrame } from './wire.js';
 import { type MigrationServer, formatUri, listen, parseUri } from './transport.js';
 import type { HelloMessage, RunningMessage } from './source.js';
 import type { MigrationState } from '../vfio/states.js';
-
-/**
- * Ends a connection after what was written to it (an error report above all)
- * has been flushed; destroy() would drop it. close() destroys what is left.
- */
-function endSocket(s: net.Socket): void {
-  if (s.destroyed) return;
-  s.end();
-  setTimeout(() => s.destroy(), 2000).unref();
-}
+import { DEFAULT_PARAMETERS } from './params.js';
 
 /** Section loads one channel may have queued on the devices at once. */
 const MAX_INFLIGHT_LOADS = 4;
@@ -31,10 +22,26 @@ const COMMIT_TIMEOUT_MS = 30_000;
 const LOAD_REPORT_INTERVAL_MS = 10;
 /** Up to this many bytes of already-arrived data frames go to a device in one write. */
 const COALESCE_BYTES = 8 << 20;
+/**
+ * After this side failed or finished, a connection stays open (what arrives
+ * is dropped) until the source closes it, at most this long: closing first
+ * would reset the connection under a source that has not yet read the
+ * report (a unix socket's half-close even fails its next write at once).
+ */
+const LINGER_MS = 2_000;
+/** Defaults of DestinationOptions. */
+const HANDSHAKE_TIMEOUT_MS = 10_000;
+const MAX_PENDING_CONNECTIONS = 32;
+/** All first frames being read at once, bytes (each Hello is at most 1 MiB). */
+const HANDSHAKE_BYTES_BUDGET = 4 << 20;
 
 export interface DestinationOptions {
   handlers: StateHandler[];
   vm: VmControl;
+  /** ms a new connection has to identify itself (Hello or ChannelHello) and be taken into a migration. */
+  handshakeTimeoutMs?: number;
+  /** Connections not yet taken into a migration, at most; more are closed at once. */
+  maxPendingConnections?: number;
 }
 
 export interface IncomingResult {
@@ -54,14 +61,43 @@ export interface IncomingOptions {
   channelTimeoutMs?: number;
 }
 
+/** A connection that sent a valid first frame and waits to be taken into a migration. */
+interface Offer {
+  socket: net.Socket;
+  frame: Frame;
+  /** Taken: no longer counted as pending, its handshake deadline cleared. */
+  take(): void;
+}
+
+interface ChannelHelloMessage {
+  migrationId: string;
+  index: number;
+}
+
 export class MigrationDestination extends MigrationEvents {
   readonly handlers: StateHandler[];
   readonly vm: VmControl;
+  readonly handshakeTimeoutMs: number;
+  readonly maxPendingConnections: number;
   #server: MigrationServer | null = null;
   #status: MigrationStatus = 'none';
   #failure: Error | null = null;
   #channels: Channel[] = [];
   #sockets = new Set<net.Socket>();
+  /** Connections not yet taken into a migration (reading their first frame, or parked). */
+  #pendingConnections = 0;
+  #handshakeBytes = 0;
+  /** Sockets closing after their migration: close() waits for them (bounded by LINGER_MS). */
+  #lingering = new Map<net.Socket, Promise<void>>();
+  /** A Hello that came while no incoming() waited (at most one; more are told busy). */
+  #parkedHello: Offer | null = null;
+  /** ChannelHellos that came before their Hello (their deadline still runs). */
+  #parkedChannels: Offer[] = [];
+  #helloWaiter: ((o: Offer) => void) | null = null;
+  /** The migration being set up or run; its extra channels are matched against it. */
+  #session: { migrationId: string; channels: number; accepting: boolean; offer: ((o: Offer) => void) | null } | null = null;
+  #running = false;
+  #watch: PeerWatch | null = null;
   #switchoverLimitMs = 0;
   #sourceStoppedAt = 0;
   #abortTimer: NodeJS.Timeout | null = null;
@@ -76,20 +112,34 @@ export class MigrationDestination extends MigrationEvents {
     if (!Array.isArray(options.handlers) || options.handlers.length === 0) throw new MigrationError('ERR_MIGRATION_BAD_PARAMETER', 'a migration needs at least one state handler');
     this.handlers = options.handlers;
     this.vm = options.vm;
+    const positive = (name: string, v: unknown, dflt: number) => {
+      if (v === undefined) return dflt;
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 1) throw new MigrationError('ERR_MIGRATION_BAD_PARAMETER', `${name} must be a positive integer, got ${JSON.stringify(v)}`);
+      return v;
+    };
+    this.handshakeTimeoutMs = positive('handshakeTimeoutMs', options.handshakeTimeoutMs, HANDSHAKE_TIMEOUT_MS);
+    this.maxPendingConnections = positive('maxPendingConnections', options.maxPendingConnections, MAX_PENDING_CONNECTIONS);
   }
 
   get status(): MigrationStatus {
     return this.#status;
   }
 
-  /** Starts listening; returns the bound URI (tcp port 0 picks a free port). */
+  /** Connections that have not been taken into a migration yet (for monitoring and tests). */
+  get pendingConnections(): number {
+    return this.#pendingConnections;
+  }
+
+  /**
+   * Starts listening; returns the bound URI (tcp port 0 picks a free port).
+   * From here every connection is served at once, whatever the others do:
+   * it must identify itself within handshakeTimeoutMs; a bad first frame
+   * gets a typed Error frame and costs that connection only.
+   */
   async listen(uri: string): Promise<string> {
     const { server, uri: bound } = await listen(parseUri(uri));
     this.#server = server;
-    server.on('accepted', (s: net.Socket) => {
-      this.#sockets.add(s);
-      s.on('close', () => this.#sockets.delete(s));
-    });
+    server.on('accepted', (s: net.Socket) => this.#onAccepted(s));
     this.uri = formatUri(bound);
     return this.uri;
   }
@@ -108,16 +158,215 @@ export class MigrationDestination extends MigrationEvents {
     };
   }
 
+  // ---- connections before a migration takes them ----
+
+  #onAccepted(s: net.Socket): void {
+    this.#sockets.add(s);
+    s.on('close', () => this.#sockets.delete(s));
+    // Failures surface through the reads and writes that see them.
+    s.on('error', () => {});
+    if (this.#pendingConnections >= this.maxPendingConnections) {
+      s.destroy();
+      return;
+    }
+    this.#pendingConnections++;
+    let counted = true;
+    const uncount = () => {
+      if (!counted) return;
+      counted = false;
+      this.#pendingConnections--;
+      clearTimeout(deadline);
+    };
+    const deadline = setTimeout(() => {
+      this.#unpark(s);
+      this.#refuse(s, new MigrationError('ERR_MIGRATION_PROTOCOL', `no migration took this connection within the ${this.handshakeTimeoutMs} ms handshake deadline`));
+    }, this.handshakeTimeoutMs);
+    deadline.unref();
+    s.once('close', () => {
+      uncount();
+      this.#unpark(s);
+    });
+    void this.#identify(s, uncount);
+  }
+
+  async #identify(s: net.Socket, take: () => void): Promise<void> {
+    let frame: Frame;
+    try {
+      frame = await readFirstFrame(s, {
+        reserve: (bytes) => {
+          if (this.#handshakeBytes + bytes > HANDSHAKE_BYTES_BUDGET) return false;
+          this.#handshakeBytes += bytes;
+          return true;
+        },
+        unreserve: (bytes) => (this.#handshakeBytes -= bytes),
+      });
+      if (frame.type === FrameType.Hello) checkHello(parseJson<unknown>(frame));
+      else checkChannelHello(parseJson<unknown>(frame));
+    } catch (err) {
+      this.#refuse(s, err);
+      return;
+    }
+    if (s.destroyed) return;
+    const offer: Offer = { socket: s, frame, take };
+    if (frame.type === FrameType.Hello) this.#offerHello(offer);
+    else this.#offerChannel(offer);
+  }
+
+  /** Says why in an Error frame (a typed code) and closes: this connection only. */
+  #refuse(s: net.Socket, err: unknown): void {
+    if (s.destroyed) return;
+    const e = describeError(err);
+    try {
+      s.end(Buffer.concat(encodeFrame(FrameType.Error, 0, jsonPayload({ code: e.code, message: e.message, notRunning: true }))));
+    } catch {
+      // A socket that cannot take the report is closed all the same.
+    }
+    setTimeout(() => s.destroy(), 1000).unref();
+  }
+
+  #unpark(s: net.Socket): void {
+    if (this.#parkedHello?.socket === s) this.#parkedHello = null;
+    this.#parkedChannels = this.#parkedChannels.filter((o) => o.socket !== s);
+  }
+
+  #offerHello(o: Offer): void {
+    if (this.#session) return this.#refuse(o.socket, new MigrationError('ERR_MIGRATION_BUSY', 'the destination is running another migration'));
+    const waiter = this.#helloWaiter;
+    if (waiter) {
+      this.#helloWaiter = null;
+      return waiter(o);
+    }
+    if (this.#parkedHello) return this.#refuse(o.socket, new MigrationError('ERR_MIGRATION_BUSY', 'another source is about to migrate to this destination'));
+    // Between two migrations: the next incoming() takes it (its deadline runs meanwhile).
+    this.#parkedHello = o;
+  }
+
+  #offerChannel(o: Offer): void {
+    const m = parseJson<ChannelHelloMessage>(o.frame);
+    const session = this.#session;
+    if (session && session.migrationId === m.migrationId) {
+      if (session.offer) return session.offer(o);
+      return this.#refuse(o.socket, new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} takes no more channels`));
+    }
+    // Its Hello may still be on its way: kept (paused, within the pending
+    // cap) until a migration with its id takes it or its deadline passes.
+    this.#parkedChannels.push(o);
+  }
+
+  /** The next Hello: a parked one, or the next to arrive. */
+  #nextHello(signal?: AbortSignal): Promise<Offer> {
+    const parked = this.#parkedHello;
+    if (parked) {
+      this.#parkedHello = null;
+      return Promise.resolve(parked);
+    }
+    return new Promise((resolve, reject) => {
+      const onAbort = () => {
+        this.#helloWaiter = null;
+        reject(new MigrationError('ERR_MIGRATION_CANCELLED', `cancelled while waiting for a source: ${String(signal?.reason ?? 'aborted')}`));
+      };
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.#closeWaiter = () => {
+        signal?.removeEventListener('abort', onAbort);
+        reject(new MigrationError('ERR_MIGRATION_CANCELLED', 'the destination was closed'));
+      };
+      this.#helloWaiter = (o) => {
+        this.#closeWaiter = null;
+        signal?.removeEventListener('abort', onAbort);
+        resolve(o);
+      };
+    });
+  }
+  #closeWaiter: (() => void) | null = null;
+
+  // ---- one migration ----
+
   #fail(err: Error): void {
     if (this.#failure) return;
     this.#failure = err;
-    for (const s of this.#sockets) endSocket(s);
+    this.#watch?.stop();
+    // A silent source gets no linger: nothing it sends will arrive.
+    const silent = (err as MigrationError).code === 'ERR_MIGRATION_PEER_TIMEOUT';
+    for (const ch of this.#channels) if (ch) this.#release(ch, silent);
   }
 
-  /** Accepts and runs one incoming migration. */
+  /** Done with a channel: dropped at once, or (after what was said last) kept open, unread, until the source closes it. */
+  #release(ch: Channel, destroy: boolean): void {
+    const s = ch.socket;
+    if (s.destroyed || this.#lingering.has(s)) return;
+    if (destroy) {
+      s.destroy();
+      return;
+    }
+    ch.reader.discard();
+    this.#lingering.set(
+      s,
+      new Promise<void>((resolve) => {
+        const timer = setTimeout(() => s.destroy(), LINGER_MS);
+        timer.unref();
+        s.once('end', () => s.destroy());
+        s.once('close', () => {
+          clearTimeout(timer);
+          this.#lingering.delete(s);
+          resolve();
+        });
+      }),
+    );
+  }
+
+  /**
+   * Accepts and runs one incoming migration: waits for a source's Hello
+   * (strangers, malformed connections and a second source meanwhile cost
+   * only their own connection), runs it, and resolves with the result; a
+   * failure rejects with the error (its `result` says more). Call it again
+   * for the next migration, or use serve().
+   */
   async incoming(options: IncomingOptions = {}): Promise<IncomingResult> {
     if (!this.#server) throw new MigrationError('ERR_MIGRATION_STATE', 'call listen() before incoming()');
-    if (this.#status !== 'none') throw new MigrationError('ERR_MIGRATION_STATE', `incoming() was already called (status ${this.#status})`);
+    if (this.#running) throw new MigrationError('ERR_MIGRATION_STATE', `a migration is already running here (status ${this.#status})`);
+    this.#running = true;
+    this.#failure = null;
+    this.#channels = [];
+    this.#switchoverLimitMs = 0;
+    this.#sourceStoppedAt = 0;
+    this.#abortTimer = null;
+    this.#initialPending = new Set();
+    this.#acked = false;
+    this.#committed = false;
+    this.#sectionBytes = [];
+    this.#loadedBytes = 0;
+    this.#status = 'none';
+    try {
+      const offer = await this.#nextHello(options.signal);
+      return await this.#run(offer, options);
+    } finally {
+      this.#watch?.stop();
+      this.#watch = null;
+      this.#session = null;
+      this.#running = false;
+    }
+  }
+
+  /**
+   * Serves migrations one after the other until close() (or the signal):
+   * yields each one's result, failed ones included (with `error`). After a
+   * failure before the commit the devices are reset and the next source is
+   * served.
+   */
+  async *serve(options: IncomingOptions = {}): AsyncGenerator<IncomingResult, void, undefined> {
+    while (this.#server && !options.signal?.aborted) {
+      try {
+        yield await this.incoming(options);
+      } catch (err) {
+        const result = (err as { result?: IncomingResult }).result;
+        if (!this.#server || options.signal?.aborted || !result) return;
+        yield result;
+      }
+    }
+  }
+
+  async #run(offer: Offer, options: IncomingOptions): Promise<IncomingResult> {
     const t0 = performance.now();
     let loadStart = 0;
     let loadEnd = 0;
@@ -128,23 +377,35 @@ export class MigrationDestination extends MigrationEvents {
     let main: Channel | null = null;
     let reporter: NodeJS.Timeout | undefined;
     try {
-      const hello = await this.#acceptMain(options.signal);
-      main = this.#channels[0]!;
+      offer.take();
+      const hello = parseJson<HelloMessage>(offer.frame);
+      this.#session = { migrationId: hello.migrationId, channels: hello.channels, accepting: true, offer: null };
+      main = makeChannel(0, offer.socket, { deferDataChecksums: true });
+      this.#channels[0] = main;
       this.#setStatus('setup');
       const mismatch = this.#compatibility(hello);
-      if (mismatch) {
-        const err = new MigrationError('ERR_MIGRATION_INCOMPATIBLE', mismatch);
-        await main.writer.writeJson(FrameType.Error, 0, describeError(err)).catch(() => {});
-        throw err;
-      }
+      if (mismatch) throw new MigrationError('ERR_MIGRATION_INCOMPATIBLE', mismatch);
       await this.#acceptChannels(hello, options.channelTimeoutMs ?? 10_000);
       setupStarted = true;
       await settleAll(this.handlers.map((h) => h.loadSetup(ctx)));
+      if (this.#failure) throw this.#failure;
       // Every device with initial bytes must load them before the source may switch over.
       this.handlers.forEach((h, i) => {
         if (h.hasInitialData?.()) this.#initialPending.add(i);
       });
       await main.writer.writeJson(FrameType.HelloAck, 0, { wireVersion: WIRE_VERSION });
+      // From here the source sends heartbeats too: a silent one is stopped or cut off.
+      const peerTimeoutMs = hello.parameters['peer-timeout'] ?? DEFAULT_PARAMETERS['peer-timeout'];
+      this.#watch = new PeerWatch({
+        timeoutMs: peerTimeoutMs,
+        readers: () => this.#channels.map((ch) => ch?.reader),
+        writer: main.writer,
+        onSilent: (silentMs) => {
+          if (this.#committed) return;
+          this.#fail(new MigrationError('ERR_MIGRATION_PEER_TIMEOUT', `the source sent nothing for ${silentMs.toFixed(0)} ms (peer-timeout ${peerTimeoutMs} ms): it is stopped or cut off; the VM stays with the source`));
+        },
+      });
+      this.#watch.start();
       await this.#sendLoadReport(main);
       this.#setStatus('active');
       if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
@@ -171,6 +432,7 @@ export class MigrationDestination extends MigrationEvents {
       await settleAll(this.handlers.map((h) => h.loadFinish(ctx)));
       if (this.#failure) throw this.#failure;
       await this.#awaitCommit(main);
+      this.#watch.stop();
       await settleAll(this.handlers.map((h) => h.loadResumeP2P(ctx)));
       await settleAll(this.handlers.map((h) => h.loadResume(ctx)));
       await this.vm.resume();
@@ -207,7 +469,8 @@ export class MigrationDestination extends MigrationEvents {
     } finally {
       clearInterval(reporter);
       options.signal?.removeEventListener('abort', onAbort);
-      for (const s of this.#sockets) endSocket(s);
+      // Closed once the source has read what was said last (or after LINGER_MS).
+      for (const ch of this.#channels) if (ch) this.#release(ch, false);
     }
   }
 
@@ -250,7 +513,7 @@ export class MigrationDestination extends MigrationEvents {
   async #sendLoadReport(main: Channel): Promise<void> {
     const sections: LoadReportMessage['sections'] = [];
     this.handlers.forEach((h, section) => {
-      if (h.resumeDeviceTimeMs) sections.push({ section, resumeDeviceMs: h.resumeDeviceTimeMs(), loadMsPerMiB: h.loadMsPerMiB?.() ?? null });
+      if (h.resumeArcs) sections.push({ section, arcs: h.resumeArcs(), loadMsPerMiB: h.loadMsPerMiB?.() ?? null });
     });
     // Arrived counts what sits in this side's buffers too: it has crossed the link.
     const receivedBytes = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
@@ -263,7 +526,14 @@ export class MigrationDestination extends MigrationEvents {
     if (this.#abortTimer) clearTimeout(this.#abortTimer);
     await main.writer.write(FrameType.ReadyToRun, 0);
     // A source that never answers (gone without a FIN) must not keep this side waiting forever.
-    const frame = await withTimeout(main.reader.next(), COMMIT_TIMEOUT_MS, `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`);
+    const nextControl = async () => {
+      for (;;) {
+        const f = await main.reader.next();
+        if (f?.type !== FrameType.Heartbeat) return f;
+        f.release();
+      }
+    };
+    const frame = await withTimeout(nextControl(), COMMIT_TIMEOUT_MS, `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`);
     if (frame?.type === FrameType.Commit) {
       this.#committed = true;
       return;
@@ -293,77 +563,37 @@ export class MigrationDestination extends MigrationEvents {
     return null;
   }
 
-  async #acceptMain(signal?: AbortSignal): Promise<HelloMessage> {
-    // Connections may arrive in any order; the one that says Hello is the main channel.
-    for (;;) {
-      const socket = await this.#nextConnection(signal);
-      const ch = makeChannel(0, socket, { deferDataChecksums: true });
-      const first = await ch.reader.next().catch(() => null);
-      if (first?.type === FrameType.Hello) {
-        this.#channels[0] = ch;
-        return parseJson<HelloMessage>(first);
-      }
-      if (first?.type === FrameType.ChannelHello) {
-        this.#early.push({ ch, index: parseJson<{ index: number }>(first).index });
-        continue;
-      }
-      socket.destroy();
-    }
-  }
-
-  #early: { ch: Channel; index: number }[] = [];
-  #queue: net.Socket[] = [];
-  #waiter: ((s: net.Socket) => void) | null = null;
-
-  #nextConnection(signal?: AbortSignal): Promise<net.Socket> {
-    if (!this.#listening) {
-      this.#listening = true;
-      this.#server!.on('accepted', (s: net.Socket) => {
-        const w = this.#waiter;
-        this.#waiter = null;
-        if (w) w(s);
-        else this.#queue.push(s);
-      });
-    }
-    const queued = this.#queue.shift();
-    if (queued) return Promise.resolve(queued);
-    return new Promise((resolve, reject) => {
-      if (this.#failure) return reject(this.#failure);
-      const onAbort = () => reject(new MigrationError('ERR_MIGRATION_CANCELLED', 'cancelled while waiting for the source'));
-      signal?.addEventListener('abort', onAbort, { once: true });
-      this.#waiter = (s) => {
-        signal?.removeEventListener('abort', onAbort);
-        resolve(s);
-      };
-    });
-  }
-  #listening = false;
-
+  /** Takes the extra channels of this migration (ChannelHellos with its id, each index once) until all are in. */
   async #acceptChannels(hello: HelloMessage, timeoutMs: number): Promise<void> {
-    for (const e of this.#early) {
-      e.ch.index = e.index;
-      this.#channels[e.index] = e.ch;
-    }
-    const deadline = performance.now() + timeoutMs;
-    while (this.#channels.filter(Boolean).length < hello.channels) {
-      const left = deadline - performance.now();
-      if (left <= 0) throw new MigrationError('ERR_MIGRATION_CONNECTION', `only ${this.#channels.filter(Boolean).length} of ${hello.channels} channels connected`);
-      const ac = new AbortController();
-      const timer = setTimeout(() => ac.abort(), left);
-      let socket: net.Socket;
-      try {
-        socket = await this.#nextConnection(ac.signal);
-      } finally {
-        clearTimeout(timer);
+    const session = this.#session!;
+    let missing = hello.channels - 1;
+    let done: (() => void) | null = null;
+    const adopt = (o: Offer) => {
+      const m = parseJson<ChannelHelloMessage>(o.frame);
+      if (m.index >= hello.channels || this.#channels[m.index]) {
+        this.#refuse(o.socket, new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} has no free channel ${m.index} (it has ${hello.channels})`));
+        return;
       }
-      const ch = makeChannel(0, socket, { deferDataChecksums: true });
-      const first = await ch.reader.next();
-      if (first?.type !== FrameType.ChannelHello) throw new MigrationError('ERR_MIGRATION_PROTOCOL', 'an extra channel did not identify itself');
-      const m = parseJson<{ migrationId: string; index: number }>(first);
-      if (m.migrationId !== hello.migrationId || !Number.isInteger(m.index) || m.index < 1 || m.index >= hello.channels || this.#channels[m.index])
-        throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unexpected channel ${m.index} of migration ${m.migrationId}`);
-      ch.index = m.index;
-      this.#channels[m.index] = ch;
+      o.take();
+      this.#channels[m.index] = makeChannel(m.index, o.socket, { deferDataChecksums: true });
+      if (--missing === 0) done?.();
+    };
+    session.offer = adopt;
+    try {
+      for (const o of this.#parkedChannels.filter((p) => parseJson<ChannelHelloMessage>(p.frame).migrationId === hello.migrationId)) {
+        this.#unpark(o.socket);
+        adopt(o);
+      }
+      if (missing > 0)
+        await withTimeout(
+          new Promise<void>((resolve) => (done = resolve)),
+          timeoutMs,
+          `only ${hello.channels - missing} of ${hello.channels} channels connected within ${timeoutMs} ms`,
+        );
+    } finally {
+      session.offer = null;
+      session.accepting = false;
+      done = null;
     }
   }
 
@@ -444,6 +674,8 @@ export class MigrationDestination extends MigrationEvents {
           this.#armAbort();
           break;
         }
+        case FrameType.Heartbeat:
+          break;
         case FrameType.EndOfStream:
           await settleLoads();
           return;
@@ -481,9 +713,39 @@ export class MigrationDestination extends MigrationEvents {
     }, Math.max(0, this.#switchoverLimitMs - elapsed));
   }
 
+  /**
+   * Stops listening and closes every connection; a finished migration's
+   * connections first get up to LINGER_MS for the source to read the last
+   * report (see #release). A waiting incoming() rejects (cancelled).
+   */
   async close(): Promise<void> {
-    for (const s of this.#sockets) s.destroy();
-    await new Promise<void>((resolve) => (this.#server ? this.#server.close(() => resolve()) : resolve()));
+    const server = this.#server;
     this.#server = null;
+    this.#closeWaiter?.();
+    this.#closeWaiter = null;
+    this.#helloWaiter = null;
+    for (const s of this.#sockets) if (!this.#lingering.has(s)) s.destroy();
+    await Promise.all([...this.#lingering.values()]);
+    await new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve()));
   }
+}
+
+/** A Hello's shape, checked before it can start a migration (its content is checked by #compatibility). */
+function checkHello(m: unknown): void {
+  const bad = (what: string) => new MigrationError('ERR_MIGRATION_PROTOCOL', `malformed Hello: ${what}`);
+  if (typeof m !== 'object' || m === null || Array.isArray(m)) throw bad(`expected an object, got ${m === null ? 'null' : typeof m}`);
+  const h = m as Partial<Record<keyof HelloMessage, unknown>>;
+  if (typeof h.migrationId !== 'string' || h.migrationId.length === 0 || h.migrationId.length > 128) throw bad('migrationId must be a string of 1-128 characters');
+  if (typeof h.wireVersion !== 'number') throw bad('wireVersion must be a number');
+  if (!Number.isInteger(h.channels) || (h.channels as number) < 1 || (h.channels as number) > 64) throw bad(`channels must be an integer from 1 to 64, got ${JSON.stringify(h.channels)}`);
+  if (!Array.isArray(h.sections) || h.sections.some((x) => typeof x !== 'object' || x === null)) throw bad('sections must be an array of objects');
+  for (const k of ['capabilities', 'parameters'] as const) if (typeof h[k] !== 'object' || h[k] === null || Array.isArray(h[k])) throw bad(`${k} must be an object`);
+  const peerTimeout = (h.parameters as Record<string, unknown>)['peer-timeout'];
+  if (peerTimeout !== undefined && !(typeof peerTimeout === 'number' && peerTimeout >= 100 && peerTimeout <= 3_600_000)) throw bad(`parameter peer-timeout must be 100-3600000 ms, got ${JSON.stringify(peerTimeout)}`);
+}
+
+function checkChannelHello(m: unknown): void {
+  const c = m as Partial<ChannelHelloMessage> | null;
+  if (typeof c !== 'object' || c === null || typeof c.migrationId !== 'string' || !Number.isInteger(c.index) || (c.index as number) < 1 || (c.index as number) > 63)
+    throw new MigrationError('ERR_MIGRATION_PROTOCOL', 'malformed ChannelHello: expected { migrationId: string, index: 1-63 }');
 }

@@ -11,6 +11,10 @@ export type MigrationErrorCode =
   | 'ERR_MIGRATION_BAD_URI'
   | 'ERR_MIGRATION_STATE'
   | 'ERR_MIGRATION_SWITCHOVER_ABORTED'
+  /** The destination runs (or is setting up) another migration: try again later. */
+  | 'ERR_MIGRATION_BUSY'
+  /** The peer sent nothing (not even a heartbeat) for the peer timeout: stopped, gone or cut off. */
+  | 'ERR_MIGRATION_PEER_TIMEOUT'
   /** The connection failed after the source committed: the VM may run on the destination, so the source stays stopped (resumeOnSource() once it is known not to). */
   | 'ERR_MIGRATION_OUTCOME_UNKNOWN';
 

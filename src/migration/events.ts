@@ -3,6 +3,7 @@
 // socket), also as 'event' with its name and a timestamp.
 import { EventEmitter } from 'node:events';
 import type { MigrationState } from '../vfio/states.js';
+import type { DowntimeSplit } from './policy.js';
 
 /** QEMU's MigrationStatus values that apply here. */
 export type MigrationStatus = 'none' | 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelling' | 'cancelled';
@@ -13,8 +14,19 @@ export interface MigrationEventMap {
   /** A device changed state, or (`*-prepare`) is about to start a transition into a P2P state. */
   VFIO_MIGRATION: { device: string; state: VfioEventState; arcMs?: number };
   MIGRATION: { status: MigrationStatus; reason?: { code: string; message: string } };
-  MIGRATION_PASS: { pass: number; remainingBytes: number; stopcopyBytes: number; expectedDowntimeMs: number | null; bandwidthBytesPerSec: number };
-  MIGRATION_STALLED: { pass: number; remainingBytes: number; suggestedDowntimeLimitMs: number };
+  MIGRATION_PASS: {
+    pass: number;
+    remainingBytes: number;
+    stopcopyBytes: number;
+    expectedDowntimeMs: number | null;
+    bandwidthBytesPerSec: number;
+    /** The expected downtime in parts, each with what it rests on (measured, probed, learned, assumed). */
+    expectedDowntime: DowntimeSplit;
+    /** The limit in force (downtime-limit, or the dynamic limit once it ramped). */
+    downtimeLimitMs: number;
+  };
+  /** Reported when the stall starts and again every few seconds while it lasts. */
+  MIGRATION_STALLED: { pass: number; remainingBytes: number; suggestedDowntimeLimitMs: number; downtimeLimitMs: number; expectedDowntime: DowntimeSplit; message: string };
   MIGRATION_WARNING: { message: string; data?: Record<string, unknown> };
   SWITCHOVER_ACK: { afterMs: number };
   SWITCHOVER_ABORT: { measuredDowntimeMs: number; abortAfterMs: number; side: 'source' | 'destination' };

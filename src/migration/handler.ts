@@ -4,6 +4,17 @@
 // phases; they never talk to the network themselves.
 import type { MigrationState } from '../vfio/states.js';
 
+/** What an expected time rests on: seen in this migration, seen when probed before the stop, learned from earlier migrations of the same model, or assumed (never seen). */
+export type EstimateBasis = 'measured' | 'probed' | 'learned' | 'assumed';
+
+/** One single arc a device walks at switchover, and what its time rests on (`ms` is null when assumed: the policy supplies the assumption). */
+export interface ArcEstimate {
+  /** "from>to", e.g. "pre-copy>pre-copy-p2p". */
+  arc: string;
+  ms: number | null;
+  basis: EstimateBasis;
+}
+
 /** Data a handler still has to send, split the way the switchover decision needs it. */
 export interface PendingBytes {
   /** What can be sent now, while the VM runs. */
@@ -89,10 +100,17 @@ export interface StateHandler {
   /** Destination done; `failed` resets devices. */
   loadCleanup(outcome: 'completed' | 'failed', ctx: HandlerContext): Promise<void>;
 
-  /** Source: expected time of this device's switchover arcs (quiesce, stop-copy), learned from arcs seen so far. */
-  switchoverDeviceTimeMs?(): number;
-  /** Destination: expected time of the resume arcs (resuming -> stop -> running-p2p -> running). */
-  resumeDeviceTimeMs?(): number;
+  /** Source: the arcs this device walks at switchover (to stop-copy, in P2P order), each with its expected time and basis. */
+  switchoverArcs?(): ArcEstimate[];
+  /** The arcs the destination walks (resuming -> running); on the source side, what its own history knows of them. */
+  resumeArcs?(): ArcEstimate[];
+  /**
+   * Source, optional (capability x-probe-switchover-arcs): walk the switchover's
+   * reversible arcs once while the VM runs (e.g. pre-copy -> pre-copy-p2p ->
+   * pre-copy) to measure them. Resolves true when done (or nothing to probe),
+   * false when not ready yet (initial bytes still going out).
+   */
+  probeSwitchover?(ctx: HandlerContext): Promise<boolean>;
   /** Destination: observed load cost, ms per MiB written (null before anything was measured). */
   loadMsPerMiB?(): number | null;
 
@@ -108,6 +126,15 @@ export interface DeviceInfo {
   transferredBytes: number;
   pendingPrecopyBytes: number;
   pendingStopcopyBytes: number;
-  /** The device's share of the expected downtime, ms: arcs on both sides and load beyond the transfer. */
-  expectedSwitchover?: { sourceArcsMs: number; destinationArcsMs: number; loadMs: number };
+  /** The device's share of the expected downtime, ms: arcs on both sides (each with its basis) and load beyond the transfer. */
+  expectedSwitchover?: { sourceArcsMs: number; destinationArcsMs: number; loadMs: number; arcs: ResolvedArc[] };
+}
+
+/** An arc estimate with the assumption applied: what the policy counts. */
+export interface ResolvedArc {
+  device: string;
+  side: 'source' | 'destination';
+  arc: string;
+  ms: number;
+  basis: EstimateBasis;
 }

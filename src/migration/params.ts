@@ -7,6 +7,12 @@ export interface MigrationCapabilities {
   'switchover-ack': boolean;
   'switchover-abort': boolean;
   events: boolean;
+  /**
+   * Walk each device's reversible switchover arcs once during precopy (after
+   * its initial bytes) to measure them: pre-copy -> pre-copy-p2p -> pre-copy.
+   * Off by default: it briefly quiesces the device's P2P DMA while the VM runs.
+   */
+  'x-probe-switchover-arcs': boolean;
 }
 
 export interface MigrationParameters {
@@ -20,15 +26,41 @@ export interface MigrationParameters {
   'avail-switchover-bandwidth': number;
   /** Iterations without progress before the migration is reported stalled. */
   'stall-iterations': number;
+  /**
+   * Expected time of a P2P quiesce arc (running -> running-p2p, pre-copy ->
+   * pre-copy-p2p) never measured, probed or learned, ms. Real drivers take
+   * hundreds of ms under load (mlx5 with RDMA traffic): too low a figure
+   * breaks the downtime promise, too high a figure delays convergence.
+   */
+  'x-assumed-p2p-arc-ms': number;
+  /** Expected time of any other arc never measured, probed or learned, ms. */
+  'x-assumed-arc-ms': number;
+  /**
+   * Dynamic downtime limit: while the migration is stalled, the limit in force
+   * ramps from downtime-limit up to this ceiling in four steps, one per stall
+   * period (KubeVirt ramps 150 -> 1050 ms). 0 = off.
+   */
+  'x-downtime-limit-ceiling': number;
+  /**
+   * Longest silence from the peer, ms (heartbeats keep a live peer audible):
+   * past it the peer counts as stopped or cut off and the migration fails,
+   * rolled back on both sides before the commit. The destination uses the
+   * source's value.
+   */
+  'peer-timeout': number;
 }
 
-export const DEFAULT_CAPABILITIES: MigrationCapabilities = { 'return-path': true, 'switchover-ack': false, 'switchover-abort': false, events: true };
+export const DEFAULT_CAPABILITIES: MigrationCapabilities = { 'return-path': true, 'switchover-ack': false, 'switchover-abort': false, events: true, 'x-probe-switchover-arcs': false };
 export const DEFAULT_PARAMETERS: MigrationParameters = {
   'downtime-limit': 300,
   'switchover-limit': 0,
   'max-bandwidth': 0,
   'avail-switchover-bandwidth': 0,
   'stall-iterations': 10,
+  'x-assumed-p2p-arc-ms': 300,
+  'x-assumed-arc-ms': 10,
+  'x-downtime-limit-ceiling': 0,
+  'peer-timeout': 10_000,
 };
 
 const LIMITS: Record<keyof MigrationParameters, [min: number, max: number]> = {
@@ -37,6 +69,10 @@ const LIMITS: Record<keyof MigrationParameters, [min: number, max: number]> = {
   'max-bandwidth': [0, Number.MAX_SAFE_INTEGER],
   'avail-switchover-bandwidth': [0, Number.MAX_SAFE_INTEGER],
   'stall-iterations': [2, 1_000_000],
+  'x-assumed-p2p-arc-ms': [0, 600_000],
+  'x-assumed-arc-ms': [0, 600_000],
+  'x-downtime-limit-ceiling': [0, 2_000_000],
+  'peer-timeout': [200, 3_600_000],
 };
 
 export function mergeCapabilities(base: MigrationCapabilities, update: unknown): MigrationCapabilities {

@@ -4,7 +4,7 @@
 // what this migration has observed (arcs on both sides, the destination's
 // load rate) and adds them to the estimate. The classic policy reproduces
 // QEMU's: stop-copy bytes over bandwidth, nothing else.
-import type { PendingBytes, StateHandler } from './handler.js';
+import type { ArcEstimate, EstimateBasis, PendingBytes, ResolvedArc, StateHandler } from './handler.js';
 import type { MigrationParameters } from './params.js';
 import { MAX_REPORTED_MS, saneMs, sumBytes, transferMs } from './accounting.js';
 
@@ -21,6 +21,8 @@ export interface PolicyInputs {
   inTransitBytes?: number;
   /** Arrived but not yet loaded: stop-copy data will queue behind it at the devices. */
   awaitingLoadBytes?: number;
+  /** performance.now() of this pass (stall reports are rate-limited in time). */
+  nowMs?: number;
 }
 
 export interface DeviceEstimate {
@@ -28,6 +30,29 @@ export interface DeviceEstimate {
   destinationArcsMs: number;
   /** Destination load time of this device's stop-copy data beyond what overlaps the transfer. */
   loadMs: number;
+  /** Every arc counted, with the assumption applied where nothing was seen. */
+  arcs: ResolvedArc[];
+}
+
+/**
+ * The expected downtime in parts, each saying what it rests on. The parts add
+ * up to the expected downtime: arcs on the slowest device's path at each
+ * side, data at the switchover bandwidth, load beyond the transfer, overhead.
+ */
+export interface DowntimeSplit {
+  dataMs: number;
+  /** Where the switchover bandwidth comes from. */
+  dataBasis: 'measured' | 'configured' | 'unknown';
+  sourceArcsMs: number;
+  destinationArcsMs: number;
+  /** Of the counted arcs (source and destination critical paths), ms by basis. */
+  arcsByBasis: Partial<Record<EstimateBasis, number>>;
+  loadMs: number;
+  overheadMs: number;
+  /** Arcs counted at an assumed time (never measured, probed or learned). */
+  unmeasured: ResolvedArc[];
+  /** One line for people: `expected 480 ms: data 120 (measured), arcs 350 (probed), load 10; unmeasured: none`. */
+  summary: string;
 }
 
 export interface PolicyDecision {
@@ -47,7 +72,56 @@ export interface PolicyDecision {
   iterationBudgetBytes: number;
   idleWaitMs: number;
   devices: (DeviceEstimate | null)[];
+  split: DowntimeSplit;
+  /** The downtime limit this decision aimed for (downtime-limit, or higher while the dynamic limit ramps). */
+  limitInForceMs: number;
+  /** Set when the dynamic limit was raised by this pass. */
+  limitRaisedTo: number | null;
 }
+
+/** Arcs into a P2P-quiesced state from a running one: the slow kind (hundreds of ms under load). */
+export function isP2pQuiesceArc(arc: string): boolean {
+  const [from, to] = arc.split('>');
+  return (to === 'running-p2p' || to === 'pre-copy-p2p') && (from === 'running' || from === 'pre-copy');
+}
+
+/** The assumption for an arc nothing was seen of. */
+export function assumedArcMs(arc: string, params: MigrationParameters): number {
+  return isP2pQuiesceArc(arc) ? params['x-assumed-p2p-arc-ms'] : params['x-assumed-arc-ms'];
+}
+
+const BASES: readonly string[] = ['measured', 'probed', 'learned', 'assumed'];
+
+/** A peer-reported arc estimate that can be counted (anything else is dropped). */
+export function validArcEstimate(a: unknown): a is ArcEstimate {
+  if (typeof a !== 'object' || a === null) return false;
+  const { arc, ms, basis } = a as Record<string, unknown>;
+  return typeof arc === 'string' && arc.length <= 64 && BASES.includes(basis as string) && (ms === null || (typeof ms === 'number' && Number.isFinite(ms) && ms >= 0));
+}
+
+function resolveArcs(device: string, side: ResolvedArc['side'], arcs: ArcEstimate[], params: MigrationParameters): ResolvedArc[] {
+  return arcs.map((a) => ({ device, side, arc: a.arc, basis: a.basis, ms: saneMs(a.ms ?? assumedArcMs(a.arc, params)) }));
+}
+
+function sumMs(arcs: ResolvedArc[]): number {
+  return saneMs(arcs.reduce((t, a) => t + a.ms, 0));
+}
+
+/** "probed 350" or "probed 340 + assumed 10". */
+export function describeBasis(byBasis: Partial<Record<EstimateBasis, number>>): string {
+  const parts = (Object.entries(byBasis) as [EstimateBasis, number][]).filter(([, ms]) => ms > 0);
+  if (parts.length === 0) return 'none';
+  if (parts.length === 1) return parts[0]![0];
+  return parts.map(([b, ms]) => `${b} ${ms.toFixed(0)}`).join(' + ');
+}
+
+/** While stalled, the stall is reported again at most this often. */
+const STALL_REPORT_INTERVAL_MS = 5000;
+/** Steps of the dynamic limit from downtime-limit to its ceiling. */
+const LIMIT_RAMP_STEPS = 4;
+
+/** A pass with little to send waits out this window (QEMU's iterations run on 100 ms windows). */
+const PACE_WINDOW_MS = 100;
 
 /** Fixed cost of a switchover beyond devices and data: stopping the VM, the final round trip. */
 const SWITCHOVER_OVERHEAD_MS = 3;
@@ -55,8 +129,8 @@ const SWITCHOVER_OVERHEAD_MS = 3;
 export class DowntimePolicy {
   readonly handlers: StateHandler[];
   readonly kind: PolicyKind;
-  /** Destination-reported resume arc time, per section. */
-  readonly destinationDeviceMs = new Map<number, number>();
+  /** Destination-reported resume arcs, per section. */
+  readonly destinationArcs = new Map<number, ArcEstimate[]>();
   /** Destination-reported load cost, ms per MiB, per section. */
   readonly loadMsPerMiB = new Map<number, number>();
   stalled = false;
@@ -64,14 +138,25 @@ export class DowntimePolicy {
   last: PolicyDecision | null = null;
   #bestRemaining = Infinity;
   #sinceProgress = 0;
+  #stallReportedAt = -Infinity;
+  /** The dynamic limit reached so far (0: not ramped). */
+  #rampedLimitMs = 0;
+
+  /** The downtime limit in force: downtime-limit, or the dynamic limit once it ramped above it (never above its ceiling). */
+  limitInForceMs(params: MigrationParameters): number {
+    const ceiling = params['x-downtime-limit-ceiling'];
+    const ramped = ceiling > 0 ? Math.min(this.#rampedLimitMs, ceiling) : 0;
+    return Math.max(params['downtime-limit'], ramped);
+  }
 
   constructor(handlers: StateHandler[], kind: PolicyKind = 'device-aware') {
     this.handlers = handlers;
     this.kind = kind;
   }
 
-  recordDestinationDeviceTime(section: number, ms: number): void {
-    if (Number.isFinite(ms) && ms >= 0) this.destinationDeviceMs.set(section, saneMs(ms));
+  /** The destination's own view of its resume arcs (it knows what it measured and learned). */
+  recordDestinationArcs(section: number, arcs: ArcEstimate[]): void {
+    this.destinationArcs.set(section, arcs);
   }
 
   recordLoadRate(section: number, msPerMiB: number): void {
@@ -79,16 +164,21 @@ export class DowntimePolicy {
   }
 
   /** Per device: arcs on both sides, and load beyond the transfer (devices run in parallel). */
-  deviceEstimates(pending: PendingBytes[], transferMsTotal: number): (DeviceEstimate | null)[] {
+  deviceEstimates(pending: PendingBytes[], transferMsTotal: number, params: MigrationParameters): (DeviceEstimate | null)[] {
     return this.handlers.map((h, i) => {
-      if (!h.switchoverDeviceTimeMs) return null;
+      if (!h.switchoverArcs) return null;
+      const id = h.describe().id;
       const bytes = pending[i]?.stopcopyBytes ?? 0;
       const rate = this.loadMsPerMiB.get(i);
       const load = rate === undefined ? 0 : saneMs((bytes / (1 << 20)) * rate);
+      const source = resolveArcs(id, 'source', h.switchoverArcs(), params);
+      // Until the destination reports its arcs, what this side knows of them (same model).
+      const destination = resolveArcs(id, 'destination', this.destinationArcs.get(i) ?? h.resumeArcs?.() ?? [], params);
       return {
-        sourceArcsMs: saneMs(h.switchoverDeviceTimeMs()),
-        destinationArcsMs: this.destinationDeviceMs.get(i) ?? 0,
+        sourceArcsMs: sumMs(source),
+        destinationArcsMs: sumMs(destination),
         loadMs: Math.max(0, load - transferMsTotal),
+        arcs: [...source, ...destination],
       };
     });
   }
@@ -104,25 +194,52 @@ export class DowntimePolicy {
     const classic = this.kind === 'classic';
     const xferBytes = sumBytes([stopcopyBytes, classic ? 0 : (input.inTransitBytes ?? 0)]);
     const xferMs = known ? transferMs(xferBytes, bandwidth) : xferBytes === 0 ? 0 : MAX_REPORTED_MS;
-    const devices = this.kind === 'classic' ? this.handlers.map(() => null) : this.deviceEstimates(input.pending, xferMs);
+    const devices = this.kind === 'classic' ? this.handlers.map(() => null) : this.deviceEstimates(input.pending, xferMs, params);
     // Source arcs, then the data (with any load that outlasts it), then the
     // destination's arcs; each phase waits for the slowest device.
     let srcArcs = 0;
     let dstArcs = 0;
     let extraLoad = 0;
+    let srcCritical: DeviceEstimate | null = null;
+    let dstCritical: DeviceEstimate | null = null;
+    const unmeasured: ResolvedArc[] = [];
     for (const d of devices) {
       if (!d) continue;
-      srcArcs = Math.max(srcArcs, d.sourceArcsMs);
-      dstArcs = Math.max(dstArcs, d.destinationArcsMs);
+      if (d.sourceArcsMs >= srcArcs) [srcArcs, srcCritical] = [d.sourceArcsMs, d];
+      if (d.destinationArcsMs >= dstArcs) [dstArcs, dstCritical] = [d.destinationArcsMs, d];
       extraLoad = Math.max(extraLoad, d.loadMs);
+      unmeasured.push(...d.arcs.filter((a) => a.basis === 'assumed'));
     }
+    const arcsByBasis: Partial<Record<EstimateBasis, number>> = {};
+    for (const a of [...(srcCritical?.arcs.filter((x) => x.side === 'source') ?? []), ...(dstCritical?.arcs.filter((x) => x.side === 'destination') ?? [])])
+      arcsByBasis[a.basis] = (arcsByBasis[a.basis] ?? 0) + a.ms;
     // Data already at the destination but not yet loaded, at the slowest device load rate seen.
     const loadRate = Math.max(0, ...this.loadMsPerMiB.values());
     const backlogMs = classic ? 0 : saneMs(((input.awaitingLoadBytes ?? 0) / (1 << 20)) * loadRate);
-    const deviceTimeMs = classic ? 0 : saneMs(srcArcs + dstArcs + extraLoad + backlogMs + SWITCHOVER_OVERHEAD_MS);
+    const overheadMs = classic ? 0 : SWITCHOVER_OVERHEAD_MS;
+    const deviceTimeMs = classic ? 0 : saneMs(srcArcs + dstArcs + extraLoad + backlogMs + overheadMs);
     const estimateMs = saneMs(xferMs + deviceTimeMs);
     const expectedDowntimeMs = known || xferBytes === 0 ? estimateMs : null;
-    const limit = params['downtime-limit'];
+    const dataBasis: DowntimeSplit['dataBasis'] = params['avail-switchover-bandwidth'] > 0 ? 'configured' : known ? 'measured' : xferBytes === 0 ? 'measured' : 'unknown';
+    const loadMs = classic ? 0 : saneMs(extraLoad + backlogMs);
+    const fmt = (v: number) => v.toFixed(0);
+    const split: DowntimeSplit = {
+      dataMs: xferMs,
+      dataBasis,
+      sourceArcsMs: srcArcs,
+      destinationArcsMs: dstArcs,
+      arcsByBasis,
+      loadMs,
+      overheadMs,
+      unmeasured,
+      summary: classic
+        ? `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}); classic policy: device time not counted`
+        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}; unmeasured: ${
+            unmeasured.length ? unmeasured.map((a) => `${a.device} ${a.arc} (${a.side}, assumed ${fmt(a.ms)} ms)`).join(', ') : 'none'
+          }`,
+    };
+    const limit = this.limitInForceMs(params);
+    const now = input.nowMs ?? performance.now();
 
     // Stall: remaining has not shrunk for stall-iterations passes while the estimate misses the limit.
     let stalledNow = false;
@@ -131,10 +248,22 @@ export class DowntimePolicy {
       this.#sinceProgress = 0;
       this.stalled = false;
     } else if (++this.#sinceProgress >= params['stall-iterations'] && known && estimateMs > limit) {
-      if (!this.stalled) stalledNow = true;
+      // Reported when it starts and again while it lasts (rate-limited), so a
+      // management app that missed the first report still learns of it.
+      if (!this.stalled || now - this.#stallReportedAt >= STALL_REPORT_INTERVAL_MS) stalledNow = true;
       this.stalled = true;
     }
     if (this.stalled && estimateMs <= limit) this.stalled = false;
+    if (stalledNow) this.#stallReportedAt = now;
+    // The dynamic limit: each stall period raises the limit in force one step toward the ceiling.
+    let limitRaisedTo: number | null = null;
+    const ceiling = params['x-downtime-limit-ceiling'];
+    if (stalledNow && ceiling > limit) {
+      const step = Math.max(1, (ceiling - params['downtime-limit']) / LIMIT_RAMP_STEPS);
+      this.#rampedLimitMs = Math.min(ceiling, Math.ceil(limit + step));
+      limitRaisedTo = this.#rampedLimitMs;
+      this.#sinceProgress = 0;
+    }
     // The smallest limit that converges now: what a switchover would cost now, plus a margin for noise.
     this.suggestedDowntimeLimitMs = this.stalled && estimateMs < MAX_REPORTED_MS ? Math.ceil(estimateMs * 1.15 + 10) : null;
 
@@ -163,8 +292,11 @@ export class DowntimePolicy {
       stalledNow,
       suggestedDowntimeLimitMs: this.suggestedDowntimeLimitMs,
       iterationBudgetBytes: Math.max(8 << 20, Math.floor(bandwidth * 0.5)),
-      idleWaitMs: 10,
+      idleWaitMs: PACE_WINDOW_MS,
       devices,
+      split,
+      limitInForceMs: limit,
+      limitRaisedTo,
     };
     this.last = decision;
     return decision;

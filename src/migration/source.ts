@@ -9,11 +9,11 @@ import { MigrationError, describeError } from './errors.js';
 import type { DeviceInfo, HandlerContext, PendingBytes, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
 import { type MigrationCapabilities, type MigrationParameters, DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './params.js';
-import { type Channel, RateLimiter, makeChannel, sectionOutput, settleAll, withTimeout } from './channels.js';
-import { FrameType, type LoadReportMessage, WIRE_VERSION, parseJson } from './wire.js';
+import { type Channel, PeerWatch, RateLimiter, makeChannel, sectionOutput, settleAll, withTimeout } from './channels.js';
+import { FrameType, type LoadReportMessage, WIRE_VERSION, encodeFrame, jsonPayload, parseJson } from './wire.js';
 import { connect, parseUri } from './transport.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
-import { DowntimePolicy, type PolicyKind } from './policy.js';
+import { type DowntimeSplit, DowntimePolicy, type PolicyKind, isP2pQuiesceArc, validArcEstimate } from './policy.js';
 import type { MigrationState } from '../vfio/states.js';
 
 /** Longest wait, after the end of the stream, for the destination to load and stop every device. */
@@ -43,6 +43,12 @@ export interface MigrationInfo {
   downtimeMs: number | null;
   /** null until the bandwidth is known. */
   expectedDowntimeMs: number | null;
+  /** The expected downtime in parts, each with what it rests on (null before the first pass). */
+  expectedDowntime: DowntimeSplit | null;
+  /** The limit the switchover aimed for (downtime-limit, or the dynamic limit once it ramped). */
+  downtimeLimitInForceMs: number;
+  /** After a switchover: the downtime in the same parts, measured. */
+  measuredSwitchover: MeasuredSwitchover | null;
   /** Of which data-size-independent device time (arcs, load beyond the transfer), ms. */
   expectedDeviceTimeMs: number;
   /** After a failed or aborted switchover: VM stop to the VM running again here, ms. */
@@ -63,6 +69,22 @@ export interface MigrationInfo {
   error?: { code: string; message: string };
   /** Per section: the source's digest at stop and the destination's after load (mock devices, synthetic RAM). */
   digests?: { section: string; source: string | null; destination: string | null; match: boolean | null }[];
+}
+
+/** The switchover as it happened, in the parts of the estimate. */
+export interface MeasuredSwitchover {
+  downtimeMs: number;
+  /** VM stop to every device in stop-copy (quiesce and stop arcs). */
+  sourceArcsMs: number;
+  /** Stop-copy data, from the devices' stop to the end of the stream. */
+  dataMs: number;
+  /** End of the stream to the destination's ReadyToRun (load still queued, resuming -> stop). */
+  destinationLoadMs: number;
+  /** Commit to the destination's Running (its resume arcs and a round trip). */
+  destinationResumeMs: number;
+  stopCopyBytes: number;
+  /** Stop-copy throughput under the switchover's contention (devices stopped, all channels busy); null when too little moved. */
+  stopCopyBytesPerSec: number | null;
 }
 
 export interface MigrateOptions {
@@ -121,6 +143,14 @@ export class MigrationSource extends MigrationEvents {
   #destinationNotRunning = false;
   /** The destination said the VM runs there: nothing after that is a failure of the migration. */
   #runningThere = false;
+  /** Assumed arcs already warned of ("device side arc"). */
+  #assumedWarned = new Set<string>();
+  /** What the switchover decision promised: checked against the measured downtime. */
+  #promise: { expectedMs: number | null; limitMs: number; split: DowntimeSplit } | null = null;
+  /** Switchover milestones, performance.now(): devices stopped, stream sent, destination ready, commit sent. */
+  #marks = { stopped: 0, streamed: 0, ready: 0, committed: 0 };
+  /** Stop-copy bytes and their transfer rate at the switchover (devices stopped, all channels busy). */
+  #switchoverBytes = 0;
   /** The outcome is unknown and the source waits for resumeOnSource(). */
   #awaitingResume: { ctx: HandlerContext } | null = null;
 
@@ -206,11 +236,27 @@ export class MigrationSource extends MigrationEvents {
     this.#ac.abort(err);
     this.#running?.reject(err);
     this.#readyToRun?.reject(err);
-    // Data channels go at once; the main channel only stops sending, so that
-    // an error report the destination already sent can still be read.
-    for (const ch of this.#channels) if (ch.index === 0) ch.socket.end();
-    else ch.socket.destroy();
+    this.#watch?.stop();
+    // A failure of this side's own (a cancel, an abort, a device) is said to
+    // the destination if the main channel is idle enough to take it at once.
+    const code = (err as MigrationError).code;
+    const main = this.#channels[0];
+    if (main && err !== this.#destinationError && code !== 'ERR_MIGRATION_PEER_TIMEOUT' && code !== 'ERR_MIGRATION_CONNECTION' && main.socket.writableLength === 0 && !main.socket.destroyed) {
+      try {
+        main.socket.write(Buffer.concat(encodeFrame(FrameType.Cancel, 0, jsonPayload({ reason: err.message }))));
+      } catch {
+        // Best effort: the destination also sees the connection go.
+      }
+    }
+    // Every socket goes at once: a send stuck on a silent peer must end now,
+    // or nothing after it (the rollback, the VM's resume) would ever run. The
+    // destination keeps a failed connection open until this side closes it,
+    // so a report it sent has been read by the time this runs.
+    for (const ch of this.#channels) ch.socket.destroy();
   }
+
+  /** The destination's liveness (heartbeats on the return path), from its handshake answer to the end. */
+  #watch: PeerWatch | null = null;
 
   #check(): void {
     if (this.#failure) throw this.#failure;
@@ -253,10 +299,22 @@ export class MigrationSource extends MigrationEvents {
       if (!answer) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection during the handshake');
       if (answer.type === FrameType.Error) {
         const e = parseJson<{ code: string; message: string }>(answer);
-        throw new MigrationError(e.code === 'ERR_MIGRATION_INCOMPATIBLE' ? 'ERR_MIGRATION_INCOMPATIBLE' : 'ERR_MIGRATION_DESTINATION', `destination refused: ${e.message}`);
+        const code = e?.code === 'ERR_MIGRATION_INCOMPATIBLE' || e?.code === 'ERR_MIGRATION_BUSY' ? e.code : 'ERR_MIGRATION_DESTINATION';
+        throw new MigrationError(code, `destination refused: ${e?.message}`);
       }
       if (answer.type !== FrameType.HelloAck) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `expected the handshake answer, got ${FrameType[answer.type]}`);
       this.#returnPathDone = this.#returnPath(main);
+      // Liveness both ways from here: heartbeats on the main channel, and a
+      // destination silent for peer-timeout (stopped, cut off) fails the migration.
+      const peerTimeoutMs = this.#params['peer-timeout'];
+      this.#watch = new PeerWatch({
+        timeoutMs: peerTimeoutMs,
+        readers: () => [main.reader],
+        writer: main.writer,
+        onSilent: (silentMs) =>
+          this.#fail(new MigrationError('ERR_MIGRATION_PEER_TIMEOUT', `the destination sent nothing for ${silentMs.toFixed(0)} ms (peer-timeout ${peerTimeoutMs} ms): it is stopped or cut off`)),
+      });
+      this.#watch.start();
 
       setupStarted = true;
       await settleAll(this.handlers.map((h) => h.saveSetup(ctx)));
@@ -275,12 +333,21 @@ export class MigrationSource extends MigrationEvents {
       });
 
       // Precopy iterations.
+      const probing = new Set(this.#caps['x-probe-switchover-arcs'] ? this.handlers.filter((h) => h.probeSwitchover) : []);
       for (;;) {
         this.#check();
         limiter.bytesPerSec = this.#params['max-bandwidth'];
         this.#iterations++;
+        // The probe walks each device's reversible switchover arcs once its
+        // initial bytes are out, all devices at once as at the switchover.
+        if (probing.size > 0) {
+          const done = await settleAll([...probing].map((h) => h.probeSwitchover!(ctx)));
+          [...probing].forEach((h, i) => done[i] && probing.delete(h));
+          this.#check();
+        }
         this.#pending = await settleAll(this.handlers.map((h) => h.pending(true)));
         const decision = this.policy.evaluate({
+          nowMs: performance.now(),
           pending: this.#pending,
           measuredBandwidthBytesPerSec: this.#bandwidth.bytesPerSec,
           params: this.#params,
@@ -291,15 +358,37 @@ export class MigrationSource extends MigrationEvents {
           awaitingLoadBytes: subtractBytes(this.#destReceivedBytes, this.#destLoadedBytes),
         });
         this.#expectedDowntimeMs = decision.expectedDowntimeMs;
+        for (const a of decision.split.unmeasured) {
+          const key = `${a.device} ${a.side} ${a.arc}`;
+          if (this.#assumedWarned.has(key)) continue;
+          this.#assumedWarned.add(key);
+          const param = isP2pQuiesceArc(a.arc) ? 'x-assumed-p2p-arc-ms' : 'x-assumed-arc-ms';
+          this.#warn(`${a.device}: arc ${a.arc} (${a.side}) was never measured, probed or learned; the expected downtime assumes ${a.ms.toFixed(0)} ms (${param})`, { device: a.device, arc: a.arc, side: a.side, assumedMs: a.ms, parameter: param });
+        }
         this.emitEvent('MIGRATION_PASS', {
           pass: this.#iterations,
           remainingBytes: decision.remainingBytes,
           stopcopyBytes: decision.stopcopyBytes,
           expectedDowntimeMs: decision.expectedDowntimeMs,
           bandwidthBytesPerSec: decision.bandwidthBytesPerSec,
+          expectedDowntime: decision.split,
+          downtimeLimitMs: decision.limitInForceMs,
         });
-        if (decision.stalledNow) this.emitEvent('MIGRATION_STALLED', { pass: this.#iterations, remainingBytes: decision.remainingBytes, suggestedDowntimeLimitMs: decision.suggestedDowntimeLimitMs! });
-        if (decision.switchover) break;
+        if (decision.stalledNow) {
+          const ceiling = this.#params['x-downtime-limit-ceiling'];
+          const suggested = decision.suggestedDowntimeLimitMs!;
+          const message =
+            decision.limitRaisedTo !== null
+              ? `stalled: ${decision.split.summary}; the dynamic limit in force rises to ${decision.limitRaisedTo} ms (ceiling ${ceiling} ms)`
+              : ceiling > 0 && decision.limitInForceMs >= ceiling
+                ? `stalled at the dynamic limit's ceiling: ${decision.split.summary}; raise x-downtime-limit-ceiling to ${suggested} ms to converge`
+                : `stalled: ${decision.split.summary}; raise downtime-limit to ${suggested} ms to converge`;
+          this.emitEvent('MIGRATION_STALLED', { pass: this.#iterations, remainingBytes: decision.remainingBytes, suggestedDowntimeLimitMs: suggested, downtimeLimitMs: decision.limitInForceMs, expectedDowntime: decision.split, message });
+        }
+        if (decision.switchover) {
+          this.#promise = { expectedMs: decision.expectedDowntimeMs, limitMs: decision.limitInForceMs, split: decision.split };
+          break;
+        }
         const budget = decision.iterationBudgetBytes;
         const t = performance.now();
         const groups = this.#groupsByChannel();
@@ -314,8 +403,9 @@ export class MigrationSource extends MigrationEvents {
         const ms = performance.now() - t;
         // Only sends that filled the pipe say something about the link.
         if (bytes >= 256 * 1024) this.#bandwidth.record(bytes, ms);
-        // A pass that found (almost) nothing waits a moment for dirty data to build up.
-        if (bytes < 256 * 1024) await sleep(decision.idleWaitMs, undefined, { signal: this.#ac.signal }).catch(() => {});
+        // A pass that found (almost) nothing waits out its window for dirty
+        // data to build up, instead of spinning through thousands of passes.
+        if (bytes < 256 * 1024 && ms < decision.idleWaitMs) await sleep(decision.idleWaitMs - ms, undefined, { signal: this.#ac.signal }).catch(() => {});
       }
 
       // Switchover: stop the VM; every device reaches a P2P state before any
@@ -325,13 +415,16 @@ export class MigrationSource extends MigrationEvents {
       this.#stoppedAt = performance.now();
       await this.vm.stop();
       this.#vmStoppedByUs = true;
-      await main.writer.writeJson(FrameType.Switchover, 0, { stoppedAtEpochMs: performance.timeOrigin + this.#stoppedAt, abortAfterMs: this.#abortAfterMs() });
+      // Armed before anything is sent: a send stuck on a silent peer must not delay the bound.
       const abortTimer = this.#armSwitchoverAbort();
       try {
+        await main.writer.writeJson(FrameType.Switchover, 0, { stoppedAtEpochMs: performance.timeOrigin + this.#stoppedAt, abortAfterMs: this.#abortAfterMs() });
         await settleAll(this.handlers.map((h) => h.saveQuiesce(ctx)));
         this.#check();
         await settleAll(this.handlers.map((h) => h.saveStop(ctx)));
         this.#check();
+        this.#marks.stopped = performance.now();
+        const bytesAtStop = this.#transferred;
         const groups = this.#groupsByChannel();
         await settleAll(
           groups.map(async (idx) => {
@@ -339,6 +432,8 @@ export class MigrationSource extends MigrationEvents {
           }),
         );
         await settleAll(this.#channels.map((ch) => ch.writer.write(FrameType.EndOfStream, 0)));
+        this.#marks.streamed = performance.now();
+        this.#switchoverBytes = this.#transferred - bytesAtStop;
         // Two-phase end: the destination loads and stops every device, says it
         // is ready, and runs nothing until this side commits. Before the
         // commit a failure rolls back here; after it, this side never resumes
@@ -352,10 +447,12 @@ export class MigrationSource extends MigrationEvents {
           `the destination did not report ready within ${READY_TIMEOUT_MS} ms of the end of the stream`,
         );
         this.#check();
+        this.#marks.ready = performance.now();
         if (abortTimer) clearTimeout(abortTimer);
         // Committed from the moment the frame may leave: it can reach the
         // destination even if the write then fails here.
         this.#committed = true;
+        this.#marks.committed = performance.now();
         await main.writer.write(FrameType.Commit, 0);
         this.#emitSafely('MIGRATION_COMMITTED', { afterStopMs: performance.now() - this.#stoppedAt });
         const running = await withTimeout(
@@ -376,6 +473,7 @@ export class MigrationSource extends MigrationEvents {
       } finally {
         if (abortTimer) clearTimeout(abortTimer);
       }
+      this.#checkPromise();
       // The VM runs on the destination: what fails from here on is only a warning.
       const cleanup = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('completed', ctx)));
       for (const r of cleanup) if (r.status === 'rejected') this.#warn(`cleanup after completion: ${describeError(r.reason).message}`);
@@ -392,8 +490,13 @@ export class MigrationSource extends MigrationEvents {
       }
       this.#fail(this.#failure ?? (err as Error));
       // A failure seen here first (a broken pipe) is often the echo of one the
-      // destination reports on the return path: give that report a moment.
-      if (this.#returnPathDone) await Promise.race([this.#returnPathDone, sleep(250)]);
+      // destination reports on the return path: give that report a moment
+      // (not past the switchover-abort bound, and not when the reason is known).
+      const failedCode = (this.#failure as MigrationError | null)?.code;
+      const known = this.#destinationError || failedCode === 'ERR_MIGRATION_SWITCHOVER_ABORTED' || failedCode === 'ERR_MIGRATION_PEER_TIMEOUT' || failedCode === 'ERR_MIGRATION_CANCELLED';
+      const abortAfter = this.#vmStoppedByUs ? this.#abortAfterMs() : 0;
+      const waitMs = abortAfter > 0 ? Math.min(250, Math.max(0, this.#stoppedAt + abortAfter - performance.now())) : 250;
+      if (this.#returnPathDone && !known && waitMs > 0) await Promise.race([this.#returnPathDone, sleep(waitMs)]);
       let cause = this.#destinationError ?? this.#failure ?? (err as Error);
       if (this.#committed && !this.#destinationNotRunning) {
         // The destination may be running the VM: resuming here could run it twice.
@@ -418,6 +521,7 @@ export class MigrationSource extends MigrationEvents {
       this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', this.#error);
       throw cause;
     } finally {
+      this.#watch?.stop();
       options.signal?.removeEventListener('abort', onAbort);
       for (const ch of this.#channels) ch.socket.destroy();
     }
@@ -459,6 +563,48 @@ export class MigrationSource extends MigrationEvents {
     }, after);
   }
 
+  /** The switchover as measured, in the parts the estimate has (ms), and the stop-copy rate it saw. */
+  #measuredSwitchover(): MeasuredSwitchover | null {
+    const m = this.#marks;
+    if (!m.stopped || !m.streamed || !m.ready || !m.committed || this.#downtimeMs === null) return null;
+    const dataMs = m.streamed - m.stopped;
+    return {
+      downtimeMs: this.#downtimeMs,
+      sourceArcsMs: m.stopped - this.#stoppedAt,
+      dataMs,
+      // From the end of the stream to ReadyToRun: the load still queued and the resuming -> stop arc.
+      destinationLoadMs: m.ready - m.streamed,
+      // From the commit to Running: the destination's resume arcs and the round trip.
+      destinationResumeMs: this.#stoppedAt + this.#downtimeMs - m.committed,
+      stopCopyBytes: this.#switchoverBytes,
+      stopCopyBytesPerSec: dataMs > 0 && this.#switchoverBytes > 0 ? (this.#switchoverBytes / dataMs) * 1000 : null,
+    };
+  }
+
+  /**
+   * A promise broken is always said: a downtime above the limit in force
+   * becomes a MIGRATION_WARNING with each part measured against its estimate.
+   * The arcs seen are already in the arc history, so the next migration of
+   * the same models expects them.
+   */
+  #checkPromise(): void {
+    const measured = this.#measuredSwitchover();
+    this.#measured = measured;
+    const promise = this.#promise;
+    if (!measured || !promise || measured.downtimeMs <= promise.limitMs) return;
+    const e = promise.split;
+    const f = (v: number) => v.toFixed(0);
+    const message =
+      `downtime ${f(measured.downtimeMs)} ms exceeded the limit in force (${promise.limitMs} ms); expected ${promise.expectedMs === null ? 'unknown' : f(promise.expectedMs)} ms. ` +
+      `measured vs expected: source arcs ${f(measured.sourceArcsMs)} vs ${f(e.sourceArcsMs)}, data ${f(measured.dataMs)} vs ${f(e.dataMs)}, ` +
+      `destination load ${f(measured.destinationLoadMs)} vs ${f(e.loadMs)}, destination resume ${f(measured.destinationResumeMs)} vs ${f(e.destinationArcsMs)}` +
+      (e.unmeasured.length ? `; assumed arcs: ${e.unmeasured.map((a) => `${a.device} ${a.arc}`).join(', ')}` : '');
+    this.#emitSafely('MIGRATION_WARNING', { message, data: { kind: 'downtime-exceeded', limitMs: promise.limitMs, expectedMs: promise.expectedMs, expected: e, measured } });
+    if (!this.#warnings.includes(message)) this.#warnings.push(message);
+  }
+
+  #measured: MeasuredSwitchover | null = null;
+
   /** Time from VM stop to the VM running again on the source, after an aborted or failed switchover. */
   #resumedAfterMs: number | null = null;
 
@@ -491,13 +637,16 @@ export class MigrationSource extends MigrationEvents {
           case FrameType.InitialLoaded:
             // Informational: the ACK that matters comes once every section is in.
             break;
+          case FrameType.Heartbeat:
+            // Liveness only: the watch counts every byte that arrives.
+            break;
           case FrameType.LoadReport: {
             const m = parseJson<LoadReportMessage>(frame);
             if (Number.isFinite(m.loadedBytes) && m.loadedBytes >= 0) this.#destLoadedBytes = Math.max(this.#destLoadedBytes, m.loadedBytes);
             if (Number.isFinite(m.receivedBytes) && m.receivedBytes >= 0) this.#destReceivedBytes = Math.max(this.#destReceivedBytes, m.receivedBytes);
             for (const r of m.sections ?? []) {
               if (!Number.isInteger(r.section) || r.section < 0 || r.section >= this.handlers.length) continue;
-              this.policy.recordDestinationDeviceTime(r.section, r.resumeDeviceMs);
+              if (Array.isArray(r.arcs)) this.policy.recordDestinationArcs(r.section, r.arcs.filter(validArcEstimate));
               if (r.loadMsPerMiB !== null) this.policy.recordLoadRate(r.section, r.loadMsPerMiB);
             }
             break;
@@ -539,6 +688,9 @@ export class MigrationSource extends MigrationEvents {
       setupTimeMs: this.#setupDoneAt ? this.#setupDoneAt - this.#t0 : 0,
       downtimeMs: this.#downtimeMs,
       expectedDowntimeMs: this.#expectedDowntimeMs === null ? null : saneMs(this.#expectedDowntimeMs),
+      expectedDowntime: this.#promise?.split ?? this.policy.last?.split ?? null,
+      downtimeLimitInForceMs: this.#promise?.limitMs ?? this.policy.limitInForceMs(this.#params),
+      measuredSwitchover: this.#measured,
       remainingBytes: this.#status === 'completed' ? 0 : Math.min(remainingBytes, MAX_REPORTED_BYTES),
       iterations: this.#iterations,
       transferredBytes: this.#transferred,

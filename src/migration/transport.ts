@@ -18,7 +18,13 @@ const MAX_FREE_SLABS = 16;
  */
 export const directChunks = Symbol('vfio-migration.directChunks');
 export interface DirectChunks {
-  /** Sends every chunk, including those that arrived before, to `sink`. */
+  /**
+   * Before a reader attaches: reads exactly `bytes` into a Buffer of that
+   * size and no more (a peer that has not identified itself gets no slab and
+   * no stream buffer). ERR_MIGRATION_CONNECTION if the connection ends first.
+   */
+  readExactly(bytes: number): Promise<Buffer>;
+  /** Sends every chunk, including those that arrived before, to `sink`; reads go into slabs from now on. */
   attach(sink: (chunk: Buffer) => void): void;
   /**
    * Says a consumer is done with these bytes of received chunks. A slab whose
@@ -94,10 +100,32 @@ function withSlabReads(accepted: net.Socket): net.Socket {
     // Paused (pauseOnConnect) until a reader attaches: its 'data' listener starts the reads.
     return accepted;
   }
-  let current = newSlab();
+  // Until a reader attaches, reads go into exactly-sized buffers of
+  // readExactly() requests (or a 1-byte stand-in between requests), never
+  // past what was asked for; the first slab is taken at the first slab read.
+  let current: SlabState | null = null;
+  let want: { buf: Buffer; filled: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
+  /** The buffer the next read lands in (Node asks for it after every read). */
+  let given: { kind: 'slab'; state: SlabState } | { kind: 'own'; buf: Buffer } = { kind: 'own', buf: Buffer.alloc(1) };
   const early: Buffer[] = [];
   let sink: ((chunk: Buffer) => void) | null = null;
   let socket: net.Socket;
+  const nextBuffer = (): Buffer => {
+    if (sink) {
+      if (!current || SLAB_BYTES - current.filled < MIN_READ_BYTES) {
+        if (current) {
+          current.retired = true;
+          recycleIfDone(current);
+        }
+        current = newSlab();
+      }
+      given = { kind: 'slab', state: current };
+      return current.slab.subarray(current.filled);
+    }
+    const buf = want ? want.buf.subarray(want.filled) : Buffer.alloc(1);
+    given = { kind: 'own', buf };
+    return buf;
+  };
   try {
     socket = new net.Socket({
       fd: copy,
@@ -105,17 +133,29 @@ function withSlabReads(accepted: net.Socket): net.Socket {
       writable: true,
       highWaterMark: SOCKET_BUFFER_BYTES,
       onread: {
-        buffer: () => {
-          if (SLAB_BYTES - current.filled < MIN_READ_BYTES) {
-            current.retired = true;
-            recycleIfDone(current);
-            current = newSlab();
-          }
-          return current.slab.subarray(current.filled);
-        },
+        buffer: nextBuffer,
         callback: (bytes: number, buf: Uint8Array) => {
-          const chunk = Buffer.from(buf.buffer, buf.byteOffset, bytes);
-          current.filled += bytes;
+          const g = given;
+          if (g.kind === 'slab') {
+            g.state.filled += bytes;
+            sink!(Buffer.from(buf.buffer, buf.byteOffset, bytes));
+            return;
+          }
+          if (want) {
+            // Into the request's own buffer, or the 1-byte stand-in (copied over).
+            if (g.buf.buffer !== want.buf.buffer) g.buf.copy(want.buf, want.filled, 0, bytes);
+            want.filled += bytes;
+            if (want.filled === want.buf.length) {
+              const done = want;
+              want = null;
+              // Nothing more is read until asked for.
+              socket.pause();
+              done.resolve(done.buf);
+            }
+            return;
+          }
+          // Read into a stand-in with nobody asking (paused too late): kept for the reader.
+          const chunk = Buffer.from(g.buf.subarray(0, bytes));
           if (sink) sink(chunk);
           else early.push(chunk);
         },
@@ -127,10 +167,38 @@ function withSlabReads(accepted: net.Socket): net.Socket {
   }
   accepted.destroy();
   socket.setNoDelay(true);
-  // No reads until a reader attaches: a connection nobody reads yet (queued,
-  // or a stray one) must not fill memory at the peer's pace.
+  // No reads until asked: a connection nobody reads yet (queued, or a
+  // stray one) must not fill memory at the peer's pace.
   socket.pause();
+  const failWant = (err: Error) => {
+    const w = want;
+    want = null;
+    w?.reject(err);
+  };
+  socket.once('end', () => failWant(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed before the expected bytes arrived')));
+  socket.once('error', (err) => failWant(new MigrationError('ERR_MIGRATION_CONNECTION', `connection failed: ${err.message}`, { cause: err })));
   const direct: DirectChunks = {
+    readExactly(bytes) {
+      if (sink) return Promise.reject(new MigrationError('ERR_MIGRATION_STATE', 'readExactly() after a reader attached'));
+      if (want) return Promise.reject(new MigrationError('ERR_MIGRATION_STATE', 'readExactly() while another is pending'));
+      if (socket.destroyed || socket.readableEnded) return Promise.reject(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection is closed'));
+      const buf = Buffer.alloc(bytes);
+      // Bytes a stand-in read too early are the start of this request.
+      let filled = 0;
+      while (early.length && filled < bytes) {
+        const c = early[0]!;
+        const n = Math.min(c.length, bytes - filled);
+        c.copy(buf, filled, 0, n);
+        filled += n;
+        if (n === c.length) early.shift();
+        else early[0] = c.subarray(n);
+      }
+      if (filled === bytes) return Promise.resolve(buf);
+      return new Promise<Buffer>((resolve, reject) => {
+        want = { buf, filled, resolve, reject };
+        socket.resume();
+      });
+    },
     attach(s) {
       sink = s;
       for (const c of early.splice(0)) s(c);
@@ -140,8 +208,11 @@ function withSlabReads(accepted: net.Socket): net.Socket {
   };
   // A closed connection's current slab gets no more reads: it may be reused once released.
   socket.once('close', () => {
-    current.retired = true;
-    recycleIfDone(current);
+    failWant(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed before the expected bytes arrived'));
+    if (current) {
+      current.retired = true;
+      recycleIfDone(current);
+    }
   });
   Object.defineProperty(socket, directChunks, { value: direct });
   return socket;
@@ -170,6 +241,13 @@ export function formatUri(u: MigrationUri): string {
   return u.kind === 'unix' ? `unix:${u.path}` : `tcp:${u.host.includes(':') ? `[${u.host}]` : u.host}:${u.port}`;
 }
 
+/**
+ * TCP keepalive probes after this much idle time (a dead peer's socket is
+ * eventually closed by the kernel). The bound that matters comes from
+ * heartbeats and the peer timeout: Node sets no TCP_USER_TIMEOUT.
+ */
+export const KEEPALIVE_IDLE_MS = 5_000;
+
 export function connect(uri: MigrationUri, signal?: AbortSignal): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     // Large stream buffers: a 1 MiB frame should not wait for 'drain' on its own.
@@ -180,6 +258,7 @@ export function connect(uri: MigrationUri, signal?: AbortSignal): Promise<net.So
     socket.once('connect', () => {
       signal?.removeEventListener('abort', onAbort);
       socket.setNoDelay(true);
+      socket.setKeepAlive(true, KEEPALIVE_IDLE_MS);
       resolve(socket);
     });
     socket.once('error', (err) => {
@@ -199,7 +278,11 @@ export function listen(uri: MigrationUri): Promise<{ server: MigrationServer; ur
   return new Promise((resolve, reject) => {
     // Paused until re-wrapped for slab reads: no byte may be read by the original handle.
     const server = net.createServer({ noDelay: true, highWaterMark: SOCKET_BUFFER_BYTES, pauseOnConnect: true } as net.ServerOpts) as MigrationServer;
-    server.on('connection', (accepted: net.Socket) => server.emit('accepted', withSlabReads(accepted)));
+    server.on('connection', (accepted: net.Socket) => {
+      const s = withSlabReads(accepted);
+      s.setKeepAlive(true, KEEPALIVE_IDLE_MS);
+      server.emit('accepted', s);
+    });
     server.once('error', (err) => reject(new MigrationError('ERR_MIGRATION_CONNECTION', `cannot listen on ${formatUri(uri)}: ${err.message}`, { cause: err })));
     const onListening = () => {
       const addr = server.address();

@@ -2,9 +2,9 @@
 // and turns its data fd into section data.
 import type { DataSession, ReadResult, VfioDevice } from '../vfio/device.js';
 import type { VfioError } from '../vfio/errors.js';
-import type { Arc } from '../vfio/arc-planner.js';
+import { type Arc, planArcs } from '../vfio/arc-planner.js';
 import { type MigrationFlags, type MigrationState, P2P_QUIESCED_STATES, PRECOPY_STATES } from '../vfio/states.js';
-import type { DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler } from './handler.js';
+import type { ArcEstimate, DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler } from './handler.js';
 import { MAX_REPORTED_BYTES, clampDeviceBytes } from './accounting.js';
 import { MigrationError } from './errors.js';
 
@@ -75,13 +75,14 @@ export class VfioHandler implements StateHandler {
     return this.#flags;
   }
 
-  async #step(target: MigrationState, ctx: HandlerContext): Promise<DataSession | null> {
+  /** `probe`: a walk before the stop to measure arcs (kept apart from what the migration itself observed). */
+  async #step(target: MigrationState, ctx: HandlerContext, probe = false): Promise<DataSession | null> {
     return this.device.stepTo(target, {
       onBeforeArc: (arc: Arc) => {
         if (P2P_QUIESCED_STATES.includes(arc.to)) ctx.prepare(this.device.id, arc.to);
       },
       onArc: (arc: Arc, ms: number) => {
-        this.arcMs.set(`${arc.from}>${arc.to}`, ms);
+        (probe ? this.probedArcMs : this.arcMs).set(`${arc.from}>${arc.to}`, ms);
         const model = this.describe().compat;
         if (!arcHistory.has(model)) arcHistory.set(model, new Map());
         arcHistory.get(model)!.set(`${arc.from}>${arc.to}`, ms);
@@ -209,30 +210,70 @@ export class VfioHandler implements StateHandler {
   }
 
   /**
-   * Estimated duration of the given single arcs: as observed in this
-   * migration, else as observed earlier for this device model, else at the
-   * mean of what this migration observed.
+   * Each arc's expected time and what it rests on: seen in this migration,
+   * probed before the stop, learned from earlier migrations of this model, or
+   * assumed (ms null: the policy applies its assumption and warns).
    */
-  #arcsMs(arcs: string[]): number {
-    const seen = [...this.arcMs.values()];
-    const mean = seen.length ? seen.reduce((a, b) => a + b, 0) / seen.length : 0;
+  #estimate(arcs: Arc[]): ArcEstimate[] {
     const history = arcHistory.get(this.describe().compat);
-    return arcs.reduce((sum, arc) => sum + (this.arcMs.get(arc) ?? history?.get(arc) ?? mean), 0);
+    return arcs.map(({ from, to }) => {
+      const arc = `${from}>${to}`;
+      const measured = this.arcMs.get(arc);
+      if (measured !== undefined) return { arc, ms: measured, basis: 'measured' };
+      const probed = this.probedArcMs.get(arc);
+      if (probed !== undefined) return { arc, ms: probed, basis: 'probed' };
+      const learned = history?.get(arc);
+      if (learned !== undefined) return { arc, ms: learned, basis: 'learned' };
+      return { arc, ms: null, basis: 'assumed' };
+    });
   }
 
-  switchoverDeviceTimeMs(): number {
+  /** The switchover path, as the kernel walks it: quiesce P2P first where the device has it, then stop-copy. */
+  switchoverArcs(): ArcEstimate[] {
     const f = this.#flags;
-    if (!f) return 0;
-    const path = f.preCopy
-      ? f.p2p ? ['pre-copy>pre-copy-p2p', 'pre-copy-p2p>stop-copy'] : ['pre-copy>stop-copy']
-      : f.p2p ? ['running>running-p2p', 'running-p2p>stop', 'stop>stop-copy'] : ['running>stop', 'stop>stop-copy'];
-    return this.#arcsMs(path);
+    if (!f) return [];
+    const from: MigrationState = f.preCopy ? 'pre-copy' : 'running';
+    const quiesced: MigrationState[] = f.p2p ? [f.preCopy ? 'pre-copy-p2p' : 'running-p2p'] : [];
+    const arcs: Arc[] = [];
+    let at: MigrationState = from;
+    for (const target of [...quiesced, 'stop-copy' as const]) {
+      const path = planArcs(at, target, f);
+      arcs.push(...path);
+      at = target;
+    }
+    return this.#estimate(arcs);
   }
 
-  resumeDeviceTimeMs(): number {
+  resumeArcs(): ArcEstimate[] {
     const f = this.#flags;
-    if (!f) return 0;
-    return this.#arcsMs(f.p2p ? ['resuming>stop', 'stop>running-p2p', 'running-p2p>running'] : ['resuming>stop', 'stop>running']);
+    if (!f) return [];
+    const arcs = planArcs('resuming', 'stop', f);
+    if (f.p2p) arcs.push(...planArcs('stop', 'running-p2p', f), ...planArcs('running-p2p', 'running', f));
+    else arcs.push(...planArcs('stop', 'running', f));
+    return this.#estimate(arcs);
+  }
+
+  /** Arc times measured by the probe (x-probe-switchover-arcs), "from>to" -> ms. */
+  readonly probedArcMs = new Map<string, number>();
+  #probed = false;
+
+  /**
+   * Walks the reversible part of the switchover path and back while the VM
+   * runs: pre-copy -> pre-copy-p2p -> pre-copy (running -> running-p2p ->
+   * running without PRE_COPY), with the same prepare events as at switchover.
+   * PRE_COPY_P2P -> STOP_COPY cannot be probed: it stops the device.
+   */
+  async probeSwitchover(ctx: HandlerContext): Promise<boolean> {
+    const f = this.#flags;
+    if (this.#probed || !f || !f.p2p) return true;
+    if (f.preCopy && !this.#initialSent) return false;
+    const state = this.device.lastKnownState;
+    const quiesced: MigrationState | null = state === 'pre-copy' ? 'pre-copy-p2p' : state === 'running' ? 'running-p2p' : null;
+    if (!quiesced) return true;
+    this.#probed = true;
+    await this.#step(quiesced, ctx, true);
+    await this.#step(state as MigrationState, ctx, true);
+    return true;
   }
 
   /** Recent per-write load costs (ms per MiB); the median ignores one-off setup spikes. */

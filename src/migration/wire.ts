@@ -5,10 +5,12 @@
 import { native } from '../vfio/native.js';
 import type { Duplex } from 'node:stream';
 import { MigrationError } from './errors.js';
+import type { ArcEstimate } from './handler.js';
 import { type DirectChunks, directChunks } from './transport.js';
 
 export const WIRE_MAGIC = 0x56464d47; // "VFMG"
-export const WIRE_VERSION = 1;
+/** 2: Heartbeat frames, typed refusals (busy) before any channel of a migration is accepted. */
+export const WIRE_VERSION = 2;
 export const FRAME_HEADER_BYTES = 16;
 /** Largest payload a peer may send in one frame. */
 export const MAX_FRAME_PAYLOAD_BYTES = 8 << 20;
@@ -26,6 +28,8 @@ export enum FrameType {
   Cancel = 7, // json: reason
   InitialSent = 8, // a section sent all of its initial bytes (switchover-ack)
   Commit = 9, // answers ReadyToRun: the VM is the destination's now; the source never resumes it by itself
+  // either direction on the main channel
+  Heartbeat = 10, // no payload: the sender is alive (sent when the channel is otherwise idle)
   // destination -> source (return path)
   HelloAck = 32,
   InitialLoaded = 33, // a section finished loading its initial bytes (json: section)
@@ -38,7 +42,8 @@ export enum FrameType {
 
 /** Destination -> source: data-size-independent device time and load rate, per section. */
 export interface LoadReportMessage {
-  sections: { section: number; resumeDeviceMs: number; loadMsPerMiB: number | null }[];
+  /** Per section: the resume arcs as the destination knows them (measured, learned or assumed) and its load rate. */
+  sections: { section: number; arcs: ArcEstimate[]; loadMsPerMiB: number | null }[];
   /** Section data bytes that have arrived here (beyond them, data is still on its way). */
   receivedBytes: number;
   /** Section data bytes loaded into the devices so far (between them and receivedBytes, data waits for its device). */
@@ -169,6 +174,30 @@ export class FrameReader {
   /** Past this many buffered bytes the socket is paused (backpressure to the sender). */
   static readonly MAX_BUFFERED_BYTES = 16 << 20;
 
+  /** Arrived bytes nobody has taken yet: the consumer, not the peer, holds the stream up. */
+  get backlogged(): boolean {
+    return this.#buffered >= FrameReader.MAX_BUFFERED_BYTES / 2;
+  }
+
+  #discarding = false;
+
+  /**
+   * From now on every byte is dropped as it arrives (its memory released at
+   * once) and reading never pauses: a peer still sending into a connection
+   * that failed here neither fills memory nor gets a reset before it has read
+   * what this side said last (the unread report would be lost with it).
+   */
+  discard(): void {
+    if (this.#discarding) return;
+    this.#discarding = true;
+    for (const c of this.#chunks.splice(0)) this.#releasePart?.(c);
+    this.#buffered = 0;
+    this.#scannedCrcs = [];
+    this.#scanLost = true;
+    if (this.#stream.isPaused() && !this.#ended) this.#stream.resume();
+    this.#notify();
+  }
+
   /** SectionData payloads are not checksummed here: their consumer does it (see Frame.verified). */
   readonly deferDataChecksums: boolean;
 
@@ -180,6 +209,10 @@ export class FrameReader {
     // accepted migration socket hands them over directly (slab reads).
     const onChunk = (chunk: Buffer) => {
       this.bytesArrived += chunk.length;
+      if (this.#discarding) {
+        this.#releasePart?.(chunk);
+        return;
+      }
       this.#scan(chunk);
       this.#chunks.push(chunk);
       this.#buffered += chunk.length;
@@ -245,6 +278,7 @@ export class FrameReader {
 
   async #fill(bytes: number): Promise<boolean> {
     while (this.#buffered < bytes) {
+      if (this.#discarding) return false;
       if (this.#error) throw new MigrationError('ERR_MIGRATION_CONNECTION', `connection failed: ${this.#error.message}`, { cause: this.#error });
       if (this.#ended) return false;
       if (this.#stream.isPaused()) this.#stream.resume();
@@ -305,17 +339,21 @@ export class FrameReader {
 
   async next(): Promise<Frame | null> {
     if (!(await this.#fill(FRAME_HEADER_BYTES))) {
+      if (this.#discarding) return null;
       if (this.#buffered > 0) throw new MigrationError('ERR_MIGRATION_PROTOCOL', 'the stream ended inside a frame header');
       return null;
     }
     const length = this.#peekHeader();
-    if (!(await this.#fill(FRAME_HEADER_BYTES + length))) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed inside a frame');
+    if (!(await this.#fill(FRAME_HEADER_BYTES + length))) {
+      if (this.#discarding) return null;
+      throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed inside a frame');
+    }
     return this.#takeFrame();
   }
 
   /** The next frame if it is already buffered whole, else null (never waits). */
   nextIfBuffered(): Frame | null {
-    if (this.#buffered < FRAME_HEADER_BYTES) return null;
+    if (this.#discarding || this.#buffered < FRAME_HEADER_BYTES) return null;
     const length = this.#peekHeader();
     if (this.#buffered < FRAME_HEADER_BYTES + length) return null;
     return this.#takeFrame();
@@ -393,4 +431,83 @@ export class FrameWriter {
   writeJson(type: FrameType, section: number, value: unknown): Promise<void> {
     return this.write(type, section, jsonPayload(value));
   }
+
+  /**
+   * Says "alive" without waiting: only into an idle stream (behind queued
+   * bytes it says nothing the bytes do not, and a stuck peer must not make
+   * heartbeats pile up). Never splits a frame: frames are written whole.
+   */
+  heartbeat(): void {
+    if (this.#stream.destroyed || this.#stream.writableEnded || this.#stream.writableLength > HEARTBEAT_MAX_QUEUED_BYTES) return;
+    this.#stream.write(HEARTBEAT_FRAME);
+    this.bytesWritten += HEARTBEAT_FRAME.length;
+  }
+}
+
+const HEARTBEAT_FRAME = Buffer.concat(encodeFrame(FrameType.Heartbeat, 0));
+const HEARTBEAT_MAX_QUEUED_BYTES = 64 << 10;
+
+/** Largest first frame a destination reads from a connection that has not identified itself, by type. */
+export const MAX_FIRST_FRAME_BYTES: Partial<Record<FrameType, number>> = {
+  [FrameType.Hello]: MAX_CONTROL_PAYLOAD_BYTES,
+  [FrameType.ChannelHello]: 4096,
+};
+
+/**
+ * Reads a connection's first frame and not one byte more, into memory of its
+ * exact size (no slab, no stream buffer): a Hello or ChannelHello within its
+ * size limit (MAX_FIRST_FRAME_BYTES), checksum verified. Anything else is a
+ * typed error (ERR_MIGRATION_PROTOCOL, ERR_MIGRATION_VERSION) before its
+ * payload is read; a connection that ends first is ERR_MIGRATION_CONNECTION.
+ */
+export async function readFirstFrame(socket: Duplex, budget?: { reserve(bytes: number): boolean; unreserve(bytes: number): void }): Promise<Frame> {
+  const h = await readExactly(socket, FRAME_HEADER_BYTES);
+  const magic = h.readUInt32BE(0);
+  if (magic !== WIRE_MAGIC) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `bad frame magic 0x${magic.toString(16)}: not a vfio-migration stream`);
+  const version = h.readUInt8(4);
+  if (version !== WIRE_VERSION) throw new MigrationError('ERR_MIGRATION_VERSION', `peer speaks wire version ${version}, this side ${WIRE_VERSION}`);
+  const type = h.readUInt8(5) as FrameType;
+  const max = MAX_FIRST_FRAME_BYTES[type];
+  if (max === undefined) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a connection must start with Hello or ChannelHello, not ${FrameType[type] ?? `frame type ${type}`}`);
+  const length = h.readUInt32BE(8);
+  if (length > max) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a ${FrameType[type]} frame of ${length} bytes exceeds its ${max}-byte limit`);
+  // A shared budget bounds what all connections read before they identified themselves.
+  if (budget && !budget.reserve(length)) throw new MigrationError('ERR_MIGRATION_BUSY', 'too many handshakes in progress: try again');
+  let payload: Buffer;
+  try {
+    payload = length ? await readExactly(socket, length) : Buffer.alloc(0);
+  } finally {
+    budget?.unreserve(length);
+  }
+  const checksum = h.readUInt32BE(12);
+  if (native.crc32c(payload) !== checksum) throw checksumMismatch(type, h.readUInt16BE(6));
+  return makeFrame(type, h.readUInt16BE(6), length ? [payload] : [], { checksum, verified: true });
+}
+
+/** Exactly `bytes` from a stream that has no reader yet: direct reads of that size where the transport has them. */
+function readExactly(socket: Duplex, bytes: number): Promise<Buffer> {
+  const direct = (socket as { [directChunks]?: DirectChunks })[directChunks];
+  if (direct) return direct.readExactly(bytes);
+  // Elsewhere (a socket without slab reads): through the stream's own buffer.
+  return new Promise<Buffer>((resolve, reject) => {
+    const done = (err: Error | null, b?: Buffer) => {
+      socket.off('readable', onReadable);
+      socket.off('end', onEnd);
+      socket.off('close', onEnd);
+      socket.off('error', onError);
+      if (err) reject(err);
+      else resolve(b!);
+    };
+    const onReadable = () => {
+      const b = socket.read(bytes) as Buffer | null;
+      if (b) done(null, b);
+    };
+    const onEnd = () => done(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed before its first frame was complete'));
+    const onError = (e: Error) => done(new MigrationError('ERR_MIGRATION_CONNECTION', `connection failed: ${e.message}`, { cause: e }));
+    socket.on('readable', onReadable);
+    socket.on('end', onEnd);
+    socket.on('close', onEnd);
+    socket.on('error', onError);
+    onReadable();
+  });
 }
