@@ -180,3 +180,20 @@ test('package: a TypeScript consumer of the README snippets type-checks under st
   t.regex(bad.stdout, /"MIGRATION_STALED"/);
   t.regex(bad.stdout, /suggestedDowntimeLimitMs/);
 });
+
+test('package: the README\'s snippets are excerpts of the examples that run above (same lines, same order)', async (t) => {
+  const readme = await readFile(path.join(repo, 'README.md'), 'utf8');
+  // A block quoting an example follows a line that links to it: "From [examples/x.mjs](examples/x.mjs)".
+  const quoted = [...readme.matchAll(/From \[examples\/([\w.]+)\]\([^)]*\)[\s\S]*?```(?:js|ts)\n([\s\S]*?)```/g)];
+  t.deepEqual(quoted.map((m) => m[1]).sort(), ['device.mjs', 'migrate.mjs']);
+  for (const [, file, block] of quoted) {
+    const lines = (await readFile(path.join(repo, 'examples', file!), 'utf8')).split('\n').map((l) => l.trim());
+    let at = 0;
+    for (const line of block!.split('\n').map((l) => l.trim())) {
+      if (line === '' || line.startsWith('// ...')) continue; // a blank line, or a note on what the excerpt leaves out
+      const found = lines.indexOf(line, at);
+      t.true(found >= 0, `${file}: the README's line ${JSON.stringify(line)} is not in the example (after line ${at})`);
+      if (found >= 0) at = found + 1;
+    }
+  }
+});
