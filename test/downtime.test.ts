@@ -180,3 +180,103 @@ test.serial('switchover-abort: a slow stop-copy device aborts within the bound, 
   for (const d of retry.info.digests!) t.true(d.match === true);
   await retry.close();
 });
+
+// First contact: devices migrated with no arc history (every test process starts without one,
+// and each test uses a state size of its own, so a device model of its own, that earlier tests taught nothing).
+const mlx5Like = (extra: Partial<MockProfileInput> = {}): Partial<MockProfileInput> => ({
+  stateBytes: '8MiB',
+  dirtyWorkingSetBytes: '512KiB',
+  dirtyBytesPerSec: '2MiB',
+  ...extra,
+  arcLatencyMs: { default: 2, ...(extra.arcLatencyMs as Record<string, number> | undefined) },
+});
+
+const isExceeded = (d: unknown) => (d as { data?: { kind?: string } }).data?.kind === 'downtime-exceeded';
+
+type PassData = { expectedDowntimeMs: number | null; expectedDowntime: { summary: string; unmeasured: { arc: string }[]; arcsByBasis: Record<string, number> } };
+
+test.serial('first contact, probed: a 350 ms P2P quiesce is measured before the stop; the stall suggests a limit that holds and the estimate is within 15%', async (t) => {
+  let stall: { suggestedDowntimeLimitMs: number; message: string } | null = null;
+  const r = await migrate({
+    mock: [['nic-vf', 1]],
+    overrides: mlx5Like({ arcLatencyMs: { 'pre-copy>pre-copy-p2p': 350 }, stateBytes: '9MiB' }),
+    capabilities: { 'x-probe-switchover-arcs': true },
+    parameters: { 'downtime-limit': 300, 'stall-iterations': 4 },
+    onSource: (src) =>
+      src.on('MIGRATION_STALLED', (d) => {
+        stall ??= d;
+        src.setParameters({ 'downtime-limit': d.suggestedDowntimeLimitMs });
+      }),
+  });
+  t.is(r.info.status, 'completed', r.error?.message);
+  const prepares = r.events.filter((e) => e.event === 'VFIO_MIGRATION' && (e.data as { state: string }).state === 'pre-copy-p2p-prepare');
+  t.is(prepares.length, 2, 'one prepare event for the probe, one for the switchover');
+  t.truthy(stall, 'a 350 ms arc cannot fit 300 ms: the stall is reported');
+  t.log(stall!.message);
+  const last = r.events.filter((e) => e.event === 'MIGRATION_PASS').at(-1)!.data as PassData;
+  t.true((last.expectedDowntime.arcsByBasis.probed ?? 0) >= 340, last.expectedDowntime.summary);
+  t.false(last.expectedDowntime.unmeasured.some((a) => a.arc === 'pre-copy>pre-copy-p2p'));
+  const measured = r.info.downtimeMs!;
+  const error = (last.expectedDowntimeMs! - measured) / measured;
+  t.log(`${last.expectedDowntime.summary}; measured ${measured.toFixed(0)} ms (error ${(error * 100).toFixed(1)}%), limit in force ${r.info.downtimeLimitInForceMs} ms`);
+  t.true(Math.abs(error) <= 0.15, `error ${(error * 100).toFixed(1)}%`);
+  t.true(measured <= stall!.suggestedDowntimeLimitMs, `${measured} ms within the suggested ${stall!.suggestedDowntimeLimitMs} ms`);
+  t.false(r.events.some((e) => e.event === 'MIGRATION_WARNING' && isExceeded(e.data)));
+  for (const d of r.info.digests!) t.true(d.match === true);
+  await r.close();
+});
+
+test.serial('first contact, not probed: the estimate carries the assumed P2P arc, a warning names it, and a broken promise is reported', async (t) => {
+  let stall: { suggestedDowntimeLimitMs: number } | null = null;
+  const r = await migrate({
+    mock: [['nic-vf', 1]],
+    overrides: mlx5Like({ arcLatencyMs: { 'pre-copy>pre-copy-p2p': 350 }, stateBytes: '10MiB' }),
+    parameters: { 'downtime-limit': 300, 'stall-iterations': 4 },
+    onSource: (src) =>
+      src.on('MIGRATION_STALLED', (d) => {
+        stall ??= d;
+        src.setParameters({ 'downtime-limit': d.suggestedDowntimeLimitMs });
+      }),
+  });
+  t.is(r.info.status, 'completed', r.error?.message);
+  const first = r.events.find((e) => e.event === 'MIGRATION_PASS' && (e.data as PassData).expectedDowntimeMs !== null)!.data as PassData;
+  t.log(first.expectedDowntime.summary);
+  t.true(first.expectedDowntime.unmeasured.some((a) => a.arc === 'pre-copy>pre-copy-p2p'), 'the quiesce arc is counted as assumed');
+  t.true((first.expectedDowntime.arcsByBasis.assumed ?? 0) >= 300, 'at the assumed 300 ms, not 0');
+  const warned = r.events.filter((e) => e.event === 'MIGRATION_WARNING').map((e) => (e.data as { message: string }).message);
+  t.true(warned.some((m) => m.includes('nic-vf-0') && m.includes('pre-copy>pre-copy-p2p') && m.includes('x-assumed-p2p-arc-ms')), warned.join('\n'));
+  t.truthy(stall, 'a limit the assumed arc cannot meet is reported as a stall');
+  // Whether the assumption (300 ms for a 350 ms arc) held is measured: a downtime above the limit in force is always reported.
+  const exceeded = r.events.some((e) => e.event === 'MIGRATION_WARNING' && isExceeded(e.data));
+  t.log(`measured ${r.info.downtimeMs!.toFixed(0)} ms, limit in force ${r.info.downtimeLimitInForceMs} ms, reported exceeded: ${exceeded}`);
+  t.is(exceeded, r.info.downtimeMs! > r.info.downtimeLimitInForceMs);
+  await r.close();
+});
+
+test.serial('a broken promise is said: an unprobeable 400 ms stop arc under a low assumption gives a warning with measured vs expected parts, and the next migration expects it', async (t) => {
+  const overrides = mlx5Like({ arcLatencyMs: { 'pre-copy-p2p>stop-copy': 400 }, stateBytes: '11MiB' });
+  const r = await migrate({
+    mock: [['nic-vf', 1]],
+    overrides,
+    capabilities: { 'x-probe-switchover-arcs': true },
+    parameters: { 'downtime-limit': 300, 'x-assumed-arc-ms': 5 },
+  });
+  t.is(r.info.status, 'completed', r.error?.message);
+  t.true(r.info.downtimeMs! > 300, `${r.info.downtimeMs} ms`);
+  const warning = r.events.find((e) => e.event === 'MIGRATION_WARNING' && isExceeded(e.data));
+  t.truthy(warning, 'the broken promise is reported');
+  const w = warning!.data as { message: string; data: { measured: { sourceArcsMs: number }; expected: { sourceArcsMs: number } } };
+  t.log(w.message);
+  t.regex(w.message, /source arcs \d+ vs \d+, data \d+ vs \d+, destination load \d+ vs \d+, destination resume \d+ vs \d+/);
+  t.regex(w.message, /pre-copy-p2p>stop-copy/, 'the assumed arc is named');
+  t.true(w.data.measured.sourceArcsMs >= 400 && w.data.expected.sourceArcsMs < 100);
+  t.true(r.info.warnings.includes(w.message));
+  await r.close();
+  // The same model again (this process keeps its arc history): the 400 ms arc is now learned.
+  const again = await migrate({ mock: [['nic-vf', 1]], overrides, capabilities: { 'x-probe-switchover-arcs': true }, parameters: { 'downtime-limit': 300, 'x-assumed-arc-ms': 5, 'stall-iterations': 4 }, onSource: (src) => src.on('MIGRATION_STALLED', () => src.cancel('stalled as expected')) });
+  const pass = again.events.find((e) => e.event === 'MIGRATION_PASS' && (e.data as PassData).expectedDowntimeMs !== null)!.data as PassData;
+  t.log(pass.expectedDowntime.summary);
+  t.true((pass.expectedDowntime.arcsByBasis.learned ?? 0) >= 400, pass.expectedDowntime.summary);
+  t.is(again.info.status, 'cancelled', 'it no longer promises what it cannot keep');
+  await again.close();
+});

@@ -385,7 +385,8 @@ export class MigrationSource extends MigrationEvents {
                 : `stalled: ${decision.split.summary}; raise downtime-limit to ${suggested} ms to converge`;
           this.emitEvent('MIGRATION_STALLED', { pass: this.#iterations, remainingBytes: decision.remainingBytes, suggestedDowntimeLimitMs: suggested, downtimeLimitMs: decision.limitInForceMs, expectedDowntime: decision.split, message });
         }
-        if (decision.switchover) {
+        // With the probe on, the switchover waits for it (as for the ACK): its figures are what the promise rests on.
+        if (decision.switchover && probing.size === 0) {
           this.#promise = { expectedMs: decision.expectedDowntimeMs, limitMs: decision.limitInForceMs, split: decision.split };
           break;
         }

@@ -266,8 +266,9 @@ export class VfioHandler implements StateHandler {
   async probeSwitchover(ctx: HandlerContext): Promise<boolean> {
     const f = this.#flags;
     if (this.#probed || !f || !f.p2p) return true;
-    if (f.preCopy && !this.#initialSent) return false;
     const state = this.device.lastKnownState;
+    // Initial bytes still to read (reads queued ahead may hide that the stream already drained them).
+    if (f.preCopy && !this.#initialSent && this.#session && state === 'pre-copy' && (await this.device.precopyInfo(this.#session)).initialBytes > 0n) return false;
     const quiesced: MigrationState | null = state === 'pre-copy' ? 'pre-copy-p2p' : state === 'running' ? 'running-p2p' : null;
     if (!quiesced) return true;
     this.#probed = true;
