@@ -71,6 +71,60 @@ export async function sourceSide(opts: { mock: [string, number][]; overrides?: P
   return { vm, devices, handlers, close: () => Promise.all(devices.map((d) => d.close())).then(() => {}) };
 }
 
+export interface PeerProcess {
+  proc: ChildProcess;
+  /** Every JSON line printed so far. */
+  lines: Record<string, unknown>[];
+  /** Resolves with the first line (already printed or to come) that matches; rejects after `timeoutMs` or at exit. */
+  waitFor(match: (line: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
+  /** {result} lines so far. */
+  results(): Record<string, unknown>[];
+  exitCode: Promise<number | null>;
+}
+
+const PEER = path.resolve(here, 'peer-process.js');
+
+/** A migration end in a child process (test/peer-process.ts), optionally inside a network namespace. */
+export function startPeer(args: string[], options: { netns?: string } = {}): PeerProcess {
+  const argv = [PEER, ...args];
+  const proc = options.netns ? spawn('ip', ['netns', 'exec', options.netns, process.execPath, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const lines: Record<string, unknown>[] = [];
+  const waiters = new Set<() => void>();
+  let stderr = '';
+  let exited = false;
+  proc.stderr!.on('data', (d) => (stderr += d));
+  onJsonLines(proc.stdout!, (o) => {
+    lines.push(o);
+    for (const w of [...waiters]) w();
+  });
+  const exitCode = new Promise<number | null>((r) =>
+    proc.on('close', (c) => {
+      exited = true;
+      for (const w of [...waiters]) w();
+      r(c);
+    }),
+  );
+  const waitFor = (match: (line: Record<string, unknown>) => boolean, timeoutMs = 30_000) =>
+    new Promise<Record<string, unknown>>((resolve, reject) => {
+      const check = () => {
+        const hit = lines.find(match);
+        if (hit || exited) {
+          waiters.delete(check);
+          clearTimeout(timer);
+          if (hit) resolve(hit);
+          else reject(new Error(`peer exited without the line awaited; stderr: ${stderr.slice(-2000)}`));
+        }
+      };
+      const timer = setTimeout(() => {
+        waiters.delete(check);
+        reject(new Error(`no such line within ${timeoutMs} ms; last lines: ${JSON.stringify(lines.slice(-5)).slice(0, 2000)}; stderr: ${stderr.slice(-2000)}`));
+      }, timeoutMs);
+      waiters.add(check);
+      check();
+    });
+  return { proc, lines, waitFor, results: () => lines.filter((l) => l.result).map((l) => l.result as Record<string, unknown>), exitCode };
+}
+
 /** CLI arguments matching a sourceSide() call. */
 export function deviceArgs(opts: { mock: [string, number][]; overrides?: Partial<MockProfileInput>; ram?: { sizeBytes: number } }): string[] {
   const args: string[] = [];

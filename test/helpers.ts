@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { readdirSync, readlinkSync } from 'node:fs';
 
 /** Open fds of this process (for leak checks), leaving out libuv's /dev/null EMFILE reserve. */
@@ -12,3 +13,64 @@ export function openFdCount(): number {
 }
 
 export const MiB = 1 << 20;
+
+let netnsCount = 0;
+
+/**
+ * A network namespace joined to this one by a veth pair (10.213.N.1 here,
+ * 10.213.N.2 there): cut() takes the link down on both ends, so packets
+ * are dropped without a word (no reset, no ICMP): a silent partition.
+ * Needs root (tests run as root here and in CI) and iproute2.
+ */
+export interface Netns {
+  name: string;
+  hostIp: string;
+  nsIp: string;
+  cut(): void;
+  heal(): void;
+  destroy(): void;
+}
+
+export function createNetns(): Netns {
+  const n = (process.pid % 200) + 1;
+  const id = `${process.pid % 10000}x${++netnsCount}`;
+  const name = `vfmig-${id}`;
+  const hostIf = `vfh${id}`;
+  const nsIf = `vfn${id}`;
+  const subnet = `10.213.${(n * 7 + netnsCount) % 250}`;
+  const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  ip('netns', 'add', name);
+  try {
+    ip('link', 'add', hostIf, 'type', 'veth', 'peer', 'name', nsIf);
+    ip('link', 'set', nsIf, 'netns', name);
+    ip('addr', 'add', `${subnet}.1/30`, 'dev', hostIf);
+    ip('link', 'set', hostIf, 'up');
+    ip('-n', name, 'addr', 'add', `${subnet}.2/30`, 'dev', nsIf);
+    ip('-n', name, 'link', 'set', nsIf, 'up');
+    ip('-n', name, 'link', 'set', 'lo', 'up');
+  } catch (err) {
+    ip('netns', 'del', name);
+    throw err;
+  }
+  return {
+    name,
+    hostIp: `${subnet}.1`,
+    nsIp: `${subnet}.2`,
+    cut: () => {
+      ip('-n', name, 'link', 'set', nsIf, 'down');
+      ip('link', 'set', hostIf, 'down');
+    },
+    heal: () => {
+      ip('link', 'set', hostIf, 'up');
+      ip('-n', name, 'link', 'set', nsIf, 'up');
+    },
+    destroy: () => {
+      try {
+        ip('link', 'del', hostIf);
+      } catch {
+        // Gone with the namespace already.
+      }
+      ip('netns', 'del', name);
+    },
+  };
+}
