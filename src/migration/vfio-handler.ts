@@ -36,6 +36,11 @@ export function exportArcHistory(): Record<string, Record<string, number>> {
   return Object.fromEntries([...arcHistory].map(([k, v]) => [k, Object.fromEntries(v)]));
 }
 
+/** Forgets every learned arc latency of this process (a first contact, as on a fresh host). */
+export function clearArcHistory(): void {
+  arcHistory.clear();
+}
+
 export function importArcHistory(history: Record<string, Record<string, number>>): void {
   for (const [model, arcs] of Object.entries(history)) {
     const m = arcHistory.get(model) ?? new Map<string, number>();
