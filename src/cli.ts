@@ -16,6 +16,7 @@ import { VfioHandler, exportArcHistory, importArcHistory } from './migration/vfi
 import { RamHandler } from './migration/ram-handler.js';
 import { SyntheticVm } from './migration/vm.js';
 import { MigrationSource, type MigrationInfo } from './migration/source.js';
+import type { MigrationEventMap } from './migration/events.js';
 import { MigrationDestination, type IncomingResult } from './migration/destination.js';
 import { MigrationError, describeError } from './migration/errors.js';
 import { DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './migration/params.js';
@@ -25,7 +26,7 @@ import type { StateHandler } from './migration/handler.js';
 import { onJsonLines } from './json-lines.js';
 
 const USAGE = `usage:
-  vfio-migrate incoming --listen <tcp:host:port|unix:path> [devices] [--json]
+  vfio-migrate incoming --listen <tcp:host:port|unix:path> [devices] [--json] [--once]
   vfio-migrate migrate --to <tcp:host:port|unix:path> [devices] [--channels N]
                [--cap name=on|off]... [--param name=value]... [--json]
                [--on-stall wait|raise|cancel] [--timeout-ms N] [--progress-ms N]
@@ -59,8 +60,10 @@ migrate:
   3 the connection was lost after the commit (the VM stays stopped here); 2 a usage error;
   130/143 interrupted by SIGINT/SIGTERM (the VM runs here)
 
-incoming exits 0 once a migration completed, 1 when it failed, 2 on a usage error,
-130/143 when interrupted. Errors print "vfio-migrate: CODE: message" on stderr.
+incoming: after a failed migration it reports it and keeps listening for the next
+  source; --once gives up after the first. It exits 0 once a migration completed (the VM
+  runs here), 1 when it failed (with --once, or if it cannot go on), 2 on a usage error,
+  130/143 when interrupted. Errors print "vfio-migrate: CODE: message" on stderr.
 `;
 
 /**
@@ -107,6 +110,7 @@ const options = {
   'on-stall': { type: 'string' },
   'timeout-ms': { type: 'string' },
   'arc-history': { type: 'string' },
+  once: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 } as const;
 
@@ -311,6 +315,15 @@ function printResult(json: boolean, result: object, error: { code: string; messa
   if (error) console.error(`vfio-migrate: ${error.code}: ${error.message}`);
 }
 
+/** For people: the downtime promised and kept, in parts, and every warning (a broken promise among them). */
+function printDowntimeSummary(info: MigrationInfo): void {
+  console.log(`downtime: ${info.downtimeMs === null ? '-' : `${info.downtimeMs.toFixed(0)} ms measured`}, limit in force ${info.downtimeLimitInForceMs} ms`);
+  if (info.expectedDowntime) console.log(`  ${info.expectedDowntime.summary}`);
+  const m = info.measuredSwitchover;
+  if (m) console.log(`  measured: source arcs ${m.sourceArcsMs.toFixed(0)}, data ${m.dataMs.toFixed(0)}, destination load ${m.destinationLoadMs.toFixed(0)}, destination resume ${m.destinationResumeMs.toFixed(0)} ms`);
+  for (const w of info.warnings) console.log(`warning: ${w}`);
+}
+
 const SIGNAL_EXIT: Record<string, number> = { SIGINT: 130, SIGTERM: 143 };
 
 /**
@@ -353,13 +366,26 @@ async function cmdIncoming(v: Values): Promise<number> {
     dest.on('event', (r) => print(json, r, `${r.event} ${JSON.stringify(r.data)}`));
     const uri = await dest.listen(listenUri);
     print(json, { listening: uri }, `listening on ${uri}`);
-    if (ac.signal.aborted) throw new MigrationError('ERR_MIGRATION_CANCELLED', String(ac.signal.reason));
-    result = await dest.incoming({ signal: ac.signal });
+    for (;;) {
+      if (ac.signal.aborted) throw new MigrationError('ERR_MIGRATION_CANCELLED', String(ac.signal.reason));
+      try {
+        result = await dest.incoming({ signal: ac.signal });
+        break;
+      } catch (err) {
+        // A failed migration leaves nothing running here: report it and wait
+        // for the next source (a management app retries), unless --once.
+        const attempt = (err as { result?: IncomingResult }).result;
+        if (v.once || !attempt || ac.signal.aborted || setup.vm.running) throw err;
+        printResult(json, attempt, attempt.error ?? describeError(err));
+        print(json, { listening: uri }, `listening on ${uri} for the next migration`);
+      }
+    }
   } catch (err) {
     code = 1;
-    result = (err as { result?: IncomingResult }).result ?? { status: dest?.status === 'none' || !dest ? 'failed' : dest.status, error: describeError(err) };
-    // A failure before any migration started (a device that does not open, a busy address) has no status yet.
-    if (!result.error) result.error = describeError(err);
+    const e = describeError(err);
+    // A failure before any migration started (a device that does not open, a busy address, a signal while idle) has no result yet.
+    result = (err as { result?: IncomingResult }).result ?? { status: e.code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', error: e };
+    if (!result.error) result.error = e;
   } finally {
     signals.dispose();
     await dest?.close();
@@ -405,7 +431,14 @@ async function cmdMigrate(v: Values): Promise<number> {
     await Promise.all(setup.devices.map((d) => d.close()));
     throw err;
   }
-  src.on('event', (r) => print(json, r, `${r.event} ${JSON.stringify(r.data)}`));
+  src.on('event', (r) => {
+    // People read the estimate's parts; machines get the whole record.
+    if (r.event === 'MIGRATION_PASS' && !json) {
+      const d = r.data as MigrationEventMap['MIGRATION_PASS'];
+      print(json, r, `pass ${d.pass}: remaining ${fmtBytes(d.remainingBytes)}, ${d.expectedDowntime.summary} (limit ${d.downtimeLimitMs} ms)`);
+    } else if ((r.event === 'MIGRATION_WARNING' || r.event === 'MIGRATION_STALLED') && !json) print(json, r, `${r.event}: ${(r.data as { message: string }).message}`);
+    else print(json, r, `${r.event} ${JSON.stringify(r.data)}`);
+  });
   const timer = progressMs ? setInterval(() => print(json, { progress: src.query() }), progressMs) : null;
   // What a management app does with a stall: raise downtime-limit to the suggested value, or give up.
   src.on('MIGRATION_STALLED', (d) => {
@@ -437,6 +470,7 @@ async function cmdMigrate(v: Values): Promise<number> {
   await Promise.all(setup.devices.map((d) => d.close()));
   await saveArcHistory(history);
   printResult(json, { ...info, error: info.error ?? error, vmRunning: setup.vm.running, deviceStates: states, fdsAtStart, fdsAtEnd: openFdCount() }, info.error ?? error);
+  if (!json) printDowntimeSummary(info);
   return code;
 }
 
@@ -497,7 +531,7 @@ async function cmdDemo(v: Values): Promise<number> {
   const uri = `unix:/tmp/vfio-migrate-demo-${process.pid}.sock`;
   console.log(`vfio-migration demo: ${deviceArgs.filter((_, i) => i % 2).join(' ')}`);
   console.log(`destination and source run as two processes, migrating over ${uri}\n`);
-  const dest = spawn(process.execPath, [here, 'incoming', '--listen', uri, '--json', ...deviceArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const dest = spawn(process.execPath, [here, 'incoming', '--listen', uri, '--json', '--once', ...deviceArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = (child: ReturnType<typeof spawn>, onLine: (o: Record<string, unknown>) => void) => onJsonLines(child.stdout!, onLine, (line) => console.log(line));
   let destResult: Record<string, unknown> | null = null;
   const listening = new Promise<void>((resolve) =>
@@ -507,7 +541,7 @@ async function cmdDemo(v: Values): Promise<number> {
     }),
   );
   await listening;
-  const caps = ['--cap', 'switchover-ack=on', '--on-stall', 'raise', '--timeout-ms', '120000'];
+  const caps = ['--cap', 'switchover-ack=on', '--cap', 'x-probe-switchover-arcs=on', '--on-stall', 'raise', '--timeout-ms', '120000'];
   const src = spawn(process.execPath, [here, 'migrate', '--to', uri, '--json', '--channels', '3', '--progress-ms', '250', ...caps, ...deviceArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
   let srcResult: (MigrationInfo & { vmRunning: boolean }) | null = null;
   const tty = process.stdout.isTTY;
@@ -516,7 +550,7 @@ async function cmdDemo(v: Values): Promise<number> {
     if (o.progress) {
       const p = o.progress as MigrationInfo;
       const devs = p.devices.map((d) => `${d.id}:${d.state}`).join(' ');
-      const line = `[${p.status}] pass ${p.iterations} | sent ${fmtBytes(p.transferredBytes)} | remaining ${fmtBytes(p.remainingBytes)} | expected downtime ${p.expectedDowntimeMs === null ? '?' : p.expectedDowntimeMs.toFixed(0)} ms | ${devs}`;
+      const line = `[${p.status}] pass ${p.iterations} | sent ${fmtBytes(p.transferredBytes)} | remaining ${fmtBytes(p.remainingBytes)} | ${p.expectedDowntime?.summary.replace(/; unmeasured: .*/, (m) => (m.length > 60 ? `; unmeasured: ${p.expectedDowntime!.unmeasured.length} arcs` : m)) ?? 'expected downtime ?'} | ${devs}`;
       if (line === lastLine) return;
       lastLine = line;
       if (tty) process.stdout.write(`\r\x1b[K${line}`);
@@ -525,7 +559,10 @@ async function cmdDemo(v: Values): Promise<number> {
       const d = o.data as { device: string; state: string };
       if (tty) process.stdout.write('\n');
       console.log(`  event ${d.state} for ${d.device}`);
-    } else if (o.event === 'MIGRATION' || o.event === 'SWITCHOVER_ACK' || o.event === 'MIGRATION_STALLED') {
+    } else if (o.event === 'MIGRATION_WARNING' || o.event === 'MIGRATION_STALLED') {
+      if (tty) process.stdout.write('\n');
+      console.log(`  ${o.event}: ${(o.data as { message: string }).message}`);
+    } else if (o.event === 'MIGRATION' || o.event === 'SWITCHOVER_ACK') {
       if (tty) process.stdout.write('\n');
       console.log(`  ${o.event} ${JSON.stringify(o.data)}`);
     } else if (o.action) {
@@ -542,6 +579,10 @@ async function cmdDemo(v: Values): Promise<number> {
   }
   console.log(`  status            ${s.status}${s.error ? ` (${s.error.code}: ${s.error.message})` : ''}`);
   console.log(`  downtime          ${s.downtimeMs === null ? '-' : `${s.downtimeMs.toFixed(1)} ms`} (expected ${s.expectedDowntimeMs === null ? '-' : s.expectedDowntimeMs.toFixed(1)} ms)`);
+  if (s.expectedDowntime) console.log(`  estimate          ${s.expectedDowntime.summary} (limit in force ${s.downtimeLimitInForceMs} ms)`);
+  const m = s.measuredSwitchover;
+  if (m) console.log(`  measured parts    source arcs ${m.sourceArcsMs.toFixed(0)}, data ${m.dataMs.toFixed(0)}, destination load ${m.destinationLoadMs.toFixed(0)}, destination resume ${m.destinationResumeMs.toFixed(0)} ms`);
+  for (const w of s.warnings) console.log(`  warning           ${w}`);
   console.log(`  total time        ${s.totalTimeMs.toFixed(0)} ms (setup ${s.setupTimeMs.toFixed(0)} ms)`);
   console.log(`  transferred       ${fmtBytes(s.transferredBytes)} (${Object.entries(s.bytesByKind).map(([k, b]) => `${k} ${fmtBytes(b)}`).join(', ')}) at ${s.throughputMbps.toFixed(0)} Mbit/s`);
   console.log(`  iterations        ${s.iterations}`);

@@ -360,7 +360,8 @@ export class MigrationSource extends MigrationEvents {
           awaitingLoadBytes: subtractBytes(this.#destReceivedBytes, this.#destLoadedBytes),
         });
         this.#expectedDowntimeMs = decision.expectedDowntimeMs;
-        for (const a of decision.split.unmeasured) {
+        // Arcs a pending probe will measure are not warned of yet.
+        for (const a of probing.size ? [] : decision.split.unmeasured) {
           const key = `${a.device} ${a.side} ${a.arc}`;
           if (this.#assumedWarned.has(key)) continue;
           this.#assumedWarned.add(key);
