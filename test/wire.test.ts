@@ -4,7 +4,7 @@ import { closeSync, openSync, writeSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { native } from '../src/vfio/native.js';
-import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame, verifyFrame } from '../src/migration/wire.js';
+import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame, jsonPayload, readFirstFrame, verifyFrame } from '../src/migration/wire.js';
 import { MigrationError } from '../src/migration/errors.js';
 import { connect, listen, parseUri, slabStats } from '../src/migration/transport.js';
 
@@ -244,4 +244,78 @@ test.serial('an accepted connection reads nothing until a reader attaches: a pee
     f!.release();
   }
   await sending;
+});
+
+test.serial('a first frame is read into memory of its own size and not one byte more: no slab until a reader attaches, the rest intact after it', async (t) => {
+  const { a, b, close } = await socketPair({ migration: true });
+  t.teardown(close);
+  const before = slabStats();
+  const writer = new FrameWriter(a);
+  const payloads = Array.from({ length: 6 }, (_, i) => randomBytes(100_000 + i));
+  await writer.writeJson(FrameType.ChannelHello, 0, { migrationId: 'm', index: 1 });
+  for (const [i, p] of payloads.entries()) await writer.write(FrameType.SectionData, i, p);
+  await new Promise((r) => setTimeout(r, 100));
+  const first = await readFirstFrame(b);
+  t.is(first.type, FrameType.ChannelHello);
+  t.deepEqual(JSON.parse(first.payload.toString()), { migrationId: 'm', index: 1 });
+  await new Promise((r) => setTimeout(r, 100));
+  const mid = slabStats();
+  t.is(mid.allocated + mid.reused, before.allocated + before.reused, 'no slab before a reader attaches');
+  const reader = new FrameReader(b);
+  for (const [i, p] of payloads.entries()) {
+    const f = await reader.next();
+    t.is(f!.section, i);
+    t.true(f!.payload.equals(p), `frame ${i} intact`);
+  }
+});
+
+test('a first frame that is not a Hello or ChannelHello, or larger than its limit, is refused before its payload is read', async (t) => {
+  const { a, b, close } = await socketPair({ migration: true });
+  t.teardown(close);
+  const header = Buffer.concat(encodeFrame(FrameType.Hello, 0, Buffer.alloc(0)));
+  header.writeUInt32BE(2 << 20, 8); // a 2 MiB Hello, none of it sent
+  a.write(header);
+  await t.throwsAsync(readFirstFrame(b), { code: 'ERR_MIGRATION_PROTOCOL', message: /Hello frame of 2097152 bytes exceeds its 1048576-byte limit/ });
+  const other = await socketPair({ migration: true });
+  t.teardown(other.close);
+  other.a.write(Buffer.concat(encodeFrame(FrameType.Commit, 0)));
+  await t.throwsAsync(readFirstFrame(other.b), { code: 'ERR_MIGRATION_PROTOCOL', message: /must start with Hello or ChannelHello, not Commit/ });
+  const cut = await socketPair({ migration: true });
+  t.teardown(cut.close);
+  cut.a.end(Buffer.concat(encodeFrame(FrameType.Hello, 0, jsonPayload({ a: 1 }))).subarray(0, 20));
+  await t.throwsAsync(readFirstFrame(cut.b), { code: 'ERR_MIGRATION_CONNECTION' });
+});
+
+test('a discarding reader drops what arrives, frees it and never holds the sender back', async (t) => {
+  const { a, b, close } = await socketPair({ migration: true });
+  t.teardown(close);
+  const reader = new FrameReader(b);
+  const writer = new FrameWriter(a);
+  await writer.write(FrameType.SectionData, 0, randomBytes(1000));
+  t.is((await reader.next())!.length, 1000);
+  reader.discard();
+  t.is(await reader.next(), null);
+  // 64 MiB, far past every buffer: the writes complete because the bytes are read and dropped.
+  for (let i = 0; i < 64; i++) await writer.write(FrameType.SectionData, 0, Buffer.alloc(1 << 20));
+  await new Promise((r) => setTimeout(r, 50));
+  t.false(reader.backlogged);
+  t.true(reader.bytesArrived > 32 << 20, `${reader.bytesArrived} bytes arrived and were dropped`);
+});
+
+test('a heartbeat is one header-only frame, written only into an idle stream', async (t) => {
+  const { a, b, close } = await socketPair();
+  t.teardown(close);
+  const writer = new FrameWriter(a);
+  const reader = new FrameReader(b);
+  writer.heartbeat();
+  const f = await reader.next();
+  t.is(f!.type, FrameType.Heartbeat);
+  t.is(f!.length, 0);
+  t.is(writer.bytesWritten, FRAME_HEADER_BYTES);
+  // Behind a backlog a heartbeat says nothing the queued bytes do not: none is queued.
+  b.pause();
+  void writer.write(FrameType.SectionData, 0, Buffer.alloc(4 << 20)).catch(() => {});
+  const queued = writer.bytesWritten;
+  writer.heartbeat();
+  t.is(writer.bytesWritten, queued);
 });
