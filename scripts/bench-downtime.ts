@@ -67,7 +67,7 @@ let destinations = 0;
 /** The CLI's `incoming` in its own process, in the link's namespace when there is one. */
 async function startDestination(s: Scenario, link: NetnsLink | null, arcHistory: string): Promise<Destination> {
   const uri = link ? `tcp:${link.remoteIp}:${4400 + (++destinations % 500)}` : `unix:${path.join(tmpdir(), `vfm-bench-${process.pid}-${++destinations}.sock`)}`;
-  const argv = [process.execPath, CLI, 'incoming', '--listen', uri, '--json', '--arc-history', arcHistory, ...deviceArgs(s)];
+  const argv = [process.execPath, CLI, 'incoming', '--listen', uri, '--json', '--once', '--arc-history', arcHistory, ...deviceArgs(s)];
   const cmd = link ? link.wrap(argv) : argv;
   const proc = spawn(cmd[0]!, cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';

@@ -26,7 +26,7 @@ async function fullStack(): Promise<{ bytes: number; seconds: number }> {
 /** The CLI's destination on loopback TCP (port chosen by the OS). */
 async function startTcpDestination(spec: Parameters<typeof deviceArgs>[0]): Promise<{ uri: string; done: Promise<void> }> {
   const { CLI } = await import('../test/harness.js');
-  const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', 'tcp:127.0.0.1:0', '--json', '--arc-history', 'none', ...deviceArgs(spec)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', 'tcp:127.0.0.1:0', '--json', '--once', '--arc-history', 'none', ...deviceArgs(spec)], { stdio: ['ignore', 'pipe', 'inherit'] });
   let buf = '';
   const uri = await new Promise<string>((resolve) =>
     proc.stdout.on('data', (d: Buffer) => {

@@ -28,7 +28,7 @@ let sockets = 0;
 export async function startDestination(args: string[]): Promise<DestinationProcess> {
   const uri = `unix:/tmp/vfio-mig-test-${process.pid}-${++sockets}.sock`;
   // No arc history file: every test starts from what its own migration observes.
-  const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', uri, '--json', '--arc-history', 'none', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', uri, '--json', '--once', '--arc-history', 'none', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   const events: DestinationProcess['events'] = [];
   let resolveResult!: (r: Record<string, unknown> | null) => void;
   const result = new Promise<Record<string, unknown> | null>((r) => (resolveResult = r));

@@ -250,7 +250,8 @@ export class DowntimePolicy {
     } else if (++this.#sinceProgress >= params['stall-iterations'] && known && estimateMs > limit) {
       // Reported when it starts and again while it lasts (rate-limited), so a
       // management app that missed the first report still learns of it.
-      if (!this.stalled || now - this.#stallReportedAt >= STALL_REPORT_INTERVAL_MS) stalledNow = true;
+      // A stall that flaps (remaining dips, then grows back) is one stall: reports stay rate-limited.
+      if (now - this.#stallReportedAt >= STALL_REPORT_INTERVAL_MS) stalledNow = true;
       this.stalled = true;
     }
     if (this.stalled && estimateMs <= limit) this.stalled = false;
