@@ -263,7 +263,8 @@ export class MigrationDestination extends MigrationEvents {
     return new Promise((resolve, reject) => {
       const onAbort = () => {
         this.#helloWaiter = null;
-        reject(new MigrationError('ERR_MIGRATION_CANCELLED', `cancelled while waiting for a source: ${String(signal?.reason ?? 'aborted')}`));
+        // The reason alone, as for a cancel during a migration.
+        reject(new MigrationError('ERR_MIGRATION_CANCELLED', String(signal?.reason ?? 'cancelled while waiting for a source')));
       };
       if (signal?.aborted) return onAbort();
       signal?.addEventListener('abort', onAbort, { once: true });
