@@ -14,6 +14,12 @@ import { openFdCount } from './helpers.js';
 
 const MiB = 1 << 20;
 const nic = { stateBytes: '2MiB', dirtyWorkingSetBytes: '512KiB', arcLatencyMs: { default: 2 } };
+/**
+ * The mock's P2P arcs take 2 ms: a fresh migration need not assume the
+ * default 300 ms for them, which alone is the whole default downtime-limit
+ * (and would keep these migrations in precopy until a stall is handled).
+ */
+const mockArcs = { 'x-assumed-p2p-arc-ms': 5 };
 
 const matrix: { name: string; devices: number; ram: boolean; channels: number }[] = [
   { name: '1 device, no RAM, 1 channel', devices: 1, ram: false, channels: 1 },
@@ -28,7 +34,7 @@ for (const m of matrix) {
     const fdsBefore = openFdCount();
     const dest = await startDestination(deviceArgs(spec));
     const side = await sourceSide(spec);
-    const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+    const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
     const info = await src.migrate(dest.uri, { channels: m.channels });
     const destResult = await dest.result;
     t.is(info.status, 'completed');
@@ -54,7 +60,7 @@ test.serial('events: a state event per arc, a prepare event before each P2P arc,
   const spec = { mock: [['nic-vf', 2]] as [string, number][], overrides: nic };
   const dest = await startDestination(deviceArgs(spec));
   const side = await sourceSide(spec);
-  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
   const records: MigrationEventRecord[] = [];
   src.on('event', (r: MigrationEventRecord) => records.push(r));
   await src.migrate(dest.uri);
@@ -76,7 +82,7 @@ test.serial('events: a state event per arc, a prepare event before each P2P arc,
 test.serial('a mismatched device profile is refused in the handshake, before any device changes state', async (t) => {
   const dest = await startDestination(deviceArgs({ mock: [['serial', 1]] }));
   const side = await sourceSide({ mock: [['nic-vf', 1]], overrides: nic });
-  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
   const err = await t.throwsAsync(src.migrate(dest.uri), { instanceOf: MigrationError });
   t.is(err?.code, 'ERR_MIGRATION_INCOMPATIBLE');
   t.regex(err!.message, /section 0 \(nic-vf-0\) is vfio "mock:nic-vf.*" on the source but vfio "mock:serial.*" here/);
@@ -103,7 +109,7 @@ for (const how of ['cancel', 'cut'] as const) {
       const dest = await startDestination([...deviceArgs({ ...spec, overrides: { ...spec.overrides, arcLatencyMs: { default: 2, 'resuming>stop': 400 } } })]);
       const side = await sourceSide(spec);
       const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
-      const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { 'downtime-limit': 2000 } });
+      const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { ...mockArcs, 'downtime-limit': 2000 } });
       let fired = false;
       const fire = () => {
         if (fired) return;
@@ -160,7 +166,7 @@ test.serial('connection cut after the commit: the source never resumes the VM by
   const dest = await startDestination(deviceArgs({ ...spec, overrides: { ...spec.overrides, arcLatencyMs: { default: 2, 'stop>running-p2p': 500 } } }));
   const side = await sourceSide(spec);
   const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
-  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
   let committedAt = 0;
   src.on('MIGRATION_COMMITTED', () => {
     committedAt = performance.now();
@@ -194,7 +200,7 @@ test.serial('a destination that fails after the commit stops, resets, says nothi
   const dest = await startDestination(deviceArgs({ ...spec, overrides: { ...spec.overrides, faults: [{ arc: 'running-p2p>running', errno: 'EIO' }] } }));
   const side = await sourceSide(spec);
   const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
-  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
   let committed = false;
   src.on('MIGRATION_COMMITTED', () => (committed = true));
   const err = await t.throwsAsync(src.migrate(dest.uri), { instanceOf: MigrationError });
@@ -254,7 +260,7 @@ test.serial('a bit flipped on the link is caught by the frame checksum where the
   t.teardown(proxy.close);
   const side = await sourceSide(spec);
   const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
-  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
   const err = await t.throwsAsync(src.migrate(proxy.uri), { instanceOf: MigrationError });
   t.true(proxy.flipped());
   t.is(err?.code, 'ERR_MIGRATION_DESTINATION');
@@ -273,7 +279,7 @@ test.serial('data reads follow the device: large on a fast device, small on a sl
     const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: { ...nic, dirtyBytesPerSec: 0, ...overrides } };
     const dest = await startDestination(deviceArgs(spec));
     const side = await sourceSide(spec);
-    const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+    const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
     await src.migrate(dest.uri);
     await dest.exitCode;
     await side.close();
@@ -289,7 +295,7 @@ test.serial('a source device failing its last arc after the destination runs the
   const dest = await startDestination(deviceArgs(spec));
   // stop-copy -> stop is the source's clean-up once the VM runs on the destination.
   const side = await sourceSide({ ...spec, overrides: { ...spec.overrides, faults: [{ arc: 'stop-copy>stop', errno: 'EIO' }] } });
-  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
   const warnings: string[] = [];
   src.on('MIGRATION_WARNING', (w: { message: string }) => warnings.push(w.message));
   const info = await src.migrate(dest.uri);
@@ -306,7 +312,7 @@ test.serial('a stream the destination device rejects fails the migration and rol
   const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: nic };
   const dest = await startDestination(deviceArgs(spec));
   const side = await sourceSide({ ...spec, overrides: { ...nic, corruptSaveAtByte: 5000 } });
-  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
   const err = await t.throwsAsync(src.migrate(dest.uri), { instanceOf: MigrationError });
   t.is(err?.code, 'ERR_MIGRATION_DESTINATION');
   t.regex(err!.message, /EINVAL/);
