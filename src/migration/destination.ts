@@ -539,7 +539,7 @@ export class MigrationDestination extends MigrationEvents {
       this.#committed = true;
       return;
     }
-    if (frame?.type === FrameType.Cancel) throw new MigrationError('ERR_MIGRATION_CANCELLED', `the source cancelled: ${parseJson<{ reason: string }>(frame).reason}`);
+    if (frame?.type === FrameType.Cancel) throw sourceGaveUp(frame);
     if (!frame) throw this.#failure ?? new MigrationError('ERR_MIGRATION_CONNECTION', 'the source went away before committing: the VM stays with the source');
     throw new MigrationError('ERR_MIGRATION_PROTOCOL', `expected Commit, got a ${FrameType[frame.type]} frame`);
   }
@@ -681,7 +681,7 @@ export class MigrationDestination extends MigrationEvents {
           await settleLoads();
           return;
         case FrameType.Cancel:
-          throw new MigrationError('ERR_MIGRATION_CANCELLED', `the source cancelled: ${parseJson<{ reason: string }>(frame).reason}`);
+          throw sourceGaveUp(frame);
         default:
           throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unexpected ${FrameType[frame.type]} frame on channel ${ch.index}`);
       }
@@ -729,6 +729,14 @@ export class MigrationDestination extends MigrationEvents {
     await Promise.all([...this.#lingering.values()]);
     await new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve()));
   }
+}
+
+/** The source's Cancel: a switchover it aborted keeps that code; anything else is a cancel. */
+function sourceGaveUp(frame: Frame): MigrationError {
+  const m = parseJson<{ reason?: unknown; code?: unknown } | null>(frame);
+  const reason = typeof m?.reason === 'string' ? m.reason : 'no reason given';
+  if (m?.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED') return new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `the source aborted the switchover: ${reason}`);
+  return new MigrationError('ERR_MIGRATION_CANCELLED', `the source cancelled: ${reason}`);
 }
 
 /** A Hello's shape, checked before it can start a migration (its content is checked by #compatibility). */

@@ -245,7 +245,7 @@ export class MigrationSource extends MigrationEvents {
     const main = this.#channels[0];
     if (main && err !== this.#destinationError && code !== 'ERR_MIGRATION_PEER_TIMEOUT' && code !== 'ERR_MIGRATION_CONNECTION' && main.socket.writableLength === 0 && !main.socket.destroyed) {
       try {
-        main.socket.write(Buffer.concat(encodeFrame(FrameType.Cancel, 0, jsonPayload({ reason: err.message }))));
+        main.socket.write(Buffer.concat(encodeFrame(FrameType.Cancel, 0, jsonPayload({ reason: err.message, code }))));
       } catch {
         // Best effort: the destination also sees the connection go.
       }
