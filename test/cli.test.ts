@@ -148,7 +148,7 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', `unix:${file}`, '--json', '--once', '--arc-history', 'none', '--mock', 'serial'], { stdio: ['ignore', 'pipe', 'pipe'] });
     const done = collect(proc);
     await new Promise<void>((resolve) => onJsonLines(proc.stdout!, (o) => o.listening && resolve()));
-    const src = await run(['migrate', '--to', `unix:${file}`, '--json', '--arc-history', 'none', '--mock', 'serial']);
+    const src = await run(['migrate', '--to', `unix:${file}`, '--json', '--arc-history', 'none', '--on-stall', 'raise', '--mock', 'serial']);
     t.is(src.code, 0, src.stderr);
     t.is((await done).code, 0);
     t.false(existsSync(file));
@@ -199,6 +199,41 @@ test('CLI: the destination reports a source that cancels as cancelled, with the 
   t.is(result?.status, 'cancelled');
   t.is((result?.error as { code: string }).code, 'ERR_MIGRATION_CANCELLED');
   t.regex(r.stderr, /^vfio-migrate: ERR_MIGRATION_CANCELLED: .*did not complete within 300 ms/m);
+});
+
+test('CLI: incoming keeps listening after failed migrations (refused, cancelled) and exits 0 once one completes; --once gives up after the first', async (t) => {
+  const devices = ['--mock', 'serial', '--ram', '64MiB'];
+  const dest = await incoming(devices, { once: false });
+  // Refused in the handshake: other devices.
+  const refused = await run(['migrate', '--to', dest.uri, '--json', '--arc-history', 'none', '--mock', 'nic-vf']);
+  t.is(refused.code, 1, refused.stderr);
+  // Cancelled mid-transfer: 64 MiB at 4 MiB/s cannot make it in 300 ms.
+  const cancelled = await run(['migrate', '--to', dest.uri, '--json', '--arc-history', 'none', '--param', `max-bandwidth=${4 << 20}`, '--timeout-ms', '300', ...devices]);
+  t.is(cancelled.code, 1, cancelled.stderr);
+  t.is(resultOf(cancelled)?.status, 'cancelled');
+  // The same devices take the next migration, and it loads every byte right.
+  // (--on-stall raise: converging is not what this test is about.)
+  const ok = await run(['migrate', '--to', dest.uri, '--json', '--arc-history', 'none', '--on-stall', 'raise', ...devices]);
+  t.is(ok.code, 0, ok.stderr);
+  const digests = resultOf(ok)?.digests as { match: boolean | null }[];
+  t.is(digests.length, 2);
+  t.true(digests.every((d) => d.match === true));
+  const r = await dest.done;
+  t.is(r.code, 0, r.stderr);
+  const results = r.stdout.trim().split('\n').filter((l) => l.startsWith('{"result"')).map((l) => (JSON.parse(l) as { result: { status: string; error?: { code: string } } }).result);
+  t.is(results.length, 3, r.stdout);
+  t.deepEqual([results[0]!.status, results[0]!.error?.code], ['failed', 'ERR_MIGRATION_INCOMPATIBLE']);
+  // The cancel is reported as such when the Cancel frame wins the race with the data channels' reset (see the report).
+  t.true(['cancelled', 'failed'].includes(results[1]!.status), results[1]!.status);
+  t.deepEqual([results[2]!.status, results[2]!.error], ['completed', undefined]);
+  t.regex(r.stderr, /^vfio-migrate: ERR_MIGRATION_INCOMPATIBLE: /m);
+  t.false(existsSync(dest.path));
+
+  const once = await incoming(devices);
+  await run(['migrate', '--to', once.uri, '--json', '--arc-history', 'none', '--mock', 'nic-vf']);
+  const onceRun = await once.done;
+  t.is(onceRun.code, 1);
+  t.is(resultOf(onceRun)?.status, 'failed');
 });
 
 test('CLI: profiles lists every shipped profile, fault profiles included, each with its description', async (t) => {
