@@ -57,7 +57,7 @@ async function answerOf(s: net.Socket): Promise<{ code: string; message: string 
 const closed = (s: net.Socket) => new Promise<void>((r) => (s.destroyed ? r() : s.once('close', () => r())));
 
 test.serial('an idle connection neither blocks nor ends a migration; it is closed with a typed error at its handshake deadline', async (t) => {
-  const { dest, uri } = await destination(t, { handshakeTimeoutMs: 1500 });
+  const { dest, uri } = await destination(t, { handshakeTimeoutMs: 3000 });
   const idle = await rawConnect(uri);
   const idleAnswer = answerOf(idle);
   const incoming = dest.incoming();
