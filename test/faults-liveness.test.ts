@@ -18,9 +18,10 @@ const MARGIN_MS = 1000;
 
 let port = 4400;
 
-async function startDestinationPeer(t: { teardown(fn: () => void): void }, options: { netns?: string; host?: string } = {}): Promise<{ peer: PeerProcess; uri: string }> {
+async function startDestinationPeer(t: { teardown(fn: () => void): void }, options: { netns?: string; host?: string; arcLatencyMs?: Record<string, number> } = {}): Promise<{ peer: PeerProcess; uri: string }> {
   const listen = options.host ? `tcp:${options.host}:${++port}` : `unix:/tmp/vfio-mig-live-${process.pid}-${++port}.sock`;
-  const peer = startPeer(['destination', '--listen', listen, '--spec', JSON.stringify(spec), '--options', JSON.stringify({ handshakeTimeoutMs: 3000 })], { netns: options.netns });
+  const destSpec = options.arcLatencyMs ? { ...spec, overrides: { ...spec.overrides, arcLatencyMs: options.arcLatencyMs } } : spec;
+  const peer = startPeer(['destination', '--listen', listen, '--spec', JSON.stringify(destSpec), '--options', JSON.stringify({ handshakeTimeoutMs: 3000 })], { netns: options.netns });
   t.teardown(() => {
     peer.proc.kill('SIGCONT');
     peer.proc.kill('SIGKILL');
@@ -212,4 +213,59 @@ test.serial('a silent partition in precopy: both sides give up within peer-timeo
   ns.heal();
   await sleep(50);
   await migratesAgain(t, uri);
+});
+
+test.serial('a destination that loads slowly but lives is waited for (its heartbeats go on); stopped while loading, it is given up within peer-timeout before the commit', async (t) => {
+  // The destination's resuming -> stop arc takes 2.5 s: 2.5 peer timeouts of a live but busy peer.
+  const slowLoad = { default: 2, 'resuming>stop': 2500 };
+  const live = await startDestinationPeer(t, { arcLatencyMs: slowLoad });
+  const a = await newSource({ 'downtime-limit': 5000, 'peer-timeout': 1000 });
+  const info = await a.src.migrate(live.uri);
+  t.is(info.status, 'completed', 'a busy destination is not a dead one');
+  await a.side.close();
+
+  const stopped = await startDestinationPeer(t, { arcLatencyMs: slowLoad });
+  const b = await newSource({ 'downtime-limit': 5000, 'peer-timeout': 1000 });
+  let stoppedAt = 0;
+  let committed = false;
+  // The source's devices reach STOP only after the stream; by then the destination is in its slow arc.
+  b.src.on('VFIO_MIGRATION', (e: { state: string }) => {
+    if (e.state !== 'stop-copy' || stoppedAt) return;
+    setTimeout(() => {
+      stopped.peer.proc.kill('SIGSTOP');
+      stoppedAt = performance.now();
+    }, 500);
+  });
+  b.src.on('MIGRATION_COMMITTED', () => (committed = true));
+  const err = await t.throwsAsync(b.src.migrate(stopped.uri), { instanceOf: MigrationError });
+  const detectedMs = performance.now() - stoppedAt;
+  t.is(err?.code, 'ERR_MIGRATION_PEER_TIMEOUT', err?.message);
+  t.false(committed);
+  t.true(stoppedAt > 0 && detectedMs <= 1000 + MARGIN_MS, `detected ${detectedMs.toFixed(0)} ms after SIGSTOP`);
+  t.true(b.side.vm.running);
+  for (const d of b.side.devices) t.is(await d.getState(), 'running');
+  await b.side.close();
+});
+
+test.serial('a destination stopped right after the commit: the source gives up within peer-timeout with ERR_MIGRATION_OUTCOME_UNKNOWN and leaves the VM stopped', async (t) => {
+  // Slow resume arcs on the destination: the stop lands before it could report running.
+  const { peer, uri } = await startDestinationPeer(t, { arcLatencyMs: { default: 2, 'stop>running-p2p': 500 } });
+  const { side, src } = await newSource({ 'downtime-limit': 2000, 'peer-timeout': 1000 });
+  let stoppedAt = 0;
+  src.on('MIGRATION_COMMITTED', () => {
+    peer.proc.kill('SIGSTOP');
+    stoppedAt = performance.now();
+  });
+  const err = await t.throwsAsync(src.migrate(uri), { instanceOf: MigrationError });
+  const detectedMs = performance.now() - stoppedAt;
+  t.is(err?.code, 'ERR_MIGRATION_OUTCOME_UNKNOWN', err?.message);
+  t.regex(err!.message, /sent nothing for/);
+  t.true(detectedMs <= 1000 + MARGIN_MS, `gave up ${detectedMs.toFixed(0)} ms after SIGSTOP`);
+  t.false(side.vm.running, 'the VM may run on the destination: it stays stopped here');
+  // Continued, the destination runs the VM: the source was right not to resume it.
+  peer.proc.kill('SIGCONT');
+  const r = (await peer.waitFor((o) => !!o.result, 10_000)).result as IncomingResult & { vmRunning: boolean };
+  t.is(r.status, 'completed');
+  t.true(r.vmRunning);
+  await side.close();
 });
