@@ -95,7 +95,7 @@ export class MigrationDestination extends MigrationEvents {
   #parkedChannels: Offer[] = [];
   #helloWaiter: ((o: Offer) => void) | null = null;
   /** The migration being set up or run; its extra channels are matched against it. */
-  #session: { migrationId: string; channels: number; accepting: boolean; offer: ((o: Offer) => void) | null } | null = null;
+  #session: { migrationId: string; offer: ((o: Offer) => void) | null } | null = null;
   #running = false;
   #watch: PeerWatch | null = null;
   #switchoverLimitMs = 0;
@@ -380,7 +380,7 @@ export class MigrationDestination extends MigrationEvents {
     try {
       offer.take();
       const hello = parseJson<HelloMessage>(offer.frame);
-      this.#session = { migrationId: hello.migrationId, channels: hello.channels, accepting: true, offer: null };
+      this.#session = { migrationId: hello.migrationId, offer: null };
       main = makeChannel(0, offer.socket, { deferDataChecksums: true });
       this.#channels[0] = main;
       this.#setStatus('setup');
@@ -593,7 +593,6 @@ export class MigrationDestination extends MigrationEvents {
         );
     } finally {
       session.offer = null;
-      session.accepting = false;
       done = null;
     }
   }
