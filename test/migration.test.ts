@@ -324,6 +324,27 @@ test.serial('a stream the destination device rejects fails the migration and rol
   await dest.exitCode;
 });
 
+test.serial('a stream the destination device rejects: the source reports the destination\'s reason every time, never the connection\'s (20 rounds)', async (t) => {
+  // Before the fix about 1 round in 16 got ERR_MIGRATION_CONNECTION: the
+  // destination half-closed after its report, the source's next write failed
+  // at once (EPIPE on a unix socket) and Node dropped the socket before the
+  // report that had already arrived was read. Now a failed destination keeps
+  // the connection open (reading and dropping) until the source closes it.
+  const spec = { mock: [['nic-vf', 1]] as [string, number][], overrides: nic };
+  const codes: Record<string, number> = {};
+  for (let round = 0; round < 20; round++) {
+    const dest = await startDestination(deviceArgs(spec));
+    const side = await sourceSide({ ...spec, overrides: { ...nic, corruptSaveAtByte: 5000 } });
+    const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: mockArcs });
+    const err = await t.throwsAsync(src.migrate(dest.uri), { instanceOf: MigrationError });
+    codes[err!.code] = (codes[err!.code] ?? 0) + 1;
+    t.true(side.vm.running);
+    await dest.exitCode;
+    await side.close();
+  }
+  t.deepEqual(codes, { ERR_MIGRATION_DESTINATION: 20 });
+});
+
 test.serial('bad arguments are clear errors: URI, channels, capabilities, parameters, CLI usage', async (t) => {
   const side = await sourceSide({ mock: [['serial', 1]] });
   const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
