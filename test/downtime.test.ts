@@ -84,6 +84,7 @@ test.serial('expected downtime: a GPU with GiBs of state on a rate-capped link, 
   t.not(last.expectedDowntimeMs, null);
   const measured = r.info.downtimeMs!;
   const error = Math.abs(last.expectedDowntimeMs - measured) / measured;
+  t.log((passes.at(-1)!.data as { expectedDowntime: { summary: string } }).expectedDowntime.summary, `bandwidth ${((passes.at(-1)!.data as { bandwidthBytesPerSec: number }).bandwidthBytesPerSec / MiB).toFixed(0)} MiB/s`, JSON.stringify(r.info.measuredSwitchover));
   t.log(`expected ${last.expectedDowntimeMs.toFixed(0)} ms (device time ${r.info.expectedDeviceTimeMs.toFixed(0)} ms, ${(last.stopcopyBytes / MiB).toFixed(0)} MiB stop-copy), measured ${measured.toFixed(0)} ms: error ${(error * 100).toFixed(1)}%`);
   t.true(error <= 0.15, `error ${(error * 100).toFixed(1)}%`);
   const dev = r.info.devices[0]!;

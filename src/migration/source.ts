@@ -572,14 +572,15 @@ export class MigrationSource extends MigrationEvents {
    * is busy and devices only stream, so what counts is what the whole path
    * (devices, both hosts' CPUs, the link) delivers when saturated: the
    * destination's arrival rate over report intervals in which bytes queued
-   * behind the link the whole time. A pass-level send rate also counts time
+   * behind the link at their start. A pass-level send rate also counts time
    * spent producing data, and under-states it (by 2x seen on a 2 Gbit/s
-   * link); it stays the fallback until the path was seen saturated. The
-   * classic policy keeps QEMU's pass-level figure.
+   * link). The classic policy keeps QEMU's pass-level figure.
    */
   #switchoverBandwidth(): number {
     if (this.policy.kind === 'classic') return this.#bandwidth.bytesPerSec;
-    return this.#arrival.bytesPerSec || this.#bandwidth.bytesPerSec;
+    // Both under-state the path (one counts time spent producing data, the other
+    // intervals in which the queue ran dry): the larger is the better bound.
+    return Math.max(this.#arrival.bytesPerSec, this.#bandwidth.bytesPerSec);
   }
 
   #arrival = new BandwidthMeter(1500);
@@ -589,7 +590,9 @@ export class MigrationSource extends MigrationEvents {
     const now = performance.now();
     const queued = subtractBytes(this.#transferred, this.#destReceivedBytes);
     const last = this.#lastArrival;
-    if (last && last.queuedBytes >= SATURATED_QUEUE_BYTES && queued >= SATURATED_QUEUE_BYTES) this.#arrival.record(this.#destReceivedBytes - last.receivedBytes, now - last.atMs);
+    // Conditioned on the queue at the start only: requiring it at the end too
+    // keeps just the intervals in which the path slowed down (a biased, low figure).
+    if (last && last.queuedBytes >= SATURATED_QUEUE_BYTES) this.#arrival.record(this.#destReceivedBytes - last.receivedBytes, now - last.atMs);
     this.#lastArrival = { atMs: now, receivedBytes: this.#destReceivedBytes, queuedBytes: queued };
   }
 
