@@ -421,7 +421,17 @@ export class MigrationDestination extends MigrationEvents {
         reported = { received, loaded: this.#loadedBytes };
         void this.#sendLoadReport(main!).catch(() => {});
       }, LOAD_REPORT_INTERVAL_MS);
-      await settleAll(this.#channels.map((ch) => this.#channelLoop(ch, hello)));
+      // One channel's failure (a corrupt frame) fails the migration at once:
+      // the main channel's loop would otherwise wait for frames that a source
+      // held up by the switchover ACK never sends (its heartbeats keep it alive).
+      await settleAll(
+        this.#channels.map((ch) =>
+          this.#channelLoop(ch, hello).catch((err: Error) => {
+            this.#fail(err);
+            throw err;
+          }),
+        ),
+      );
       clearInterval(reporter);
       loadEnd = performance.now();
       if (this.#failure) throw this.#failure;
@@ -434,8 +444,8 @@ export class MigrationDestination extends MigrationEvents {
       if (this.#failure) throw this.#failure;
       await this.#awaitCommit(main);
       this.#watch.stop();
-      await settleAll(this.handlers.map((h) => h.loadResumeP2P(ctx)));
-      await settleAll(this.handlers.map((h) => h.loadResume(ctx)));
+      await settleAll(this.handlers.map((h) => h.loadResumeP2P?.(ctx)));
+      await settleAll(this.handlers.map((h) => h.loadResume?.(ctx)));
       await this.vm.resume();
       // The VM runs here now: nothing after this may stop it (the source gave
       // it up), so what still fails is only a warning.
@@ -452,7 +462,7 @@ export class MigrationDestination extends MigrationEvents {
       };
       const stopHere = async () => {
         if (this.vm.running) await this.vm.stop();
-        await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('failed', ctx)));
+        await Promise.allSettled(this.handlers.map((h) => h.loadCleanup?.('failed', ctx)));
       };
       if (this.#committed) {
         await stopHere();
@@ -501,7 +511,7 @@ export class MigrationDestination extends MigrationEvents {
     } catch (err) {
       warn('a MIGRATION listener', err);
     }
-    const cleanup = await Promise.allSettled(this.handlers.map((h) => h.loadCleanup('completed', ctx)));
+    const cleanup = await Promise.allSettled(this.handlers.map((h) => h.loadCleanup?.('completed', ctx)));
     for (const r of cleanup) if (r.status === 'rejected') warn('cleanup', r.reason);
     return { status: 'completed', totalTimeMs: performance.now() - times.t0, loadMs: times.loadEnd - times.loadStart, downtimeMs, digests, sectionBytes: this.#sectionBytes };
   }
