@@ -76,7 +76,7 @@ export async function withTimeout<T>(p: Promise<T>, ms: number, message: string)
 }
 
 /** Waits for every promise; throws the first failure only after all settled. */
-export async function settleAll<T>(promises: Promise<T>[]): Promise<T[]> {
+export async function settleAll<T>(promises: (Promise<T> | T)[]): Promise<T[]> {
   const results = await Promise.allSettled(promises);
   const failed = results.find((r) => r.status === 'rejected');
   if (failed) throw (failed as PromiseRejectedResult).reason;

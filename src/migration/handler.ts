@@ -53,14 +53,20 @@ export interface HandlerContext {
 
 export interface StateHandler {
   describe(): SectionDescription;
+  /**
+   * Where the section's data goes: `main` (the default) keeps it on the main
+   * channel; `spread` places it on one of the extra channels, round-robin, so
+   * that sections (devices) load in parallel at the destination.
+   */
+  readonly channelPlacement?: 'main' | 'spread';
 
   // ---- source ----
   saveSetup(ctx: HandlerContext): Promise<void>;
   pending(exact: boolean): Promise<PendingBytes>;
   /** Sends up to about `budgetBytes` of precopy data; returns the bytes sent. */
   savePrecopy(budgetBytes: number, out: SectionOutput): Promise<number>;
-  /** Switchover, step 1 (all handlers in parallel): stop initiating P2P DMA. */
-  saveQuiesce(ctx: HandlerContext): Promise<void>;
+  /** Switchover, step 1 (all handlers in parallel): stop initiating P2P DMA. Optional: only P2P-capable participants quiesce. */
+  saveQuiesce?(ctx: HandlerContext): Promise<void>;
   /** Switchover, step 2 (after every handler quiesced): stop and open the stop-copy stream. */
   saveStop(ctx: HandlerContext): Promise<void>;
   /** Sends everything that is left; returns the bytes sent. */
@@ -93,12 +99,12 @@ export interface StateHandler {
   loadInitialDone?(): Promise<void>;
   /** All data arrived: validate and stop (RESUMING -> STOP). */
   loadFinish(ctx: HandlerContext): Promise<void>;
-  /** Step 1 of resuming (all handlers in parallel): RUNNING_P2P where supported. */
-  loadResumeP2P(ctx: HandlerContext): Promise<void>;
-  /** Step 2: fully running. */
-  loadResume(ctx: HandlerContext): Promise<void>;
-  /** Destination done; `failed` resets devices. */
-  loadCleanup(outcome: 'completed' | 'failed', ctx: HandlerContext): Promise<void>;
+  /** Step 1 of resuming (all handlers in parallel): RUNNING_P2P where supported. Optional. */
+  loadResumeP2P?(ctx: HandlerContext): Promise<void>;
+  /** Step 2: fully running. Optional: a participant with nothing to start (RAM) leaves it out. */
+  loadResume?(ctx: HandlerContext): Promise<void>;
+  /** Destination done; `failed` resets devices. Optional. */
+  loadCleanup?(outcome: 'completed' | 'failed', ctx: HandlerContext): Promise<void>;
 
   /** Source: the arcs this device walks at switchover (to stop-copy, in P2P order), each with its expected time and basis. */
   switchoverArcs?(): ArcEstimate[];

@@ -154,7 +154,6 @@ export class RamHandler implements StateHandler {
     return this.#sendDirty(budgetBytes, out);
   }
 
-  async saveQuiesce(): Promise<void> {}
   async saveStop(): Promise<void> {
     this.#advance(); // the dirtying up to the stop
   }
@@ -205,9 +204,6 @@ export class RamHandler implements StateHandler {
     this.#seed = this.#loadSeed ?? this.#seed;
   }
 
-  async loadResumeP2P(): Promise<void> {}
-  async loadResume(): Promise<void> {}
-  async loadCleanup(): Promise<void> {}
 
   digest(when: 'saved' | 'loaded' | 'now' = 'now'): string | undefined {
     if (when === 'saved') return this.#savedDigest;

@@ -423,7 +423,7 @@ export class MigrationSource extends MigrationEvents {
       const abortTimer = this.#armSwitchoverAbort();
       try {
         await main.writer.writeJson(FrameType.Switchover, 0, { stoppedAtEpochMs: performance.timeOrigin + this.#stoppedAt, abortAfterMs: this.#abortAfterMs() });
-        await settleAll(this.handlers.map((h) => h.saveQuiesce(ctx)));
+        await settleAll(this.handlers.map((h) => h.saveQuiesce?.(ctx)));
         this.#check();
         await settleAll(this.handlers.map((h) => h.saveStop(ctx)));
         this.#check();
@@ -642,11 +642,10 @@ export class MigrationSource extends MigrationEvents {
   #resumedAfterMs: number | null = null;
 
   #channelFor(h: StateHandler, index: number): Channel {
-    // RAM and other non-device sections stay on the main channel; devices
-    // spread over the extra channels so they load in parallel.
-    if (this.#channels.length === 1 || h.describe().kind !== 'vfio') return this.#channels[0]!;
-    const devices = this.handlers.slice(0, index).filter((x) => x.describe().kind === 'vfio').length;
-    return this.#channels[1 + (devices % (this.#channels.length - 1))]!;
+    // Each handler says where its data goes: the main channel, or spread over the extra ones.
+    if (this.#channels.length === 1 || h.channelPlacement !== 'spread') return this.#channels[0]!;
+    const spreadBefore = this.handlers.slice(0, index).filter((x) => x.channelPlacement === 'spread').length;
+    return this.#channels[1 + (spreadBefore % (this.#channels.length - 1))]!;
   }
 
   #groupsByChannel(): number[][] {

@@ -53,6 +53,8 @@ export class VfioHandler implements StateHandler {
   readonly device: VfioDevice;
   /** A data fd is a byte stream: the destination may merge frames into one write. */
   readonly byteStream = true;
+  /** Devices spread over the extra channels, so that they load in parallel. */
+  readonly channelPlacement = 'spread';
   #flags: MigrationFlags | null = null;
   #session: DataSession | null = null;
   #initialSent = false;
