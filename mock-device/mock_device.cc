@@ -166,10 +166,6 @@ std::string Hex(uint64_t v) {
   return b;
 }
 
-void SleepMs(double ms) {
-  if (ms > 0) std::this_thread::sleep_for(std::chrono::microseconds(int64_t(ms * 1000)));
-}
-
 }  // namespace
 
 MockDevice::MockDevice(MockProfile profile, uint64_t seed)
@@ -187,6 +183,21 @@ MockDevice::MockDevice(MockProfile profile, uint64_t seed)
 }
 
 MockDevice::~MockDevice() { Close(); }
+
+void MockDevice::Interrupt() {
+  std::lock_guard<std::mutex> l(mu_);
+  interrupted_ = true;
+  wake_.notify_all();
+}
+
+bool MockDevice::SleepLocked(std::unique_lock<std::mutex>& lock, double ms) {
+  if (!(ms > 0)) return !interrupted_;
+  // Profiles bound every delay (kMockMaxDelayMs); the clamp keeps the
+  // conversion defined whatever reaches here.
+  auto d = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double, std::milli>(std::min(ms, 10 * kMockMaxDelayMs)));
+  return !wake_.wait_for(lock, d, [&] { return interrupted_; });
+}
 
 bool MockDevice::RunningLocked() const {
   return state_ == kStateRunning || state_ == kStateRunningP2P || state_ == kStatePreCopy ||
@@ -328,9 +339,7 @@ int MockDevice::SetState(uint32_t target, int* data_fd) {
     double latency = p_.arc_latency_ms[state_][next];
     if (latency < 0) latency = p_.default_arc_latency_ms;
     if (latency > 0) {
-      l.unlock();
-      SleepMs(latency);
-      l.lock();
+      if (!SleepLocked(l, latency)) return ECANCELED;
       if (closed_) return EBADF;
     }
     for (auto& f : p_.faults) {
@@ -435,8 +444,8 @@ int MockDevice::DmaLoggingReport(uint64_t iova, uint64_t length, uint64_t page_s
   if (!dma_logging_on_) return EINVAL;
   if (page_size < 4096 || (page_size & (page_size - 1)) || length == 0 || iova + length < iova) return EINVAL;
   AdvanceLocked();
-  uint64_t pages = (length + page_size - 1) / page_size;
-  bitmap->assign((pages + 63) / 64, 0);
+  uint64_t pages = length / page_size + (length % page_size != 0);  // no wrap near 2^64
+  bitmap->assign(pages / 64 + (pages % 64 != 0), 0);
   uint64_t n = std::min(pages, dma_dirty_since_report_);
   for (uint64_t i = 0; i < n; i++) {
     rng_ = Mix(rng_);
@@ -522,9 +531,7 @@ void MockDevice::ThrottleLocked(std::unique_lock<std::mutex>& lock, Session& s, 
                                 std::chrono::duration<double>(double(s.rate_bytes) / p_.max_bytes_per_sec));
   auto now = std::chrono::steady_clock::now();
   if (due > now) {
-    lock.unlock();
-    std::this_thread::sleep_until(due);
-    lock.lock();
+    wake_.wait_until(lock, due, [&] { return interrupted_; });
   } else if (now - due > std::chrono::milliseconds(50)) {
     // Idle time is not credit for a later burst.
     s.rate_start = now;
@@ -586,9 +593,7 @@ ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
   if (!was_initial_done && s.initial_done) load_ms += p_.load_initial_ms;
   info_.load_busy_ms += load_ms;
   if (load_ms > 0) {
-    l.unlock();
-    SleepMs(load_ms);
-    l.lock();
+    if (!SleepLocked(l, load_ms)) return -ECANCELED;
     if (closed_) return -EBADF;
   }
   if (session_.kind == SessionKind::kResume && session_.user_fd == data_fd) ThrottleLocked(l, session_, w);

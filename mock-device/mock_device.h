@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -18,6 +19,19 @@
 #include "../native/backend.h"
 
 namespace vfio {
+
+// Limits of a mock profile, so that any valid profile opens in bounded memory
+// and time and no call sleeps for long (src/vfio/mock-profile.ts checks the
+// same with friendlier messages; the addon checks them for raw callers).
+constexpr uint32_t kMockMinChunkBytes = 64;
+constexpr uint32_t kMockMaxChunkBytes = 1u << 20;
+constexpr uint64_t kMockMaxStateBytes = 64ull << 30;
+// Chunk tables: 4 bytes of version and 1 of dirty flag per chunk, again per
+// resume session: about 40 MiB at the cap.
+constexpr uint64_t kMockMaxChunks = 1ull << 22;
+constexpr double kMockMaxDelayMs = 60000;        // an arc latency, the initial load time
+constexpr double kMockMaxLoadMsPerMiB = 1000;    // a 4 MiB write loads in at most 4 s
+constexpr double kMockMinBytesPerSec = 65536;    // a rate cap: a 4 MiB read in at most 64 s
 
 struct MockArcFault {
   uint32_t from;
@@ -120,6 +134,7 @@ class MockDevice : public DeviceBackend {
   ssize_t WriteData(int data_fd, const void* buf, size_t len) override;
   void CloseDataFd(int data_fd) override;
   void Close() override;
+  void Interrupt() override;
 
   MockInfo Info();
 
@@ -182,6 +197,8 @@ class MockDevice : public DeviceBackend {
   // Applies a whole, checked record; returns 0 or EINVAL.
   int ApplyRecordLocked(Session& s, const void* header, const uint8_t* payload);
   void ThrottleLocked(std::unique_lock<std::mutex>& lock, Session& s, size_t bytes);
+  // Sleeps with mu_ released; false when Interrupt() cut it short.
+  bool SleepLocked(std::unique_lock<std::mutex>& lock, double ms);
   std::string DigestOf(uint64_t seed, const std::vector<uint32_t>& versions) const;
 
   MockProfile p_;
@@ -203,6 +220,8 @@ class MockDevice : public DeviceBackend {
   uint64_t dma_dirty_since_report_ = 0;
   MockInfo info_{};
   bool closed_ = false;
+  bool interrupted_ = false;
+  std::condition_variable wake_;    // Interrupt() -> sleepers
 };
 
 }  // namespace vfio

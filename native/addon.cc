@@ -1,31 +1,47 @@
 // Node-API surface of the addon: NativeDevice over any DeviceBackend. Every
 // operation that may block runs on the device's control or data worker
 // thread and returns a promise; the JS thread never makes a blocking syscall.
+//
+// Nothing a caller passes may abort or hang the process: every argument is
+// type- and range-checked before any conversion, sizes are checked for
+// overflow and capped, every C++ exception (bad_alloc included) becomes a
+// typed JS error, and data fds never cross into JS (sessions.h). Per-
+// environment state (instance data, a cleanup hook) lets worker_threads load
+// and unload the addon freely.
 #include <fcntl.h>
 #include <napi.h>
 #include <sys/socket.h>
 
-#include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <vector>
+#include <new>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "../mock-device/mock_device.h"
 #include "../mock-device/mtty_mock.h"
 #include "backend.h"
 #include "crc32c.h"
 #include "kernel_backend.h"
+#include "sessions.h"
 #include "uapi.h"
 #include "worker.h"
 
 namespace vfio {
 
 namespace {
+
+// Caps that keep one call's memory bounded whatever the caller asks for.
+constexpr uint64_t kMaxBitmapBytes = 128ull << 20;  // a DMA dirty bitmap: 4 TiB of 4 KiB pages
+constexpr uint32_t kMaxDmaRanges = 65536;           // the kernel takes 256 (LOG_MAX_RANGES)
+constexpr double kMaxReadBytes = 16 << 20;          // one readData
+constexpr uint32_t kMaxWriteParts = 1 << 20;        // buffers in one writeData
+constexpr double kMaxSafeInteger = 9007199254740991.0;
 
 const char* ErrnoName(int e) {
   switch (e) {
@@ -48,24 +64,70 @@ Napi::Error MakeError(Napi::Env env, int err, const std::string& op) {
   return e;
 }
 
-uint64_t U64(const Napi::Value& v, const char* field) {
-  if (v.IsBigInt()) {
-    bool lossless;
-    return v.As<Napi::BigInt>().Uint64Value(&lossless);
-  }
-  if (v.IsNumber()) {
-    double d = v.As<Napi::Number>().DoubleValue();
-    if (d < 0) throw Napi::TypeError::New(v.Env(), std::string(field) + " must be >= 0");
-    return uint64_t(d);
-  }
-  throw Napi::TypeError::New(v.Env(), std::string(field) + " must be a number or bigint");
+// Errors of our own: ERR_VFIO_BAD_ARGUMENT (TypeError or RangeError),
+// ERR_VFIO_PROFILE, ERR_VFIO_CLOSED, ERR_VFIO_NOMEM (errno ENOMEM), ERR_VFIO_INTERNAL.
+enum class Kind { kError, kType, kRange };
+Napi::Error Coded(Napi::Env env, const char* code, const std::string& msg, Kind kind = Kind::kError, int err = 0,
+                  const std::string& op = "") {
+  Napi::Error e = kind == Kind::kType    ? Napi::Error(Napi::TypeError::New(env, msg))
+                  : kind == Kind::kRange ? Napi::Error(Napi::RangeError::New(env, msg))
+                                         : Napi::Error::New(env, msg);
+  e.Set("code", Napi::String::New(env, code));
+  if (err) e.Set("errno", Napi::Number::New(env, err));
+  if (!op.empty()) e.Set("operation", Napi::String::New(env, op));
+  return e;
+}
+Napi::Error BadType(Napi::Env env, const std::string& msg) { return Coded(env, "ERR_VFIO_BAD_ARGUMENT", msg, Kind::kType); }
+Napi::Error BadRange(Napi::Env env, const std::string& msg) { return Coded(env, "ERR_VFIO_BAD_ARGUMENT", msg, Kind::kRange); }
+Napi::Error NoMem(Napi::Env env, const std::string& op) {
+  return Coded(env, "ERR_VFIO_NOMEM", "out of memory (" + op + ")", Kind::kError, ENOMEM, op);
 }
 
-double Num(const Napi::Object& o, const char* field, double dflt = 0) {
+std::string Fmt(double d) {
+  char b[32];
+  snprintf(b, sizeof b, "%.17g", d);
+  return b;
+}
+
+// A non-negative integer argument: a bigint below 2^64, or a number that is
+// a safe integer. Anything else is an error before any cast.
+uint64_t U64(const Napi::Value& v, const std::string& what, uint64_t max = UINT64_MAX) {
+  Napi::Env env = v.Env();
+  uint64_t out;
+  if (v.IsBigInt()) {
+    bool lossless = false;
+    out = v.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) throw BadRange(env, what + " must be a bigint in [0, 2^64)");
+  } else if (v.IsNumber()) {
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (!(d >= 0 && d <= kMaxSafeInteger) || std::floor(d) != d)
+      throw BadRange(env, what + " must be an integer in [0, 2^53), got " + Fmt(d));
+    out = uint64_t(d);
+  } else {
+    throw BadType(env, what + " must be a number or bigint");
+  }
+  if (out > max) throw BadRange(env, what + " must be at most " + std::to_string(max) + ", got " + std::to_string(out));
+  return out;
+}
+
+// A finite number in [lo, hi]; `dflt` when undefined.
+double Num(const Napi::Object& o, const char* field, double dflt, double lo, double hi) {
   Napi::Value v = o.Get(field);
   if (v.IsUndefined()) return dflt;
-  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string(field) + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
+  if (!v.IsNumber()) throw BadType(o.Env(), std::string(field) + " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= lo && d <= hi))
+    throw Coded(o.Env(), "ERR_VFIO_PROFILE", std::string(field) + " must be in [" + Fmt(lo) + ", " + Fmt(hi) + "], got " + Fmt(d), Kind::kRange);
+  return d;
+}
+
+// An integer in [lo, hi] (|lo|, |hi| <= 2^53); `dflt` when undefined.
+int64_t Int(const Napi::Object& o, const char* field, int64_t dflt, int64_t lo, int64_t hi) {
+  Napi::Value v = o.Get(field);
+  if (v.IsUndefined()) return dflt;
+  double d = Num(o, field, 0, double(lo), double(hi));
+  if (std::floor(d) != d) throw Coded(o.Env(), "ERR_VFIO_PROFILE", std::string(field) + " must be an integer, got " + Fmt(d), Kind::kRange);
+  return int64_t(d);
 }
 
 bool Bool(const Napi::Object& o, const char* field) {
@@ -73,67 +135,92 @@ bool Bool(const Napi::Object& o, const char* field) {
   return v.IsBoolean() && v.As<Napi::Boolean>().Value();
 }
 
-// The TypeScript layer validates profiles (src/vfio/mock-profile.ts) and
-// hands over a normalised object; this only converts it.
+Napi::Object ObjectAt(const Napi::Array& a, uint32_t i, const char* what) {
+  Napi::Value v = a.Get(i);
+  if (!v.IsObject()) throw BadType(a.Env(), std::string(what) + "[" + std::to_string(i) + "] must be an object");
+  return v.As<Napi::Object>();
+}
+
+// The TypeScript layer validates profiles (src/vfio/mock-profile.ts) with
+// friendly messages; these checks are the addon's own guard against raw
+// callers, with the same limits (mock_device.h).
 MockProfile ParseProfile(const Napi::Object& o) {
+  Napi::Env env = o.Env();
+  auto fail = [&](const std::string& msg) { return Coded(env, "ERR_VFIO_PROFILE", "mock profile: " + msg, Kind::kRange); };
   MockProfile p;
-  p.name = o.Get("name").ToString().Utf8Value();
-  p.flags = U64(o.Get("flags"), "flags");
-  p.state_bytes = U64(o.Get("stateBytes"), "stateBytes");
-  p.chunk_bytes = uint32_t(Num(o, "chunkBytes", 4096));
-  p.setup_bytes = uint64_t(Num(o, "setupBytes"));
-  p.stop_copy_only_bytes = uint64_t(Num(o, "stopCopyOnlyBytes"));
-  p.dirty_bytes_per_sec = Num(o, "dirtyBytesPerSec");
-  p.dirty_working_set_bytes = uint64_t(Num(o, "dirtyWorkingSetBytes"));
-  p.default_arc_latency_ms = Num(o, "defaultArcLatencyMs");
+  Napi::Value name = o.Get("name");
+  if (!name.IsString()) throw BadType(env, "mock profile: name must be a string");
+  p.name = name.As<Napi::String>().Utf8Value();
+  if (o.Get("driver").IsString()) p.driver = o.Get("driver").As<Napi::String>().Utf8Value();
+  if (p.driver != "generic" && p.driver != "mtty") throw fail("driver must be \"generic\" or \"mtty\"");
+  p.ports = uint32_t(Int(o, "ports", 2, 1, 2));
+  if (p.driver == "mtty") return p;  // the mtty personality uses nothing else
+
+  p.flags = U64(o.Get("flags"), "mock profile: flags", 7);
+  p.chunk_bytes = uint32_t(Int(o, "chunkBytes", 4096, kMockMinChunkBytes, kMockMaxChunkBytes));
+  if (p.chunk_bytes % 8 != 0) throw fail("chunkBytes must be a multiple of 8");
+  p.state_bytes = U64(o.Get("stateBytes"), "mock profile: stateBytes", kMockMaxStateBytes);
+  if (p.state_bytes == 0 || p.state_bytes % p.chunk_bytes != 0) throw fail("stateBytes must be a non-zero multiple of chunkBytes");
+  if (p.state_bytes / p.chunk_bytes > kMockMaxChunks)
+    throw fail("stateBytes / chunkBytes must be at most " + std::to_string(kMockMaxChunks) + " chunks");
+  p.setup_bytes = uint64_t(Int(o, "setupBytes", 0, 0, int64_t(kMockMaxStateBytes)));
+  p.stop_copy_only_bytes = uint64_t(Int(o, "stopCopyOnlyBytes", 0, 0, int64_t(kMockMaxStateBytes)));
+  p.dirty_bytes_per_sec = Num(o, "dirtyBytesPerSec", 0, 0, kMaxSafeInteger);
+  p.dirty_working_set_bytes = uint64_t(Int(o, "dirtyWorkingSetBytes", 0, 0, int64_t(p.state_bytes)));
+  p.default_arc_latency_ms = Num(o, "defaultArcLatencyMs", 0, 0, kMockMaxDelayMs);
   for (auto& row : p.arc_latency_ms)
     for (double& v : row) v = -1;
   Napi::Value arcs = o.Get("arcLatencies");
-  if (arcs.IsArray()) {
+  if (!arcs.IsUndefined()) {
+    if (!arcs.IsArray()) throw BadType(env, "mock profile: arcLatencies must be an array");
     Napi::Array a = arcs.As<Napi::Array>();
+    if (a.Length() > 64) throw fail("at most 64 arcLatencies");
     for (uint32_t i = 0; i < a.Length(); i++) {
-      Napi::Object e = a.Get(i).As<Napi::Object>();
-      uint32_t from = uint32_t(Num(e, "from")), to = uint32_t(Num(e, "to"));
-      if (from < 8 && to < 8) p.arc_latency_ms[from][to] = Num(e, "ms");
+      Napi::Object e = ObjectAt(a, i, "arcLatencies");
+      uint32_t from = uint32_t(Int(e, "from", 0, 0, 7)), to = uint32_t(Int(e, "to", 0, 0, 7));
+      p.arc_latency_ms[from][to] = Num(e, "ms", 0, 0, kMockMaxDelayMs);
     }
   }
-  p.load_initial_ms = Num(o, "loadInitialMs");
-  p.load_ms_per_mib = Num(o, "loadMsPerMiB");
-  p.max_bytes_per_sec = Num(o, "maxBytesPerSec");
+  p.load_initial_ms = Num(o, "loadInitialMs", 0, 0, kMockMaxDelayMs);
+  p.load_ms_per_mib = Num(o, "loadMsPerMiB", 0, 0, kMockMaxLoadMsPerMiB);
+  p.max_bytes_per_sec = Num(o, "maxBytesPerSec", 0, 0, kMaxSafeInteger);
+  if (p.max_bytes_per_sec != 0 && p.max_bytes_per_sec < kMockMinBytesPerSec)
+    throw fail("maxBytesPerSec must be 0 (no cap) or at least " + std::to_string(uint64_t(kMockMinBytesPerSec)));
   p.resume_failure_into_error = Bool(o, "resumeFailureIntoError");
   p.dma_logging = Bool(o, "dmaLogging");
   Napi::Value faults = o.Get("faults");
-  if (faults.IsArray()) {
+  if (!faults.IsUndefined()) {
+    if (!faults.IsArray()) throw BadType(env, "mock profile: faults must be an array");
     Napi::Array a = faults.As<Napi::Array>();
+    if (a.Length() > 64) throw fail("at most 64 faults");
     for (uint32_t i = 0; i < a.Length(); i++) {
-      Napi::Object f = a.Get(i).As<Napi::Object>();
-      p.faults.push_back({uint32_t(Num(f, "from")), uint32_t(Num(f, "to")), int(Num(f, "errno")),
-                          Bool(f, "intoError"), int64_t(Num(f, "times", -1))});
+      Napi::Object f = ObjectAt(a, i, "faults");
+      p.faults.push_back({uint32_t(Int(f, "from", 0, 0, 7)), uint32_t(Int(f, "to", 0, 0, 7)), int(Int(f, "errno", EIO, 1, 4095)),
+                          Bool(f, "intoError"), Int(f, "times", -1, -1, int64_t(kMaxSafeInteger))});
     }
   }
-  p.corrupt_save_at_byte = int64_t(Num(o, "corruptSaveAtByte", -1));
+  p.corrupt_save_at_byte = Int(o, "corruptSaveAtByte", -1, -1, int64_t(kMaxSafeInteger));
   if (!o.Get("bogusInitialBytes").IsUndefined()) {
     p.bogus_initial = true;
-    p.bogus_initial_bytes = U64(o.Get("bogusInitialBytes"), "bogusInitialBytes");
+    p.bogus_initial_bytes = U64(o.Get("bogusInitialBytes"), "mock profile: bogusInitialBytes");
   }
   if (!o.Get("bogusDirtyBytes").IsUndefined()) {
     p.bogus_dirty = true;
-    p.bogus_dirty_bytes = U64(o.Get("bogusDirtyBytes"), "bogusDirtyBytes");
+    p.bogus_dirty_bytes = U64(o.Get("bogusDirtyBytes"), "mock profile: bogusDirtyBytes");
   }
   if (!o.Get("bogusStopCopyBytes").IsUndefined()) {
     p.bogus_stop_copy = true;
-    p.bogus_stop_copy_bytes = U64(o.Get("bogusStopCopyBytes"), "bogusStopCopyBytes");
+    p.bogus_stop_copy_bytes = U64(o.Get("bogusStopCopyBytes"), "mock profile: bogusStopCopyBytes");
   }
-  p.profile_hash = U64(o.Get("profileHash"), "profileHash");
-  if (o.Get("driver").IsString()) p.driver = o.Get("driver").ToString().Utf8Value();
-  p.ports = uint32_t(Num(o, "ports", 2));
+  p.profile_hash = U64(o.Get("profileHash"), "mock profile: profileHash");
   return p;
 }
 
 // Read buffers come from free lists by size (the migration layer reads in
 // powers of two from 256 KiB to 4 MiB): a fresh malloc per read is an mmap
 // plus a page fault per 4 KiB, a measurable share of a GB/s stream. Buffers
-// return here from their JS finalizer.
+// return here from their JS finalizer. Process-wide (plain memory, any
+// environment's finalizer may return one).
 class ReadBufferPool {
  public:
   static constexpr size_t kMaxFreePerSize = 8;
@@ -167,141 +254,277 @@ class ReadBufferPool {
   static inline std::map<size_t, std::vector<uint8_t*>> free_;
 };
 
+// Calls from JS never let a C++ exception escape into Node (that would
+// terminate the process): Napi errors are thrown as they are, anything else
+// becomes a typed error.
+template <typename Fn>
+Napi::Value Guard(Napi::Env env, const char* what, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::bad_alloc&) {
+    throw NoMem(env, what);
+  } catch (const std::exception& e) {
+    throw Coded(env, "ERR_VFIO_INTERNAL", std::string(what) + ": " + e.what());
+  }
+}
+
 }  // namespace
+
+class NativeDevice;
+
+// Per environment (the main thread and each worker_thread that loads the addon).
+struct EnvState {
+  bool tearing_down = false;
+  std::set<NativeDevice*> devices;  // alive, for the cleanup hook
+};
 
 class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
  public:
   static Napi::Function Init(Napi::Env env) {
     return DefineClass(env, "NativeDevice",
                        {
-                           InstanceMethod<&NativeDevice::OpenKernel>("openKernel"),
-                           InstanceMethod<&NativeDevice::OpenMock>("openMock"),
-                           InstanceMethod<&NativeDevice::Info>("info"),
-                           InstanceMethod<&NativeDevice::MigrationFlags>("migrationFlags"),
-                           InstanceMethod<&NativeDevice::GetState>("getState"),
-                           InstanceMethod<&NativeDevice::SetState>("setState"),
-                           InstanceMethod<&NativeDevice::PrecopyInfo>("precopyInfo"),
-                           InstanceMethod<&NativeDevice::StopCopySize>("stopCopySize"),
-                           InstanceMethod<&NativeDevice::Reset>("reset"),
-                           InstanceMethod<&NativeDevice::DmaLoggingStart>("dmaLoggingStart"),
-                           InstanceMethod<&NativeDevice::DmaLoggingStop>("dmaLoggingStop"),
-                           InstanceMethod<&NativeDevice::DmaLoggingReport>("dmaLoggingReport"),
-                           InstanceMethod<&NativeDevice::ReadData>("readData"),
-                           InstanceMethod<&NativeDevice::WriteData>("writeData"),
-                           InstanceMethod<&NativeDevice::CloseDataFd>("closeDataFd"),
-                           InstanceMethod<&NativeDevice::MockInfoJs>("mockInfo"),
-                           InstanceMethod<&NativeDevice::OpenDataFds>("openDataFds"),
-                           InstanceMethod<&NativeDevice::Close>("close"),
+                           M<&NativeDevice::OpenKernel>("openKernel"),
+                           M<&NativeDevice::OpenMock>("openMock"),
+                           M<&NativeDevice::Info>("info"),
+                           M<&NativeDevice::MigrationFlags>("migrationFlags"),
+                           M<&NativeDevice::GetState>("getState"),
+                           M<&NativeDevice::SetState>("setState"),
+                           M<&NativeDevice::PrecopyInfo>("precopyInfo"),
+                           M<&NativeDevice::StopCopySize>("stopCopySize"),
+                           M<&NativeDevice::Reset>("reset"),
+                           M<&NativeDevice::DmaLoggingStart>("dmaLoggingStart"),
+                           M<&NativeDevice::DmaLoggingStop>("dmaLoggingStop"),
+                           M<&NativeDevice::DmaLoggingReport>("dmaLoggingReport"),
+                           M<&NativeDevice::ReadData>("readData"),
+                           M<&NativeDevice::WriteData>("writeData"),
+                           M<&NativeDevice::CloseSession>("closeSession"),
+                           M<&NativeDevice::MockInfoJs>("mockInfo"),
+                           M<&NativeDevice::OpenDataFds>("openDataFds"),
+                           M<&NativeDevice::Close>("close"),
                        });
   }
 
-  explicit NativeDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeDevice>(info) {}
+  explicit NativeDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeDevice>(info) {
+    env_state_ = *info.Env().GetInstanceData<std::shared_ptr<EnvState>>();
+    env_state_->devices.insert(this);
+  }
 
   ~NativeDevice() override {
-    // Collected without close(): release on a helper thread so nothing blocks
-    // here. At environment teardown the process is exiting: the workers stay
-    // parked (they must not touch Node-API any more) and the OS reclaims fds.
-    if (control_ && !closing_ && !EnvTearingDown()) {
-      auto backend = backend_;
-      auto fds = open_fds_;
-      control_->Shutdown(Env(), nullptr);
-      data_->Shutdown(Env(), nullptr);
-      std::thread([backend, fds] {
-        if (!backend) return;
-        for (int fd : fds) backend->CloseDataFd(fd);
-        backend->Close();
-      }).detach();
+    env_state_->devices.erase(this);
+    // Collected without close(): no job is in flight (each holds a reference
+    // to this object), so the workers are idle. Release on the control
+    // thread, which then exits, so nothing blocks here. At environment
+    // teardown the cleanup hook has done that already.
+    if (control_ && !closing_ && !env_state_->tearing_down) {
+      closing_ = true;
+      Abandon();
     }
   }
 
-  static bool EnvTearingDown();
+  // Environment teardown (cleanup hook): no Node-API from here on.
+  void Teardown() {
+    if (!control_ || *closed_) return;
+    Abandon();
+  }
 
  private:
-  using Exec = Worker::Exec;
+  template <Napi::Value (NativeDevice::*Method)(const Napi::CallbackInfo&)>
+  static Napi::ClassPropertyDescriptor<NativeDevice> M(const char* name) {
+    return InstanceMethod<&NativeDevice::Guarded<Method>>(name);
+  }
+  template <Napi::Value (NativeDevice::*Method)(const Napi::CallbackInfo&)>
+  Napi::Value Guarded(const Napi::CallbackInfo& info) {
+    return Guard(info.Env(), "NativeDevice", [&] { return (this->*Method)(info); });
+  }
 
-  // Runs `exec` on a worker; `resolve` builds the value on the JS thread.
-  // The shared `err` carries the errno and the failing step across.
+  // Lets go of the device without Node-API: wakes sleeping calls, then ends
+  // every session and closes the device on the control thread, after the
+  // job it is running.
+  void Abandon() {
+    auto backend = backend_;
+    auto sessions = sessions_;
+    if (backend) backend->Interrupt();
+    data_->Abandon(nullptr);
+    control_->Abandon([backend, sessions] {
+      if (sessions) sessions->CloseAll();
+      if (backend) backend->Close();
+    });
+  }
+
+  // What a job reports back: an errno and the failing step, or an error code
+  // of our own (an exception on the worker).
   struct Result {
     int err = 0;
     std::string op;
+    std::string code;
+    std::string message;
   };
 
-  template <typename ResolveFn>
-  Napi::Value Run(Napi::Env env, bool on_data, std::function<void(Result&)> exec, ResolveFn resolve) {
-    auto deferred = std::make_shared<Napi::Promise::Deferred>(env);
-    if (!backend_ || closing_) {
-      deferred->Reject(MakeError(env, EBADF, closing_ ? "device is closed" : "device is not open").Value());
-      return deferred->Promise();
+  enum class On { kControl, kData };
+
+  static void Protect(Result& r, const std::function<void(Result&)>& exec, const char* what) {
+    try {
+      exec(r);
+    } catch (const std::bad_alloc&) {
+      r.code = "ERR_VFIO_NOMEM";
+      r.err = ENOMEM;
+      r.op = what;
+      r.message = std::string("out of memory (") + what + ")";
+    } catch (const std::exception& e) {
+      r.code = "ERR_VFIO_INTERNAL";
+      r.message = std::string(what) + ": " + e.what();
+    } catch (...) {
+      r.code = "ERR_VFIO_INTERNAL";
+      r.message = std::string(what) + ": unknown C++ exception";
     }
+  }
+
+  Napi::Value Rejected(Napi::Env env, const Napi::Error& e) {
+    auto d = Napi::Promise::Deferred::New(env);
+    d.Reject(e.Value());
+    return d.Promise();
+  }
+
+  Napi::Error ClosedError(Napi::Env env, const std::string& what) {
+    return Coded(env, "ERR_VFIO_CLOSED", closing_ ? "device is closed (" + what + ")" : "device is not open (" + what + ")");
+  }
+
+  // Runs `exec` on a worker; `resolve` builds the value on the JS thread.
+  template <typename ResolveFn>
+  Napi::Value Run(Napi::Env env, On on, const char* what, std::function<void(Result&)> exec, ResolveFn resolve) {
+    if (!backend_ || closing_) return Rejected(env, ClosedError(env, what));
+    auto deferred = std::make_shared<Napi::Promise::Deferred>(env);
     auto res = std::make_shared<Result>();
-    Napi::Reference<Napi::Value>* self_ref = new Napi::Reference<Napi::Value>(Napi::Persistent(Value().As<Napi::Value>()));
-    (on_data ? data_ : control_)->Submit(
-        env, [exec, res] { exec(*res); },
-        [deferred, res, resolve, self_ref](Napi::Env env) {
+    auto self_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(Value()));
+    (on == On::kData ? data_ : control_)->Submit(
+        env, [exec, res, what] { Protect(*res, exec, what); },
+        [this, deferred, res, resolve, self_ref, what](Napi::Env env) {
           Napi::HandleScope scope(env);
-          if (res->err) deferred->Reject(MakeError(env, res->err, res->op).Value());
-          else {
-            try {
+          try {
+            if (!res->code.empty())
+              deferred->Reject(Coded(env, res->code.c_str(), res->message, Kind::kError, res->err, res->op).Value());
+            else if (res->err && closing_)
+              deferred->Reject(Coded(env, "ERR_VFIO_CLOSED", std::string("device closed while ") + what + " ran (" +
+                                                                 ErrnoName(res->err) + " from " + res->op + ")").Value());
+            else if (res->err)
+              deferred->Reject(MakeError(env, res->err, res->op).Value());
+            else
               deferred->Resolve(resolve(env));
-            } catch (const Napi::Error& e) {
-              deferred->Reject(e.Value());
-            }
+          } catch (const Napi::Error& e) {
+            deferred->Reject(e.Value());
+          } catch (const std::bad_alloc&) {
+            deferred->Reject(NoMem(env, what).Value());
+          } catch (const std::exception& e) {
+            deferred->Reject(Coded(env, "ERR_VFIO_INTERNAL", std::string(what) + ": " + e.what()).Value());
           }
-          delete self_ref;
         });
     return deferred->Promise();
   }
+
+  // A session id argument: an integer; ERR_VFIO_CLOSED for a session that
+  // has ended.
+  uint32_t SessionArg(const Napi::CallbackInfo& info, const char* what) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsNumber()) throw BadType(env, std::string(what) + ": the session id must be a number");
+    double d = info[0].As<Napi::Number>().DoubleValue();
+    if (!(d >= 1 && d <= 4294967295.0) || std::floor(d) != d) throw BadRange(env, std::string(what) + ": not a session id: " + Fmt(d));
+    uint32_t id = uint32_t(d);
+    if (!backend_ || closing_) throw ClosedError(env, what);
+    switch (sessions_->StatusOf(id)) {
+      case SessionTable::Status::kUnknown:
+        throw BadRange(env, std::string(what) + ": " + std::to_string(id) + " is not a data session of this device");
+      case SessionTable::Status::kClosed:
+        throw Coded(env, "ERR_VFIO_CLOSED", std::string(what) + ": data session " + std::to_string(id) + " is closed");
+      default:
+        return id;
+    }
+  }
+
+  // Holds a session's fd for one job on a worker; -1 once it has ended.
+  struct SessionUse {
+    SessionUse(std::shared_ptr<SessionTable> t, uint32_t id) : table(std::move(t)), id(id), fd(table->Acquire(id)) {}
+    ~SessionUse() {
+      if (fd >= 0) table->Release(id);
+    }
+    bool Closed(Result& r, const char* what) {
+      if (fd >= 0) return false;
+      r.code = "ERR_VFIO_CLOSED";
+      r.message = std::string(what) + ": data session " + std::to_string(id) + " is closed";
+      return true;
+    }
+    std::shared_ptr<SessionTable> table;
+    uint32_t id;
+    int fd;
+  };
 
   void StartWorkers(Napi::Env env) {
     control_ = Worker::Start(env, "vfio-control");
     data_ = Worker::Start(env, "vfio-data");
   }
 
+  // Opens a backend on the control thread (a mock's content tables can take
+  // a while to build; a kernel open makes blocking syscalls).
+  struct Opened {
+    std::shared_ptr<DeviceBackend> backend;
+    std::shared_ptr<MockDevice> mock;
+    std::shared_ptr<MttyMockDevice> mtty;
+  };
+  Napi::Value OpenOn(Napi::Env env, std::function<void(Opened&, Result&)> open,
+                     std::function<Napi::Value(Napi::Env)> resolve) {
+    StartWorkers(env);
+    auto deferred = std::make_shared<Napi::Promise::Deferred>(env);
+    auto out = std::make_shared<Opened>();
+    auto res = std::make_shared<Result>();
+    auto self_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(Value()));
+    control_->Submit(
+        env, [open, out, res] { Protect(*res, [&](Result& r) { open(*out, r); }, "open"); },
+        [this, deferred, out, res, resolve, self_ref](Napi::Env env) {
+          Napi::HandleScope scope(env);
+          if (out->backend) {
+            backend_ = out->backend;
+            sessions_ = std::make_shared<SessionTable>(backend_);
+            mock_ = out->mock;
+            mtty_ = out->mtty;
+          }
+          try {
+            if (!res->code.empty()) deferred->Reject(Coded(env, res->code.c_str(), res->message, Kind::kError, res->err, res->op).Value());
+            else if (res->err) deferred->Reject(MakeError(env, res->err, res->op).Value());
+            else if (closing_) deferred->Reject(ClosedError(env, "closed while opening").Value());
+            else deferred->Resolve(resolve(env));
+          } catch (const Napi::Error& e) {
+            deferred->Reject(e.Value());
+          }
+        });
+    return deferred->Promise();
+  }
+
   Napi::Value OpenMock(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (backend_) throw Napi::Error::New(env, "device already open");
-    if (!info[0].IsObject()) throw Napi::TypeError::New(env, "openMock(profile, seed): profile must be an object");
-    MockProfile p = ParseProfile(info[0].As<Napi::Object>());
-    uint64_t seed = U64(info[1], "seed");
-    if (p.driver == "mtty") {
-      auto mtty = std::make_shared<MttyMockDevice>(p.ports, seed);
-      mtty_ = mtty;
-      backend_ = mtty;
-    } else {
-      auto mock = std::make_shared<MockDevice>(std::move(p), seed);
-      mock_ = mock;
-      backend_ = mock;
-    }
-    StartWorkers(env);
-    return env.Undefined();
+    if (control_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "openMock: device already open");
+    if (!info[0].IsObject()) throw BadType(env, "openMock(profile, seed): profile must be an object");
+    auto p = std::make_shared<MockProfile>(ParseProfile(info[0].As<Napi::Object>()));
+    uint64_t seed = U64(info[1], "openMock(profile, seed): seed");
+    return OpenOn(
+        env,
+        [p, seed](Opened& o, Result&) {
+          if (p->driver == "mtty") o.backend = o.mtty = std::make_shared<MttyMockDevice>(p->ports, seed);
+          else o.backend = o.mock = std::make_shared<MockDevice>(std::move(*p), seed);
+        },
+        [](Napi::Env env) { return env.Undefined(); });
   }
 
   Napi::Value OpenKernel(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (backend_ || control_) throw Napi::Error::New(env, "device already open");
-    if (!info[0].IsString()) throw Napi::TypeError::New(env, "openKernel(path, via): path must be a string");
+    if (control_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "openKernel: device already open");
+    if (!info[0].IsString()) throw BadType(env, "openKernel(path, via): path must be a string");
     KernelOpenOptions opts{info[0].As<Napi::String>().Utf8Value(),
                            info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "auto"};
-    StartWorkers(env);
-    auto deferred = std::make_shared<Napi::Promise::Deferred>(env);
-    auto out = std::make_shared<std::shared_ptr<DeviceBackend>>();
-    auto res = std::make_shared<Result>();
-    auto* self_ref = new Napi::Reference<Napi::Value>(Napi::Persistent(Value().As<Napi::Value>()));
-    control_->Submit(
+    return OpenOn(
         env,
-        [opts, out, res] {
-          DeviceBackend* b = OpenKernelDevice(opts, &res->err, &res->op);
-          if (b) out->reset(b);
-        },
-        [this, deferred, out, res, self_ref](Napi::Env env) {
-          if (res->err) deferred->Reject(MakeError(env, res->err, res->op).Value());
-          else {
-            backend_ = *out;
-            deferred->Resolve(Napi::String::New(env, backend_->OpenPath()));
-          }
-          delete self_ref;
-        });
-    return deferred->Promise();
+        [opts](Opened& o, Result& r) { o.backend.reset(OpenKernelDevice(opts, &r.err, &r.op)); },
+        [this](Napi::Env env) -> Napi::Value { return Napi::String::New(env, backend_->OpenPath()); });
   }
 
   Napi::Value Info(const Napi::CallbackInfo& info) {
@@ -316,18 +539,19 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
   Napi::Value MigrationFlags(const Napi::CallbackInfo& info) {
     auto b = backend_;
     auto flags = std::make_shared<uint64_t>(0);
-    return Run(info.Env(), false,
+    return Run(info.Env(), On::kControl, "migrationFlags",
                [b, flags](Result& r) {
                  r.err = b->GetMigrationFlags(flags.get());
                  r.op = "VFIO_DEVICE_FEATURE(GET MIGRATION)";
                },
-               [flags](Napi::Env env) { return Napi::Number::New(env, double(*flags)); });
+               // Only the low flag bits are defined; a number stays exact.
+               [flags](Napi::Env env) { return Napi::Number::New(env, double(*flags & 0xffffffffu)); });
   }
 
   Napi::Value GetState(const Napi::CallbackInfo& info) {
     auto b = backend_;
     auto st = std::make_shared<uint32_t>(0);
-    return Run(info.Env(), false,
+    return Run(info.Env(), On::kControl, "getState",
                [b, st](Result& r) {
                  r.err = b->GetState(st.get());
                  r.op = "VFIO_DEVICE_FEATURE(GET MIG_DEVICE_STATE)";
@@ -335,36 +559,41 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                [st](Napi::Env env) { return Napi::Number::New(env, *st); });
   }
 
+  // setState(state) -> { id, fd } for the data session the SET opened, or
+  // null. The fd number is informational: no call takes one.
   Napi::Value SetState(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (!info[0].IsNumber()) throw Napi::TypeError::New(env, "setState(state): state must be a number");
-    uint32_t target = info[0].As<Napi::Number>().Uint32Value();
+    uint32_t target = uint32_t(U64(info[0], "setState(state): state", 0xffffffffu));
     auto b = backend_;
-    auto fd = std::make_shared<int>(-1);
-    return Run(env, false,
-               [b, target, fd](Result& r) {
-                 r.err = b->SetState(target, fd.get());
+    auto sessions = sessions_;
+    struct Out { int fd = -1; uint32_t id = 0; };
+    auto out = std::make_shared<Out>();
+    return Run(env, On::kControl, "setState",
+               [b, sessions, target, out](Result& r) {
+                 r.err = b->SetState(target, &out->fd);
                  r.op = "VFIO_DEVICE_FEATURE(SET MIG_DEVICE_STATE)";
+                 // Owned by the table from here, even if nobody ever sees the completion.
+                 if (out->fd >= 0) out->id = sessions->Add(out->fd);
                },
-               [this, fd](Napi::Env env) {
-                 if (*fd >= 0) open_fds_.insert(*fd);
-                 return Napi::Number::New(env, *fd);
+               [out](Napi::Env env) -> Napi::Value {
+                 if (out->id == 0) return env.Null();
+                 Napi::Object o = Napi::Object::New(env);
+                 o.Set("id", Napi::Number::New(env, out->id));
+                 o.Set("fd", Napi::Number::New(env, out->fd));
+                 return o;
                });
   }
 
-  int FdArg(const Napi::CallbackInfo& info) {
-    if (!info[0].IsNumber()) throw Napi::TypeError::New(info.Env(), "data fd must be a number");
-    int fd = info[0].As<Napi::Number>().Int32Value();
-    return fd;
-  }
-
   Napi::Value PrecopyInfo(const Napi::CallbackInfo& info) {
-    int fd = FdArg(info);
+    uint32_t id = SessionArg(info, "precopyInfo");
     auto b = backend_;
+    auto sessions = sessions_;
     auto v = std::make_shared<std::pair<uint64_t, uint64_t>>();
-    return Run(info.Env(), false,
-               [b, fd, v](Result& r) {
-                 r.err = b->GetPrecopyInfo(fd, &v->first, &v->second);
+    return Run(info.Env(), On::kControl, "precopyInfo",
+               [b, sessions, id, v](Result& r) {
+                 SessionUse use(sessions, id);
+                 if (use.Closed(r, "precopyInfo")) return;
+                 r.err = b->GetPrecopyInfo(use.fd, &v->first, &v->second);
                  r.op = "VFIO_MIG_GET_PRECOPY_INFO";
                },
                [v](Napi::Env env) {
@@ -378,7 +607,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
   Napi::Value StopCopySize(const Napi::CallbackInfo& info) {
     auto b = backend_;
     auto v = std::make_shared<uint64_t>(0);
-    return Run(info.Env(), false,
+    return Run(info.Env(), On::kControl, "stopCopySize",
                [b, v](Result& r) {
                  r.err = b->GetStopCopySize(v.get());
                  r.op = "VFIO_DEVICE_FEATURE(GET MIG_DATA_SIZE)";
@@ -388,7 +617,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
 
   Napi::Value Reset(const Napi::CallbackInfo& info) {
     auto b = backend_;
-    return Run(info.Env(), false,
+    return Run(info.Env(), On::kControl, "reset",
                [b](Result& r) {
                  r.err = b->Reset();
                  r.op = "VFIO_DEVICE_RESET";
@@ -398,16 +627,17 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
 
   Napi::Value DmaLoggingStart(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    uint64_t page = U64(info[0], "pageSize");
-    if (!info[1].IsArray()) throw Napi::TypeError::New(env, "ranges must be an array");
-    std::vector<DmaRange> ranges;
+    uint64_t page = U64(info[0], "dmaLoggingStart(pageSize, ranges): pageSize");
+    if (!info[1].IsArray()) throw BadType(env, "dmaLoggingStart(pageSize, ranges): ranges must be an array");
     Napi::Array a = info[1].As<Napi::Array>();
+    if (a.Length() > kMaxDmaRanges) throw BadRange(env, "dmaLoggingStart: at most " + std::to_string(kMaxDmaRanges) + " ranges");
+    std::vector<DmaRange> ranges;
     for (uint32_t i = 0; i < a.Length(); i++) {
-      Napi::Object r = a.Get(i).As<Napi::Object>();
-      ranges.push_back({U64(r.Get("iova"), "iova"), U64(r.Get("length"), "length")});
+      Napi::Object r = ObjectAt(a, i, "dmaLoggingStart: ranges");
+      ranges.push_back({U64(r.Get("iova"), "dmaLoggingStart: iova"), U64(r.Get("length"), "dmaLoggingStart: length")});
     }
     auto b = backend_;
-    return Run(env, false,
+    return Run(env, On::kControl, "dmaLoggingStart",
                [b, page, ranges](Result& r) {
                  r.err = b->DmaLoggingStart(page, ranges);
                  r.op = "VFIO_DEVICE_FEATURE(SET DMA_LOGGING_START)";
@@ -417,7 +647,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
 
   Napi::Value DmaLoggingStop(const Napi::CallbackInfo& info) {
     auto b = backend_;
-    return Run(info.Env(), false,
+    return Run(info.Env(), On::kControl, "dmaLoggingStop",
                [b](Result& r) {
                  r.err = b->DmaLoggingStop();
                  r.op = "VFIO_DEVICE_FEATURE(SET DMA_LOGGING_STOP)";
@@ -426,83 +656,109 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
   }
 
   Napi::Value DmaLoggingReport(const Napi::CallbackInfo& info) {
-    uint64_t iova = U64(info[0], "iova"), len = U64(info[1], "length"), page = U64(info[2], "pageSize");
+    Napi::Env env = info.Env();
+    uint64_t iova = U64(info[0], "dmaLoggingReport(iova, length, pageSize): iova");
+    uint64_t len = U64(info[1], "dmaLoggingReport(iova, length, pageSize): length");
+    uint64_t page = U64(info[2], "dmaLoggingReport(iova, length, pageSize): pageSize");
+    // The bitmap is allocated before the ioctl: its size is checked here,
+    // without overflow, whatever the backend then says about the arguments
+    // (a page size of 0 is the kernel's EINVAL).
+    if (page != 0) {
+      uint64_t pages = len / page + (len % page != 0);
+      uint64_t bytes = (pages / 64 + (pages % 64 != 0)) * 8;
+      if (bytes > kMaxBitmapBytes)
+        throw BadRange(env, "dmaLoggingReport: " + std::to_string(pages) + " pages of " + std::to_string(page) +
+                                " bytes need a " + std::to_string(bytes) + "-byte bitmap, over the limit of " +
+                                std::to_string(kMaxBitmapBytes) + " bytes (report a smaller range at a time)");
+    }
     auto b = backend_;
     auto bm = std::make_shared<std::vector<uint64_t>>();
-    return Run(info.Env(), false,
+    return Run(env, On::kControl, "dmaLoggingReport",
                [b, iova, len, page, bm](Result& r) {
-                 r.err = b->DmaLoggingReport(iova, len, page, bm.get());
                  r.op = "VFIO_DEVICE_FEATURE(GET DMA_LOGGING_REPORT)";
+                 if (page == 0) {
+                   r.err = EINVAL;
+                   return;
+                 }
+                 r.err = b->DmaLoggingReport(iova, len, page, bm.get());
                },
                [bm](Napi::Env env) {
                  return Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<uint8_t*>(bm->data()), bm->size() * 8);
                });
   }
 
-  // readData(fd, maxBytes) -> { bytes, crc32c }, or null at the end of a
-  // STOP_COPY stream. ENOMSG rejects: the temporary end of a PRE_COPY stream.
-  // The CRC32C is taken on the data thread while the bytes are still in its
-  // cache, so a sender's checksum costs the event loop nothing.
+  // readData(session, maxBytes) -> { bytes, crc32c }, or null at the end of
+  // a STOP_COPY stream. ENOMSG rejects: the temporary end of a PRE_COPY
+  // stream. The CRC32C is taken on the data thread while the bytes are still
+  // in its cache, so a sender's checksum costs the event loop nothing.
   Napi::Value ReadData(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    int fd = FdArg(info);
-    if (!info[1].IsNumber()) throw Napi::TypeError::New(env, "readData(fd, maxBytes): maxBytes must be a number");
-    size_t max = size_t(std::max(1.0, std::min(info[1].As<Napi::Number>().DoubleValue(), double(16 << 20))));
+    if (!info[1].IsNumber()) throw BadType(env, "readData(session, maxBytes): maxBytes must be a number");
+    double want = info[1].As<Napi::Number>().DoubleValue();
+    if (!(want >= 1 && want <= kMaxSafeInteger) || std::floor(want) != want)
+      throw BadRange(env, "readData(session, maxBytes): maxBytes must be a positive integer, got " + Fmt(want));
+    size_t max = size_t(std::min(want, kMaxReadBytes));  // one read moves at most 16 MiB
+    uint32_t id = SessionArg(info, "readData");
     auto b = backend_;
-    struct Out { uint8_t* data = nullptr; ssize_t n = 0; uint32_t crc = 0; };
+    auto sessions = sessions_;
+    struct Out {
+      uint8_t* data = nullptr;
+      size_t max = 0;
+      ssize_t n = 0;
+      uint32_t crc = 0;
+      ~Out() {
+        if (data) ReadBufferPool::Put(data, max);  // never handed to JS
+      }
+    };
     auto out = std::make_shared<Out>();
-    return Run(env, true,
-               [b, fd, max, out](Result& r) {
-                 out->data = ReadBufferPool::Get(max);
-                 if (!out->data) { r.err = ENOMEM; r.op = "read(data_fd)"; return; }
-                 ssize_t n = b->ReadData(fd, out->data, max);
+    out->max = max;
+    return Run(env, On::kData, "readData",
+               [b, sessions, id, out](Result& r) {
+                 SessionUse use(sessions, id);
+                 if (use.Closed(r, "readData")) return;
+                 r.op = "read(data_fd)";
+                 out->data = ReadBufferPool::Get(out->max);
+                 if (!out->data) throw std::bad_alloc();
+                 ssize_t n = b->ReadData(use.fd, out->data, out->max);
                  if (n < 0) {
-                   ReadBufferPool::Put(out->data, max);
-                   out->data = nullptr;
                    r.err = int(-n);
-                   r.op = "read(data_fd)";
                    return;
                  }
                  out->n = n;
                  out->crc = Crc32c(out->data, size_t(n));
                },
-               [out, max](Napi::Env env) -> Napi::Value {
-                 uint8_t* d = out->data;
-                 out->data = nullptr;
-                 if (out->n == 0) {
-                   ReadBufferPool::Put(d, max);
-                   return env.Null();
-                 }
+               [out](Napi::Env env) -> Napi::Value {
+                 if (out->n == 0) return env.Null();
                  // The JS Buffer views the first n bytes of a max-byte block.
+                 size_t max = out->max;
                  Napi::Object result = Napi::Object::New(env);
-                 result.Set("bytes", Napi::Buffer<uint8_t>::New(env, d, size_t(out->n), [max](Napi::Env, uint8_t* p) { ReadBufferPool::Put(p, max); }));
+                 Napi::Buffer<uint8_t> bytes = Napi::Buffer<uint8_t>::New(env, out->data, size_t(out->n),
+                                                                          [max](Napi::Env, uint8_t* p) { ReadBufferPool::Put(p, max); });
+                 out->data = nullptr;  // owned by the Buffer now
+                 result.Set("bytes", bytes);
                  result.Set("crc32c", Napi::Number::New(env, out->crc));
                  return result;
                });
   }
 
-  // writeData(fd, buffer | buffer[], checks?) -> bytes written (all of them, unless an
-  // error). An array is written in order, as one write job.
+  // writeData(session, buffer | buffer[], checks?) -> bytes written (all of
+  // them, unless an error). An array is written in order, as one write job.
   Napi::Value WriteData(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    int fd = FdArg(info);
     std::vector<Napi::Buffer<uint8_t>> bufs;
     if (info[1].IsBuffer()) bufs.push_back(info[1].As<Napi::Buffer<uint8_t>>());
     else if (info[1].IsArray()) {
       Napi::Array a = info[1].As<Napi::Array>();
+      if (a.Length() > kMaxWriteParts) throw BadRange(env, "writeData(session, buffers): at most " + std::to_string(kMaxWriteParts) + " buffers");
       for (uint32_t i = 0; i < a.Length(); i++) {
         Napi::Value v = a.Get(i);
-        if (!v.IsBuffer()) throw Napi::TypeError::New(env, "writeData(fd, buffers): every element must be a Buffer");
+        if (!v.IsBuffer()) throw BadType(env, "writeData(session, buffers): every element must be a Buffer");
         bufs.push_back(v.As<Napi::Buffer<uint8_t>>());
       }
-    } else throw Napi::TypeError::New(env, "writeData(fd, data): data must be a Buffer or an array of Buffers");
+    } else throw BadType(env, "writeData(session, data): data must be a Buffer or an array of Buffers");
     struct Part { const uint8_t* data; size_t len; };
     auto parts = std::make_shared<std::vector<Part>>();
     auto keep = std::make_shared<std::vector<Napi::Reference<Napi::Buffer<uint8_t>>>>();
-    for (auto& b : bufs) {
-      parts->push_back({b.Data(), b.Length()});
-      keep->push_back(Napi::Persistent(b));
-    }
     // Optional checks: [parts0, crc0, parts1, crc1, ...]: each run of parts
     // must have that CRC32C, verified here on the data thread right before
     // the run is written (the device then reads bytes still in cache); a
@@ -511,21 +767,29 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     auto runs = std::make_shared<std::vector<CheckedRun>>();
     if (info.Length() > 2 && !info[2].IsUndefined()) {
       if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
-        throw Napi::TypeError::New(env, "writeData(fd, data, checks): checks must be a Uint32Array of [parts, crc32c] pairs");
+        throw BadType(env, "writeData(session, data, checks): checks must be a Uint32Array of [parts, crc32c] pairs");
       Napi::Uint32Array c = info[2].As<Napi::Uint32Array>();
-      size_t covered = 0;
+      if (c.ElementLength() % 2 != 0) throw BadRange(env, "writeData(session, data, checks): checks must be [parts, crc32c] pairs");
+      uint64_t covered = 0;
       for (size_t i = 0; i + 1 < c.ElementLength(); i += 2) {
-        if (c[i] == 0) throw Napi::RangeError::New(env, "writeData(fd, data, checks): a run must have at least one part");
+        if (c[i] == 0) throw BadRange(env, "writeData(session, data, checks): a run must have at least one part");
         runs->push_back({c[i], c[i + 1]});
         covered += c[i];
       }
-      if (c.ElementLength() % 2 != 0 || covered != bufs.size())
-        throw Napi::RangeError::New(env, "writeData(fd, data, checks): the runs must cover every buffer exactly once");
+      if (covered != bufs.size()) throw BadRange(env, "writeData(session, data, checks): the runs must cover every buffer exactly once");
+    }
+    uint32_t id = SessionArg(info, "writeData");
+    for (auto& b : bufs) {
+      parts->push_back({b.Data(), b.Length()});
+      keep->push_back(Napi::Persistent(b));
     }
     auto b = backend_;
+    auto sessions = sessions_;
     auto written = std::make_shared<size_t>(0);
-    return Run(env, true,
-               [b, fd, parts, runs, written](Result& r) {
+    return Run(env, On::kData, "writeData",
+               [b, sessions, id, parts, runs, written](Result& r) {
+                 SessionUse use(sessions, id);
+                 if (use.Closed(r, "writeData")) return;
                  size_t next = 0;  // first part of the next checked run
                  for (size_t i = 0, k = 0; i < parts->size(); i++) {
                    if (i == next && k < runs->size()) {
@@ -542,7 +806,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                    const Part& p = (*parts)[i];
                    size_t done = 0;
                    while (done < p.len) {
-                     ssize_t n = b->WriteData(fd, p.data + done, p.len - done);
+                     ssize_t n = b->WriteData(use.fd, p.data + done, p.len - done);
                      if (n < 0) { r.err = int(-n); r.op = "write(data_fd)"; return; }
                      if (n == 0) { r.err = EIO; r.op = "write(data_fd) made no progress"; return; }
                      done += size_t(n);
@@ -553,31 +817,38 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                [written, keep](Napi::Env env) { return Napi::Number::New(env, double(*written)); });
   }
 
-  Napi::Value CloseDataFd(const Napi::CallbackInfo& info) {
-    int fd = FdArg(info);
+  // closeSession(session): closes its data fd on the data thread, after the
+  // reads and writes queued before it. Idempotent.
+  Napi::Value CloseSession(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (!open_fds_.count(fd)) {
-      auto d = Napi::Promise::Deferred::New(env);
-      d.Reject(MakeError(env, EBADF, "close(data_fd): not a data fd of this device").Value());
-      return d.Promise();
+    if (!info[0].IsNumber()) throw BadType(env, "closeSession(session): the session id must be a number");
+    double d = info[0].As<Napi::Number>().DoubleValue();
+    if (!(d >= 1 && d <= 4294967295.0) || std::floor(d) != d) throw BadRange(env, "closeSession(session): not a session id: " + Fmt(d));
+    uint32_t id = uint32_t(d);
+    if (!backend_ || closing_) {  // the device's close ends every session
+      auto p = Napi::Promise::Deferred::New(env);
+      p.Resolve(env.Undefined());
+      return p.Promise();
     }
-    open_fds_.erase(fd);
-    auto b = backend_;
-    return Run(env, true, [b, fd](Result&) { b->CloseDataFd(fd); },
+    if (sessions_->StatusOf(id) == SessionTable::Status::kUnknown)
+      throw BadRange(env, "closeSession: " + std::to_string(id) + " is not a data session of this device");
+    auto sessions = sessions_;
+    return Run(env, On::kData, "closeSession", [sessions, id](Result&) { sessions->End(id); },
                [](Napi::Env env) { return env.Undefined(); });
   }
 
   Napi::Value OpenDataFds(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Napi::Array a = Napi::Array::New(env);
+    if (!sessions_) return a;
     uint32_t i = 0;
-    for (int fd : open_fds_) a.Set(i++, Napi::Number::New(env, fd));
+    for (int fd : sessions_->OpenFds()) a.Set(i++, Napi::Number::New(env, fd));
     return a;
   }
 
   Napi::Value MockInfoJs(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (!mock_ && !mtty_) throw Napi::Error::New(env, "mockInfo() is only available on mock devices");
+    if (!mock_ && !mtty_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "mockInfo() is only available on open mock devices");
     MockInfo m = mtty_ ? mtty_->Info() : mock_->Info();
     Napi::Object o = Napi::Object::New(env);
     o.Set("seed", Napi::BigInt::New(env, m.seed));
@@ -592,62 +863,68 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     return o;
   }
 
-  // close(): after pending I/O, closes every data fd this device handed out,
-  // then the device. Idempotent.
+  // close(): wakes calls sleeping in the device (a mock's arc latency or rate
+  // cap), lets the calls queued before it finish, ends every data session,
+  // then closes the device. Idempotent; calls after it are ERR_VFIO_CLOSED.
   Napi::Value Close(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto deferred = std::make_shared<Napi::Promise::Deferred>(env);
     if (closing_ || !control_) {
       closing_ = true;
+      if (close_promise_) return close_promise_->Value();
       deferred->Resolve(env.Undefined());
       return deferred->Promise();
     }
     closing_ = true;
-    auto b = backend_;
-    std::set<int> fds = open_fds_;
-    open_fds_.clear();
+    close_promise_ = std::make_shared<Napi::Reference<Napi::Promise>>(Napi::Persistent(deferred->Promise()));
+    if (backend_) backend_->Interrupt();
     auto control = control_;
     auto data = data_;
-    auto* self_ref = new Napi::Reference<Napi::Value>(Napi::Persistent(Value().As<Napi::Value>()));
-    data->Submit(
-        env, [b, fds] { if (b) for (int fd : fds) b->CloseDataFd(fd); },
-        [b, control, data, deferred, self_ref](Napi::Env env) {
-          control->Submit(
-              env, [b] { if (b) b->Close(); },
-              [control, data, deferred, self_ref](Napi::Env env) {
-                // Resolve once both threads have let go of Node-API.
-                auto remaining = std::make_shared<int>(2);
-                auto finalized = [remaining, deferred, self_ref](Napi::Env env) {
-                  if (--*remaining) return;
-                  if (!EnvTearingDown()) {
-                    Napi::HandleScope scope(env);
-                    deferred->Resolve(env.Undefined());
-                    delete self_ref;
-                  }
-                };
-                control->Shutdown(env, finalized);
-                data->Shutdown(env, finalized);
-              });
+    auto self_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(Value()));
+    auto state = env_state_;
+    auto closed = closed_;
+    // 1. control: after every queued control call (a SET's new fd is then in the table);
+    // 2. data: after every queued read/write, end every session;
+    // 3. control: close the device; then both threads let go of Node-API.
+    control->Submit(env, [] {}, [this, control, data, deferred, self_ref, state, closed](Napi::Env env) {
+      auto sessions = sessions_;
+      auto b = backend_;
+      data->Submit(env, [sessions] { if (sessions) sessions->CloseAll(); }, [b, control, data, deferred, self_ref, state, closed](Napi::Env env) {
+        control->Submit(env, [b] { if (b) b->Close(); }, [control, data, deferred, self_ref, state, closed](Napi::Env env) {
+          auto remaining = std::make_shared<int>(2);
+          auto finalized = [remaining, deferred, self_ref, state, closed](Napi::Env env) {
+            if (--*remaining) return;
+            *closed = true;
+            if (state->tearing_down) return;
+            Napi::HandleScope scope(env);
+            deferred->Resolve(env.Undefined());
+          };
+          control->Shutdown(env, finalized);
+          data->Shutdown(env, finalized);
         });
+      });
+    });
     return deferred->Promise();
   }
 
+  std::shared_ptr<EnvState> env_state_;
   std::shared_ptr<DeviceBackend> backend_;
+  std::shared_ptr<SessionTable> sessions_;
   std::shared_ptr<MockDevice> mock_;
   std::shared_ptr<MttyMockDevice> mtty_;
   std::shared_ptr<Worker> control_, data_;
-  std::set<int> open_fds_;  // data fds handed to JS and not yet closed
+  std::shared_ptr<Napi::Reference<Napi::Promise>> close_promise_;
   bool closing_ = false;
+  std::shared_ptr<bool> closed_ = std::make_shared<bool>(false);  // close() finished
 };
 
-static std::atomic<bool> g_env_tearing_down{false};
-bool NativeDevice::EnvTearingDown() { return g_env_tearing_down.load(); }
+namespace {
 
 Napi::Value NextStateJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  uint32_t cur = info[0].As<Napi::Number>().Uint32Value();
-  uint32_t target = info[1].As<Napi::Number>().Uint32Value();
-  uint64_t flags = U64(info[2], "flags");
+  uint32_t cur = uint32_t(U64(info[0], "nextState(current, target, flags): current", 0xffffffffu));
+  uint32_t target = uint32_t(U64(info[1], "nextState(current, target, flags): target", 0xffffffffu));
+  uint64_t flags = U64(info[2], "nextState(current, target, flags): flags");
   uint32_t next = 0;
   int err = vfio_uapi::NextState(cur, target, flags, &next);
   if (err) return env.Null();
@@ -689,16 +966,15 @@ Napi::Object UapiNumbers(Napi::Env env) {
   return o;
 }
 
-Napi::Value Crc32cJs(const Napi::CallbackInfo& info);
-void InitCrc32c();
-
 // dupSocketFd(fd) -> a close-on-exec duplicate of a socket fd: lets the
 // migration layer re-wrap an accepted connection in a net.Socket that reads
 // into its own large buffers (net.Server cannot). fcntl does not block.
 Napi::Value DupSocketFdJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber()) throw Napi::TypeError::New(env, "dupSocketFd(fd): fd must be a number");
-  int fd = info[0].As<Napi::Number>().Int32Value();
+  double d = info[0].As<Napi::Number>().DoubleValue();
+  if (!(d >= 0 && d <= 2147483647.0) || std::floor(d) != d) throw MakeError(env, EBADF, "dupSocketFd: not an fd: " + Fmt(d));
+  int fd = int(d);
   int type = 0;
   socklen_t len = sizeof type;
   if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) throw MakeError(env, errno, "getsockopt(SO_TYPE) in dupSocketFd");
@@ -707,13 +983,32 @@ Napi::Value DupSocketFdJs(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, copy);
 }
 
+template <Napi::Value (*Fn)(const Napi::CallbackInfo&)>
+Napi::Value Guarded(const Napi::CallbackInfo& info) {
+  return Guard(info.Env(), "vfio addon", [&] { return Fn(info); });
+}
+
+}  // namespace
+
+Napi::Value Crc32cJs(const Napi::CallbackInfo& info);
+void InitCrc32c();
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitCrc32c();
-  exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));
-  env.AddCleanupHook([] { g_env_tearing_down = true; });
+  // Everything an environment owns hangs off its instance data; the cleanup
+  // hook runs while Node-API still works, before the environment's threads
+  // and handles go away.
+  auto state = std::make_shared<EnvState>();
+  env.SetInstanceData(new std::shared_ptr<EnvState>(state));
+  env.AddCleanupHook([state] {
+    state->tearing_down = true;
+    std::set<NativeDevice*> devices = state->devices;
+    for (NativeDevice* d : devices) d->Teardown();
+  });
+  exports.Set("crc32c", Napi::Function::New(env, Guarded<Crc32cJs>));
   exports.Set("NativeDevice", NativeDevice::Init(env));
-  exports.Set("nextState", Napi::Function::New(env, NextStateJs));
-  exports.Set("dupSocketFd", Napi::Function::New(env, DupSocketFdJs));
+  exports.Set("nextState", Napi::Function::New(env, Guarded<NextStateJs>));
+  exports.Set("dupSocketFd", Napi::Function::New(env, Guarded<DupSocketFdJs>));
   exports.Set("uapi", UapiNumbers(env));
 #if defined(__linux__)
   exports.Set("kernelBackend", Napi::Boolean::New(env, true));

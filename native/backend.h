@@ -59,6 +59,12 @@ class DeviceBackend {
 
   // Releases the device (and, for the kernel, the iommufd / group / container).
   virtual void Close() = 0;
+
+  // Any thread, never blocks: wakes calls sleeping in the device (a mock's
+  // arc latency, load time or rate cap; they fail with ECANCELED) and makes
+  // later ones not sleep, so that close() never waits on them. A kernel
+  // ioctl cannot be interrupted: a no-op there.
+  virtual void Interrupt() {}
 };
 
 }  // namespace vfio

@@ -141,8 +141,9 @@ class KernelDevice : public DeviceBackend {
   int DmaLoggingStop() override { return Feature(kFeatureSet | kFeatureDmaLoggingStop, nullptr, 0); }
   int DmaLoggingReport(uint64_t iova, uint64_t length, uint64_t page_size, std::vector<uint64_t>* bitmap) override {
     if (page_size == 0) return EINVAL;
-    uint64_t pages = (length + page_size - 1) / page_size;
-    bitmap->assign((pages + 63) / 64, 0);
+    // No wrap near 2^64; the addon caps the size before calling.
+    uint64_t pages = length / page_size + (length % page_size != 0);
+    bitmap->assign(pages / 64 + (pages % 64 != 0), 0);
     vfio_device_feature_dma_logging_report rep{iova, length, page_size, reinterpret_cast<uint64_t>(bitmap->data())};
     return Feature(kFeatureGet | kFeatureDmaLoggingReport, &rep, sizeof rep);
   }

@@ -4,6 +4,12 @@
 // libuv pool, let transitions of many devices run truly in parallel (16
 // devices with 50 ms arcs would otherwise queue behind the pool's 4 threads)
 // and keep slow ioctls from starving the application's fs and dns work.
+//
+// Environment teardown (a worker_thread exiting, or the process): Node frees
+// the thread-safe function right after the cleanup hooks, so Abandon() (from
+// the addon's cleanup hook) makes the thread stop touching it first. Jobs that
+// can no longer complete are leaked on purpose: they hold Node-API references
+// that may only be released on their environment's thread.
 #pragma once
 
 #include <napi.h>
@@ -37,11 +43,12 @@ class Worker : public std::enable_shared_from_this<Worker> {
     return w;
   }
 
-  // JS thread only.
+  // JS thread only. `exec` must not throw (the addon's Run() catches).
   void Submit(Napi::Env env, Exec exec, Done done) {
+    auto* job = new Job{std::move(exec), std::move(done), shared_from_this()};
     if (pending_++ == 0) tsfn_.Ref(env);
     std::lock_guard<std::mutex> l(mu_);
-    queue_.push_back(new Job{std::move(exec), std::move(done), shared_from_this()});
+    queue_.push_back(job);
     cv_.notify_one();
   }
 
@@ -56,13 +63,30 @@ class Worker : public std::enable_shared_from_this<Worker> {
     cv_.notify_one();
   }
 
+  // The environment is going away (its cleanup hook, JS thread): from now on
+  // the thread never touches the thread-safe function. It finishes the job
+  // it is running, drops the queue (leaked, see above), runs `last` (no
+  // Node-API) and exits.
+  void Abandon(Exec last) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (abandoned_) return;
+    abandoned_ = true;
+    last_ = std::move(last);
+    queue_.clear();
+    cv_.notify_one();
+  }
+
  private:
   static void CallJs(Napi::Env env, Napi::Function, void*, Job* job) {
+    if (env == nullptr) return;  // the function is being torn down: leak, see above
     std::shared_ptr<Worker> w = job->owner;
-    if (env != nullptr) {
+    try {
       job->done(env);
-      if (--w->pending_ == 0 && !w->stopping_requested()) w->tsfn_.Unref(env);
+    } catch (...) {
+      // A completion never throws into Node (that would terminate); the
+      // addon's completions catch their own errors already.
     }
+    if (--w->pending_ == 0 && !w->stopping_requested()) w->tsfn_.Unref(env);
     delete job;
   }
   using Tsfn = Napi::TypedThreadSafeFunction<void, Job, &Worker::CallJs>;
@@ -70,7 +94,15 @@ class Worker : public std::enable_shared_from_this<Worker> {
   static void Finalize(Napi::Env env, std::shared_ptr<Worker>* holder, void*) {
     std::shared_ptr<Worker> w = *holder;
     delete holder;
-    if (w->finalized_) w->finalized_(env);
+    // Called and destroyed here, on the JS thread: it may hold references.
+    Done finalized = std::move(w->finalized_);
+    w->finalized_ = nullptr;
+    if (finalized) {
+      try {
+        finalized(env);
+      } catch (...) {
+      }
+    }
   }
 
   Worker() = default;
@@ -85,15 +117,42 @@ class Worker : public std::enable_shared_from_this<Worker> {
       Job* job;
       {
         std::unique_lock<std::mutex> l(mu_);
-        cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
+        cv_.wait(l, [&] { return stopping_ || abandoned_ || !queue_.empty(); });
+        if (abandoned_) break;
         if (queue_.empty()) break;
         job = queue_.front();
         queue_.pop_front();
       }
-      job->exec();
-      if (tsfn_.BlockingCall(job) != napi_ok) delete job;
+      try {
+        job->exec();
+      } catch (...) {
+      }
+      // The lock orders this call before Abandon(): once abandoned, the
+      // thread-safe function may be gone.
+      std::unique_lock<std::mutex> l(mu_);
+      if (abandoned_) break;
+      if (tsfn_.BlockingCall(job) != napi_ok) {
+        // Only while the environment is being torn down: wait for Abandon()
+        // (the job is leaked on purpose, see above).
+        cv_.wait(l, [&] { return abandoned_; });
+        break;
+      }
     }
-    tsfn_.Release();
+    Exec last;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!abandoned_) {
+        tsfn_.Release();
+        return;
+      }
+      last = std::move(last_);
+    }
+    if (last) {
+      try {
+        last();
+      } catch (...) {
+      }
+    }
   }
 
   Tsfn tsfn_;
@@ -101,6 +160,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   std::condition_variable cv_;
   std::deque<Job*> queue_;
   bool stopping_ = false;
+  bool abandoned_ = false;
+  Exec last_;
   size_t pending_ = 0;  // JS thread only
   Done finalized_;      // JS thread only
 };

@@ -4,7 +4,8 @@
 import diagnosticsChannel from 'node:diagnostics_channel';
 import { Readable, Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { native, type NativeDeviceHandle, type NativeMockInfo } from './native.js';
+import { constants as osConstants } from 'node:os';
+import { native, type NativeDeviceHandle, type NativeMockInfo, type NativeSessionRef } from './native.js';
 import { VfioError, fromNative } from './errors.js';
 import { type Arc, planArcs } from './arc-planner.js';
 import { type MigrationFlags, type MigrationState, PRECOPY_STATES, SAVING_STATES, flagsFromBits, stateFromKernel, stateToKernel } from './states.js';
@@ -89,7 +90,12 @@ export class VfioDevice implements AsyncDisposable {
     const profile = await loadProfile(options.profile, options.overrides);
     const seed = BigInt(options.seed ?? ++mockCounter);
     const handle = new native.NativeDevice();
-    handle.openMock(toNativeProfile(profile), seed);
+    try {
+      await handle.openMock(toNativeProfile(profile), seed);
+    } catch (err) {
+      await handle.close();
+      throw fromNative(err, { device: options.id ?? profile.name });
+    }
     return new VfioDevice(handle, options.id ?? `${profile.name}-${seed}`, 'mock', 'mock', profile);
   }
 
@@ -166,15 +172,15 @@ export class VfioDevice implements AsyncDisposable {
   async setState(target: MigrationState, options: { signal?: AbortSignal } = {}): Promise<DataSession | null> {
     if (options.signal?.aborted) throw abortError(options.signal);
     const from = this.#lastState;
-    let fd: number;
+    let opened: NativeSessionRef | null;
     try {
-      fd = await this.#call('set-state', () => this.#handle.setState(stateToKernel(target)), { target });
+      opened = await this.#call('set-state', () => this.#handle.setState(stateToKernel(target)), { target });
     } catch (err) {
       const stateAfter = await this.#stateAfterFailure();
       this.#dropSessionUnless(stateAfter);
       throw fromNative(err, { device: this.id, arc: { from, to: target }, stateAfter });
     }
-    return this.#afterSet(target, fd);
+    return this.#afterSet(target, opened);
   }
 
   /**
@@ -192,34 +198,37 @@ export class VfioDevice implements AsyncDisposable {
       if (options.signal?.aborted) throw abortError(options.signal);
       options.onBeforeArc?.(arc);
       const t0 = performance.now();
-      let fd: number;
+      let ref: NativeSessionRef | null;
       try {
-        fd = await this.#call('set-state', () => this.#handle.setState(stateToKernel(arc.to)), { target: arc.to });
+        ref = await this.#call('set-state', () => this.#handle.setState(stateToKernel(arc.to)), { target: arc.to });
       } catch (err) {
         const stateAfter = await this.#stateAfterFailure();
         this.#dropSessionUnless(stateAfter);
         throw fromNative(err, { device: this.id, arc, stateAfter });
       }
-      const session = this.#afterSet(arc.to, fd);
+      const session = this.#afterSet(arc.to, ref);
       if (session) opened = session;
       options.onArc?.(arc, performance.now() - t0);
     }
     return opened;
   }
 
-  #afterSet(state: MigrationState, fd: number): DataSession | null {
+  #afterSet(state: MigrationState, ref: NativeSessionRef | null): DataSession | null {
     this.#lastState = state;
-    if (fd >= 0) {
+    if (ref) {
+      // The addon ended (and closed) every earlier session already.
       const old = this.#session;
       if (old) old.invalidate();
-      this.#session = new DataSession(this, this.#handle, fd, state === 'resuming' ? 'resume' : 'save');
+      this.#session = new DataSession(this, this.#handle, ref, state === 'resuming' ? 'resume' : 'save');
       return this.#session;
     }
     this.#dropSessionUnless(state);
     return null;
   }
 
-  // A data session lives while the device stays in its group of states.
+  // A data session lives while the device stays in its group of states;
+  // leaving them ends it (its fd is closed, later calls answer as the kernel
+  // does for a stale data fd).
   #dropSessionUnless(state: MigrationState | 'unknown'): void {
     const s = this.#session;
     if (!s) return;
@@ -232,7 +241,16 @@ export class VfioDevice implements AsyncDisposable {
 
   async precopyInfo(session: DataSession | null = this.#session): Promise<PrecopyInfo> {
     if (!session) throw new VfioError('ERR_VFIO_NO_DATA_SESSION', `${this.id}: precopy info needs a data fd (the device has no open save session)`, { device: this.id });
-    return this.#call('precopy-info', () => this.#handle.precopyInfo(session.fd)).catch((err) => {
+    if (!(session instanceof DataSession) || session.device !== this) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.id}: precopyInfo(session): not a data session of this device`, { device: this.id });
+    if (this.#closed) throw new VfioError('ERR_VFIO_CLOSED', `${this.id}: device is closed (precopy-info)`, { device: this.id });
+    session.assertUsable('precopy-info');
+    if (!session.valid) {
+      // As a driver answers for a stale data fd: a resume fd has no ioctls,
+      // the state is checked before the fd (mtty, mlx5).
+      const errno = session.direction === 'resume' ? 'ENOTTY' : PRECOPY_STATES.includes(this.#lastState as MigrationState) ? 'ENODEV' : 'EINVAL';
+      throw staleError(errno, 'VFIO_MIG_GET_PRECOPY_INFO', this.id);
+    }
+    return this.#call('precopy-info', () => this.#handle.precopyInfo(session.id)).catch((err) => {
       throw fromNative(err, { device: this.id });
     });
   }
@@ -309,33 +327,65 @@ export interface ReadStreamOptions {
   signal?: AbortSignal;
 }
 
+/** The errno error a driver gives for a stale data fd, for a session whose fd is closed already. */
+function staleError(code: 'ENODEV' | 'EINVAL' | 'ENOTTY', operation: string, device: string): VfioError {
+  return new VfioError(code, `${device}: ${code} (${operation}): the data session ended when the device left its states`, { errno: osConstants.errno[code], operation, device });
+}
+
 /**
  * A device's data fd: the save stream (PRE_COPY / STOP_COPY) or the resume
- * stream (RESUMING). Valid while the device stays in those states.
+ * stream (RESUMING). Valid while the device stays in those states; the fd is
+ * closed when the session ends (the device leaves those states, a newer
+ * session opens, close(), or the device closes), exactly once, by the addon.
+ * After it ended, calls fail as the kernel's do for a stale fd (ENODEV);
+ * after close() they fail with ERR_VFIO_CLOSED.
  */
 export class DataSession {
   readonly device: VfioDevice;
+  /** The fd number while the session is open: informational (no call takes an fd). */
   readonly fd: number;
+  /** The addon's handle for this session. */
+  readonly id: number;
   readonly direction: 'save' | 'resume';
   bytesTransferred = 0;
   #handle: NativeDeviceHandle;
   #valid = true;
   #closed = false;
+  #released: Promise<void> | null = null;
 
-  constructor(device: VfioDevice, handle: NativeDeviceHandle, fd: number, direction: 'save' | 'resume') {
+  constructor(device: VfioDevice, handle: NativeDeviceHandle, ref: NativeSessionRef, direction: 'save' | 'resume') {
     this.device = device;
     this.#handle = handle;
-    this.fd = fd;
+    this.fd = ref.fd;
+    this.id = ref.id;
     this.direction = direction;
   }
 
-  /** False once the device has left the session's states (reads then fail with ENODEV). */
+  /** False once the session has ended: the device left its states, or it was closed. */
   get valid(): boolean {
     return this.#valid;
   }
 
+  /** True after close() (or the device's close). */
+  get closed(): boolean {
+    return this.#closed || this.device.closed;
+  }
+
+  /** Ends the session: its fd is closed once the reads and writes already queued are done. */
   invalidate(): void {
     this.#valid = false;
+    void this.#release();
+  }
+
+  #release(): Promise<void> {
+    // Nothing to wait for once the device closed: its close ends every session.
+    this.#released ??= this.device.closed ? Promise.resolve() : this.#handle.closeSession(this.id).catch(() => {});
+    return this.#released;
+  }
+
+  /** @internal Throws ERR_VFIO_CLOSED after close() or the device's close. */
+  assertUsable(operation: string): void {
+    if (this.closed) throw new VfioError('ERR_VFIO_CLOSED', `${this.device.id}: data session is closed (${operation})`, { device: this.device.id, operation });
   }
 
   /**
@@ -344,12 +394,14 @@ export class DataSession {
    */
   async read(maxBytes = 1 << 20): Promise<ReadResult> {
     if (this.direction !== 'save') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.device.id}: read() on a resume session`);
-    if (!Number.isInteger(maxBytes) || maxBytes < 1) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `read(maxBytes): maxBytes must be a positive integer, got ${maxBytes}`);
+    if (!Number.isSafeInteger(maxBytes) || maxBytes < 1) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `read(maxBytes): maxBytes must be a positive integer, got ${maxBytes}`);
+    this.assertUsable('read');
+    if (!this.#valid) throw staleError('ENODEV', 'read(data_fd)', this.device.id);
     // The state when the read was issued decides what a 0-byte read means: a
     // SET to STOP_COPY may complete while this read is in flight.
     const issuedInPrecopy = PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState);
     try {
-      const got = await this.#handle.readData(this.fd, maxBytes);
+      const got = await this.#handle.readData(this.id, maxBytes);
       if (got === null) {
         // In PRE_COPY states the stream cannot have ended for good: more may
         // come (a later read in STOP_COPY returns the permanent end).
@@ -386,9 +438,11 @@ export class DataSession {
         checks![2 * i + 1] = r.crc32c;
       });
     }
+    this.assertUsable('write');
+    if (!this.#valid) throw staleError('ENODEV', 'write(data_fd)', this.device.id);
     if (bytes === 0 && !checks) return;
     try {
-      await this.#handle.writeData(this.fd, Buffer.isBuffer(data) ? data : parts, checks);
+      await this.#handle.writeData(this.id, Buffer.isBuffer(data) ? data : parts, checks);
       this.bytesTransferred += bytes;
     } catch (err) {
       throw fromNative(err, { device: this.device.id });
@@ -451,15 +505,11 @@ export class DataSession {
     });
   }
 
-  /** Closes the data fd (the device state does not change). */
+  /** Closes the data fd (the device state does not change). Idempotent. */
   async close(): Promise<void> {
-    if (this.#closed) return;
     this.#closed = true;
     this.#valid = false;
-    if (this.device.closed) return;
-    await this.#handle.closeDataFd(this.fd).catch((err) => {
-      throw fromNative(err, { device: this.device.id });
-    });
+    await this.#release();
   }
 }
 

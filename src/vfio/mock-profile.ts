@@ -91,7 +91,25 @@ const KNOWN_FIELDS = new Set([
   'dirtyWorkingSetBytes', 'arcLatencyMs', 'loadInitialMs', 'loadMsPerMiB', 'maxBytesPerSec', 'resumeFailureIntoError',
   'dmaLogging', 'faults', 'corruptSaveAtByte', 'bogusPrecopyInfo', 'bogusStopCopyBytes', 'driver', 'ports',
 ]);
-const MAX_STATE_BYTES = 64 * 2 ** 30; // 64 GiB: the chunk table must fit in memory
+/**
+ * Limits that keep any valid profile's memory and open time small (the mock
+ * keeps ~5 bytes per chunk, twice while resuming: ~40 MiB at the chunk cap)
+ * and every call's sleep short (close() also interrupts them). The addon
+ * enforces the same (mock-device/mock_device.h).
+ */
+export const PROFILE_LIMITS = {
+  maxStateBytes: 64 * 2 ** 30,
+  maxChunks: 2 ** 22,
+  minChunkBytes: 64,
+  maxChunkBytes: 2 ** 20,
+  /** An arc latency or the initial load time. */
+  maxDelayMs: 60_000,
+  maxLoadMsPerMiB: 1000,
+  /** A rate cap below this would make one 4 MiB read take over a minute. */
+  minMaxBytesPerSec: 64 * 1024,
+  maxFaults: 64,
+} as const;
+const MAX_STATE_BYTES = PROFILE_LIMITS.maxStateBytes;
 const UNITS: Record<string, number> = { '': 1, B: 1, KiB: 2 ** 10, MiB: 2 ** 20, GiB: 2 ** 30, TiB: 2 ** 40 };
 
 function fail(profile: string, field: string, problem: string): never {
@@ -126,6 +144,12 @@ function nonNegative(value: unknown, profile: string, field: string): number {
   return value;
 }
 
+function bounded(value: unknown, profile: string, field: string, max: number): number {
+  const v = nonNegative(value, profile, field);
+  if (v > max) fail(profile, field, `must be at most ${max}, got ${v}`);
+  return v;
+}
+
 function parseArc(arc: unknown, profile: string, field: string): { from: MigrationState; to: MigrationState } {
   const parts = typeof arc === 'string' ? arc.split('>') : [];
   if (parts.length !== 2 || !isMigrationState(parts[0]) || !isMigrationState(parts[1]) || parts[0] === parts[1])
@@ -155,9 +179,15 @@ export function validateProfile(input: unknown): MockProfile {
   const stateBytes = parseByteSize(o.stateBytes, name, 'stateBytes');
   if (stateBytes > MAX_STATE_BYTES) fail(name, 'stateBytes', `must be at most 64GiB, got ${stateBytes}`);
   const chunkBytes = o.chunkBytes === undefined ? 4096 : parseByteSize(o.chunkBytes, name, 'chunkBytes');
-  if (chunkBytes < 64 || chunkBytes > 1 << 20 || chunkBytes % 8 !== 0) fail(name, 'chunkBytes', `must be a multiple of 8 between 64 and 1MiB, got ${chunkBytes}`);
+  if (chunkBytes < PROFILE_LIMITS.minChunkBytes || chunkBytes > PROFILE_LIMITS.maxChunkBytes || chunkBytes % 8 !== 0) fail(name, 'chunkBytes', `must be a multiple of 8 between 64 and 1MiB, got ${chunkBytes}`);
   if (stateBytes === 0 || stateBytes % chunkBytes !== 0) fail(name, 'stateBytes', `must be a non-zero multiple of chunkBytes (${chunkBytes}), got ${stateBytes}`);
-  const optBytes = (field: string) => (o[field] === undefined ? 0 : parseByteSize(o[field], name, field));
+  if (stateBytes / chunkBytes > PROFILE_LIMITS.maxChunks)
+    fail(name, 'stateBytes', `is ${stateBytes / chunkBytes} chunks of ${chunkBytes} bytes; at most ${PROFILE_LIMITS.maxChunks} chunks (use a larger chunkBytes)`);
+  const optBytes = (field: string, max = Number.MAX_SAFE_INTEGER) => {
+    const v = o[field] === undefined ? 0 : parseByteSize(o[field], name, field);
+    if (v > max) fail(name, field, `must be at most ${max}, got ${v}`);
+    return v;
+  };
   const dirtyWorkingSetBytes = optBytes('dirtyWorkingSetBytes') || stateBytes;
   if (dirtyWorkingSetBytes > stateBytes) fail(name, 'dirtyWorkingSetBytes', `must not exceed stateBytes (${stateBytes})`);
 
@@ -166,7 +196,7 @@ export function validateProfile(input: unknown): MockProfile {
   if (o.arcLatencyMs !== undefined) {
     if (typeof o.arcLatencyMs !== 'object' || o.arcLatencyMs === null) fail(name, 'arcLatencyMs', 'must be an object of "from>to": ms');
     for (const [arc, ms] of Object.entries(o.arcLatencyMs)) {
-      const v = nonNegative(ms, name, `arcLatencyMs["${arc}"]`);
+      const v = bounded(ms, name, `arcLatencyMs["${arc}"]`, PROFILE_LIMITS.maxDelayMs);
       if (arc === 'default') defaultArcLatencyMs = v;
       else arcLatencyMs.push({ ...parseArc(arc, name, `arcLatencyMs key`), ms: v });
     }
@@ -175,6 +205,7 @@ export function validateProfile(input: unknown): MockProfile {
   const faults: MockProfile['faults'] = [];
   if (o.faults !== undefined) {
     if (!Array.isArray(o.faults)) fail(name, 'faults', 'must be an array');
+    if (o.faults.length > PROFILE_LIMITS.maxFaults) fail(name, 'faults', `must have at most ${PROFILE_LIMITS.maxFaults} entries`);
     o.faults.forEach((f: unknown, i: number) => {
       const field = `faults[${i}]`;
       if (typeof f !== 'object' || f === null) fail(name, field, 'must be an object');
@@ -194,9 +225,8 @@ export function validateProfile(input: unknown): MockProfile {
     if (o[field] !== undefined && typeof o[field] !== 'boolean') fail(name, field, 'must be a boolean');
     return o[field] === true;
   };
-  const num = (field: string) => (o[field] === undefined ? 0 : nonNegative(o[field], name, field));
   const corruptSaveAtByte = o.corruptSaveAtByte === undefined ? -1 : o.corruptSaveAtByte;
-  if (typeof corruptSaveAtByte !== 'number' || !Number.isInteger(corruptSaveAtByte) || corruptSaveAtByte < -1) fail(name, 'corruptSaveAtByte', 'must be a byte offset (integer >= 0)');
+  if (typeof corruptSaveAtByte !== 'number' || !Number.isSafeInteger(corruptSaveAtByte) || corruptSaveAtByte < -1) fail(name, 'corruptSaveAtByte', 'must be a byte offset (integer >= 0)');
 
   const profile: MockProfile = {
     name,
@@ -204,20 +234,22 @@ export function validateProfile(input: unknown): MockProfile {
     flags,
     stateBytes,
     chunkBytes,
-    setupBytes: optBytes('setupBytes'),
-    stopCopyOnlyBytes: optBytes('stopCopyOnlyBytes'),
+    setupBytes: optBytes('setupBytes', MAX_STATE_BYTES),
+    stopCopyOnlyBytes: optBytes('stopCopyOnlyBytes', MAX_STATE_BYTES),
     dirtyBytesPerSec: optBytes('dirtyBytesPerSec'),
     dirtyWorkingSetBytes,
     defaultArcLatencyMs,
     arcLatencyMs,
-    loadInitialMs: num('loadInitialMs'),
-    loadMsPerMiB: num('loadMsPerMiB'),
+    loadInitialMs: o.loadInitialMs === undefined ? 0 : bounded(o.loadInitialMs, name, 'loadInitialMs', PROFILE_LIMITS.maxDelayMs),
+    loadMsPerMiB: o.loadMsPerMiB === undefined ? 0 : bounded(o.loadMsPerMiB, name, 'loadMsPerMiB', PROFILE_LIMITS.maxLoadMsPerMiB),
     maxBytesPerSec: optBytes('maxBytesPerSec'),
     resumeFailureIntoError: bool('resumeFailureIntoError'),
     dmaLogging: bool('dmaLogging'),
     faults,
     corruptSaveAtByte,
   };
+  if (profile.maxBytesPerSec !== 0 && profile.maxBytesPerSec < PROFILE_LIMITS.minMaxBytesPerSec)
+    fail(name, 'maxBytesPerSec', `must be 0 (no cap) or at least ${PROFILE_LIMITS.minMaxBytesPerSec}, got ${profile.maxBytesPerSec}`);
   if (o.bogusPrecopyInfo !== undefined) {
     const b = o.bogusPrecopyInfo as Record<string, unknown>;
     if (typeof b !== 'object' || b === null) fail(name, 'bogusPrecopyInfo', 'must be an object');

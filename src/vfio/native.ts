@@ -25,24 +25,40 @@ export interface NativeMockInfo {
   loadBusyMs: number;
 }
 
+/** A data session a SET opened: `id` names it in every later call; `fd` is informational only (no call takes an fd). */
+export interface NativeSessionRef {
+  id: number;
+  fd: number;
+}
+
+/**
+ * The raw binding. Argument errors are thrown (code ERR_VFIO_BAD_ARGUMENT,
+ * ERR_VFIO_PROFILE); a call on a closed device or session rejects with
+ * ERR_VFIO_CLOSED; out of memory is ERR_VFIO_NOMEM; device errors carry the
+ * errno name as `code`.
+ */
 export interface NativeDeviceHandle {
   openKernel(path: string, via: string): Promise<string>;
-  openMock(profile: NativeMockProfile, seed: bigint): void;
+  /** Builds the mock on the device's control thread. */
+  openMock(profile: NativeMockProfile, seed: bigint): Promise<void>;
   info(): { kind: string | null; openPath: string | null; closed: boolean };
   migrationFlags(): Promise<number>;
   getState(): Promise<number>;
-  setState(state: number): Promise<number>;
-  precopyInfo(dataFd: number): Promise<{ initialBytes: bigint; dirtyBytes: bigint }>;
+  /** The data session the SET opened, if any; it ends every earlier session of the device. */
+  setState(state: number): Promise<NativeSessionRef | null>;
+  precopyInfo(session: number): Promise<{ initialBytes: bigint; dirtyBytes: bigint }>;
   stopCopySize(): Promise<bigint>;
   reset(): Promise<void>;
   dmaLoggingStart(pageSize: number | bigint, ranges: { iova: number | bigint; length: number | bigint }[]): Promise<void>;
   dmaLoggingStop(): Promise<void>;
   dmaLoggingReport(iova: number | bigint, length: number | bigint, pageSize: number | bigint): Promise<Buffer>;
-  /** One read(2); the CRC32C of the bytes is computed on the device's data thread. */
-  readData(dataFd: number, maxBytes: number): Promise<{ bytes: Buffer; crc32c: number } | null>;
+  /** One read(2) of at most 16 MiB; the CRC32C of the bytes is computed on the device's data thread. */
+  readData(session: number, maxBytes: number): Promise<{ bytes: Buffer; crc32c: number } | null>;
   /** `checks`: [parts, crc32c] pairs; each run of parts is verified (EBADMSG) before it is written. */
-  writeData(dataFd: number, data: Buffer | readonly Buffer[], checks?: Uint32Array): Promise<number>;
-  closeDataFd(dataFd: number): Promise<void>;
+  writeData(session: number, data: Buffer | readonly Buffer[], checks?: Uint32Array): Promise<number>;
+  /** Closes the session's data fd after the reads and writes queued before; idempotent. */
+  closeSession(session: number): Promise<void>;
+  /** Data fds not closed yet (for leak checks). */
   openDataFds(): number[];
   mockInfo(): NativeMockInfo;
   close(): Promise<void>;
@@ -64,4 +80,10 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 // dist/src/vfio -> package root
 const packageRoot = path.resolve(here, '..', '..', '..');
 
-export const native: NativeAddon = require('node-gyp-build')(packageRoot) as NativeAddon;
+/**
+ * VFIO_MIGRATION_ADDON names another build of the addon to load (the
+ * sanitizer run's, scripts/test-sanitize.sh); by default the package's own.
+ */
+export const ADDON_PATH_ENV = 'VFIO_MIGRATION_ADDON';
+const override = process.env[ADDON_PATH_ENV];
+export const native: NativeAddon = (override ? require(path.resolve(override)) : require('node-gyp-build')(packageRoot)) as NativeAddon;
