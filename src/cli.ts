@@ -21,6 +21,7 @@ import { MigrationDestination, type IncomingResult } from './migration/destinati
 import { MigrationError, describeError } from './migration/errors.js';
 import { DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './migration/params.js';
 import { parseUri } from './migration/transport.js';
+import { type TlsOptions, loadTlsConfig } from './migration/tls.js';
 import { parseByteSize } from './vfio/mock-profile.js';
 import type { StateHandler } from './migration/handler.js';
 import { onJsonLines } from './json-lines.js';
@@ -59,6 +60,17 @@ migrate:
   exit status: 0 the VM runs on the destination; 1 it failed and the VM runs here;
   3 the connection was lost after the commit (the VM stays stopped here); 2 a usage error;
   130/143 interrupted by SIGINT/SIGTERM (the VM runs here)
+
+TLS (both ends, every channel; see the README's TLS section):
+  --tls-creds <dir>             x509, mutual: a QEMU tls-creds-x509 directory (ca-cert.pem,
+                                server-cert.pem + server-key.pem, client-cert.pem + client-key.pem)
+  --tls-psk <file>              pre-shared keys instead: a QEMU tls-creds-psk file (username:hexkey lines)
+  --tls-psk-username <name>     migrate: the key's username (default qemu)
+  --tls-authz <pattern>         incoming: a client identity allowed to migrate here (repeatable): a glob
+                                over the certificate's subject DN (CN=src,O=Example) or a SAN (DNS:src.example),
+                                or the PSK username
+  --tls-hostname <name>         migrate: the name the destination's certificate must carry
+                                (default: the tcp: host; required over unix:)
 
 incoming: after a failed migration it reports it and keeps listening for the next
   source; --once gives up after the first. It exits 0 once a migration completed (the VM
@@ -111,6 +123,11 @@ const options = {
   'timeout-ms': { type: 'string' },
   'arc-history': { type: 'string' },
   once: { type: 'boolean' },
+  'tls-creds': { type: 'string' },
+  'tls-psk': { type: 'string' },
+  'tls-psk-username': { type: 'string' },
+  'tls-authz': { type: 'string', multiple: true },
+  'tls-hostname': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const;
 
@@ -177,6 +194,35 @@ function uriOption(v: Values, name: 'to' | 'listen', connect: boolean): string {
   }
   if (connect && uri.kind === 'tcp' && uri.port === 0) throw new CliError('ERR_MIGRATION_BAD_URI', `--${name}: "${raw}": port 0 can be listened on, not connected to`);
   return raw;
+}
+
+/**
+ * The TLS options of `role` from --tls-*, credentials read now: every bad
+ * value or file is an error (ERR_MIGRATION_TLS, exit 2) before any device
+ * opens. undefined without TLS.
+ */
+async function tlsOption(v: Values, role: 'source' | 'destination'): Promise<TlsOptions | undefined> {
+  const creds = v['tls-creds'];
+  const psk = v['tls-psk'];
+  const other = (['tls-psk-username', 'tls-authz', 'tls-hostname'] as const).find((k) => v[k] !== undefined);
+  if (creds === undefined && psk === undefined) {
+    if (other) throw usageError(`--${other} needs --tls-creds or --tls-psk`);
+    return undefined;
+  }
+  if (creds !== undefined && psk !== undefined) throw usageError('--tls-creds and --tls-psk exclude each other');
+  if (role === 'source' && v['tls-authz']) throw usageError('--tls-authz applies to incoming (who may migrate into it)');
+  if (role === 'destination' && v['tls-hostname'] !== undefined) throw usageError('--tls-hostname applies to migrate (the name it expects of the destination)');
+  if (role === 'destination' && v['tls-psk-username'] !== undefined) throw usageError('--tls-psk-username applies to migrate (incoming accepts every username of its keys file)');
+  const options: TlsOptions = creds !== undefined ? { creds } : { psk: psk! };
+  if (v['tls-psk-username'] !== undefined) options.pskUsername = v['tls-psk-username'];
+  if (v['tls-authz']) options.authz = v['tls-authz'];
+  if (v['tls-hostname'] !== undefined) options.hostname = v['tls-hostname'];
+  try {
+    await loadTlsConfig(options, role);
+  } catch (err) {
+    throw asUsageError(err, creds !== undefined ? '--tls-creds' : '--tls-psk');
+  }
+  return options;
 }
 
 /** The arc history file (device models' arc latencies, learned across migrations), or null. */
@@ -350,6 +396,7 @@ function onSignals(cancel: (signal: string) => void): { received: () => string |
 async function cmdIncoming(v: Values): Promise<number> {
   const listenUri = uriOption(v, 'listen', false);
   const devOpts = deviceOptions(v, 'destination');
+  const tls = await tlsOption(v, 'destination');
   const json = !!v.json;
   const fdsAtStart = openFdCount();
   const ac = new AbortController();
@@ -362,7 +409,7 @@ async function cmdIncoming(v: Values): Promise<number> {
   try {
     await loadArcHistory(history);
     setup = await openDevices(devOpts, 'destination');
-    dest = new MigrationDestination({ handlers: setup.handlers, vm: setup.vm });
+    dest = new MigrationDestination({ handlers: setup.handlers, vm: setup.vm, ...(tls ? { tls } : {}) });
     dest.on('event', (r) => print(json, r, `${r.event} ${JSON.stringify(r.data)}`));
     const uri = await dest.listen(listenUri);
     print(json, { listening: uri }, `listening on ${uri}`);
@@ -418,6 +465,7 @@ async function cmdMigrate(v: Values): Promise<number> {
   const timeoutMs = intOption(v, 'timeout-ms', 1, MAX_TIMER_MS);
   const progressMs = intOption(v, 'progress-ms', 1, MAX_TIMER_MS);
   const devOpts = deviceOptions(v, 'source');
+  const tls = await tlsOption(v, 'source');
   const json = !!v.json;
 
   const fdsAtStart = openFdCount();
@@ -426,7 +474,7 @@ async function cmdMigrate(v: Values): Promise<number> {
   const setup = await openDevices(devOpts, 'source');
   let src: MigrationSource;
   try {
-    src = new MigrationSource({ handlers: setup.handlers, vm: setup.vm, capabilities, parameters });
+    src = new MigrationSource({ handlers: setup.handlers, vm: setup.vm, capabilities, parameters, ...(tls ? { tls } : {}) });
   } catch (err) {
     await Promise.all(setup.devices.map((d) => d.close()));
     throw err;

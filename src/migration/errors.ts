@@ -16,7 +16,9 @@ export type MigrationErrorCode =
   /** The peer sent nothing (not even a heartbeat) for the peer timeout: stopped, gone or cut off. */
   | 'ERR_MIGRATION_PEER_TIMEOUT'
   /** The connection failed after the source committed: the VM may run on the destination, so the source stays stopped (resumeOnSource() once it is known not to). */
-  | 'ERR_MIGRATION_OUTCOME_UNKNOWN';
+  | 'ERR_MIGRATION_OUTCOME_UNKNOWN'
+  /** TLS refused a peer (or this end): `reason` says why (unknown-ca, expired, hostname-mismatch, not-authorized, plaintext-refused, psk-mismatch, ...). */
+  | 'ERR_MIGRATION_TLS';
 
 export class MigrationError extends Error {
   override readonly name = 'MigrationError';
@@ -28,7 +30,9 @@ export class MigrationError extends Error {
   }
 }
 
-export function describeError(err: unknown): { code: string; message: string } {
-  const e = err as { code?: unknown; message?: unknown };
-  return { code: typeof e?.code === 'string' ? e.code : 'ERR_UNKNOWN', message: typeof e?.message === 'string' ? e.message : String(err) };
+export function describeError(err: unknown): { code: string; message: string; reason?: string } {
+  const e = err as { code?: unknown; message?: unknown; reason?: unknown };
+  const d = { code: typeof e?.code === 'string' ? e.code : 'ERR_UNKNOWN', message: typeof e?.message === 'string' ? e.message : String(err) };
+  // ERR_MIGRATION_TLS says why in `reason` (what the peer is told too).
+  return d.code === 'ERR_MIGRATION_TLS' && typeof e.reason === 'string' ? { ...d, reason: e.reason } : d;
 }

@@ -32,6 +32,8 @@ export interface MigrationEventMap {
   SWITCHOVER_ABORT: { measuredDowntimeMs: number; abortAfterMs: number; side: 'source' | 'destination' };
   /** The source told the destination to run the VM: from here on it never resumes the VM by itself (no split brain). */
   MIGRATION_COMMITTED: { afterStopMs: number };
+  /** Destination: a connection refused before any migration took it (bad first frame, busy, TLS: `reason`); it changed nothing here. */
+  CONNECTION_REFUSED: { code: string; message: string; reason?: string };
 }
 
 export type MigrationEventName = keyof MigrationEventMap;

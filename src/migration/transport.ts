@@ -1,8 +1,10 @@
 // Migration URIs and their sockets: tcp:host:port and unix:path, as QEMU spells them.
 import { closeSync } from 'node:fs';
 import net from 'node:net';
+import tls from 'node:tls';
 import { native } from '../vfio/native.js';
 import { MigrationError } from './errors.js';
+import { type TlsConfig, MigrationTlsError, clientTlsOptions, expectedHostname, looksLikeTls, serverTlsOptions, tlsHandshakeError, verifyClient, verifyServer } from './tls.js';
 
 const SOCKET_BUFFER_BYTES = 8 << 20;
 /** Incoming bytes land in slabs of this size, each read filling what is left of one. */
@@ -248,23 +250,122 @@ export function formatUri(u: MigrationUri): string {
  */
 export const KEEPALIVE_IDLE_MS = 5_000;
 
-export function connect(uri: MigrationUri, signal?: AbortSignal): Promise<net.Socket> {
+/**
+ * Connects to a migration URI; with `secure`, over TLS, resolved once the
+ * handshake is through and the destination verified (certificate, dates,
+ * hostname): a destination this end refuses is closed without a byte of
+ * the migration (its side sees 'peer-refused').
+ */
+export function connect(uri: MigrationUri, signal?: AbortSignal, secure?: TlsConfig | null): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
+    let hostname: string | null = null;
+    try {
+      if (secure) hostname = expectedHostname(secure, uri);
+    } catch (err) {
+      reject(err);
+      return;
+    }
     // Large stream buffers: a 1 MiB frame should not wait for 'drain' on its own.
     const buffers = { highWaterMark: SOCKET_BUFFER_BYTES } as object; // Node >= 18.17 accepts it; @types/node lags
-    const socket = uri.kind === 'unix' ? net.connect({ path: uri.path, ...buffers }) : net.connect({ host: uri.host, port: uri.port, ...buffers });
+    const where = uri.kind === 'unix' ? { path: uri.path } : { host: uri.host, port: uri.port };
+    const socket: net.Socket = secure ? tls.connect({ ...where, ...buffers, ...clientTlsOptions(secure, hostname) }) : net.connect({ ...where, ...buffers });
+    let tcpConnected = false;
     const onAbort = () => socket.destroy(new MigrationError('ERR_MIGRATION_CANCELLED', 'cancelled while connecting'));
     signal?.addEventListener('abort', onAbort, { once: true });
-    socket.once('connect', () => {
+    const ready = () => {
       signal?.removeEventListener('abort', onAbort);
       socket.setNoDelay(true);
       socket.setKeepAlive(true, KEEPALIVE_IDLE_MS);
       resolve(socket);
+    };
+    socket.once('connect', () => {
+      tcpConnected = true;
+      if (!secure) ready();
     });
+    if (secure)
+      socket.once('secureConnect', () => {
+        const refusal = verifyServer(socket as tls.TLSSocket, secure, hostname);
+        if (!refusal) return ready();
+        signal?.removeEventListener('abort', onAbort);
+        socket.destroy();
+        reject(refusal);
+      });
     socket.once('error', (err) => {
       signal?.removeEventListener('abort', onAbort);
-      reject(err instanceof MigrationError ? err : new MigrationError('ERR_MIGRATION_CONNECTION', `cannot connect to ${formatUri(uri)}: ${err.message}`, { cause: err }));
+      if (err instanceof MigrationError) return reject(err);
+      const tlsErr = secure && tcpConnected ? tlsHandshakeError(err, 'source', secure) : null;
+      if (tlsErr) return reject(tlsErr);
+      if (secure && tcpConnected)
+        return reject(new MigrationTlsError('handshake', `the destination closed the connection during the TLS handshake (${err.message}): it may not be configured for TLS, or refused this source`, { cause: err }));
+      reject(new MigrationError('ERR_MIGRATION_CONNECTION', `cannot connect to ${formatUri(uri)}: ${err.message}`, { cause: err }));
     });
+  });
+}
+
+/**
+ * The server side of TLS on an accepted connection (from listen(uri,
+ * { tls: true })): its first bytes must start a TLS handshake (else
+ * 'plaintext-refused', with the plaintext socket in `err.socket` to say so
+ * on), then the source is verified (certificate chain and dates, or PSK)
+ * and authorized (authz). Resolves with the TLS socket, to read frames
+ * from; a refusal after the handshake carries the TLS socket in
+ * `err.socket` (the source can be told why, encrypted).
+ *
+ * TLS connections use the normal stream path, not slab reads: the
+ * plaintext comes out of OpenSSL (TLSWrap, on the socket's handle) into
+ * buffers Node allocates, and a TLSSocket over an accepted socket takes no
+ * `onread` buffer (Node ignores it when wrapping a socket).
+ */
+export function secureAccept(raw: net.Socket, cfg: TlsConfig): Promise<tls.TLSSocket> {
+  return new Promise((resolve, reject) => {
+    const done = () => {
+      raw.off('readable', onReadable);
+      raw.off('close', onClose);
+      raw.off('error', onClose);
+    };
+    const onClose = () => {
+      done();
+      reject(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed before its first bytes'));
+    };
+    const onReadable = () => {
+      // Two bytes tell a TLS record from a frame; both go back for the handshake.
+      const head = raw.read(2) as Buffer | null;
+      if (!head) return;
+      done();
+      raw.unshift(head);
+      if (!looksLikeTls(head)) {
+        reject(new MigrationTlsError('plaintext-refused', 'this destination requires TLS and the source spoke plaintext: configure TLS on the source too (tls option, --tls-creds or --tls-psk)', { socket: raw }));
+        return;
+      }
+      // The bytes read so far (the ClientHello) are fed to OpenSSL by the TLSSocket itself.
+      const s = new tls.TLSSocket(raw, { ...serverTlsOptions(cfg), highWaterMark: SOCKET_BUFFER_BYTES } as tls.TLSSocketOptions);
+      const fail = (err: Error) => {
+        s.off('secure', onSecure);
+        s.off('close', onTlsClose);
+        // The connection is unusable: nothing more can be said on it.
+        s.destroy();
+        reject(tlsHandshakeError(err, 'destination', cfg, s) ?? new MigrationTlsError('handshake', `TLS handshake with the source failed: ${err.message}`, { cause: err }));
+      };
+      const onTlsClose = () => fail(new Error('the source closed the connection during the TLS handshake'));
+      const onSecure = () => {
+        s.off('error', fail);
+        s.off('close', onTlsClose);
+        // Failures surface through the reads and writes that see them.
+        s.on('error', () => {});
+        const refusal = verifyClient(s, cfg);
+        if (refusal) {
+          refusal.socket = s;
+          reject(refusal);
+        } else resolve(s);
+      };
+      s.once('secure', onSecure);
+      s.once('error', fail);
+      s.once('close', onTlsClose);
+    };
+    raw.on('readable', onReadable);
+    raw.once('close', onClose);
+    raw.once('error', onClose);
+    onReadable();
   });
 }
 
@@ -274,12 +375,13 @@ export interface MigrationServer extends net.Server {
   on(event: string, listener: (...args: any[]) => void): this; // eslint-disable-line @typescript-eslint/no-explicit-any
 }
 
-export function listen(uri: MigrationUri): Promise<{ server: MigrationServer; uri: MigrationUri }> {
+/** `tls`: connections are given as accepted (paused), for secureAccept(); else re-wrapped for slab reads. */
+export function listen(uri: MigrationUri, options: { tls?: boolean } = {}): Promise<{ server: MigrationServer; uri: MigrationUri }> {
   return new Promise((resolve, reject) => {
     // Paused until re-wrapped for slab reads: no byte may be read by the original handle.
     const server = net.createServer({ noDelay: true, highWaterMark: SOCKET_BUFFER_BYTES, pauseOnConnect: true } as net.ServerOpts) as MigrationServer;
     server.on('connection', (accepted: net.Socket) => {
-      const s = withSlabReads(accepted);
+      const s = options.tls ? accepted : withSlabReads(accepted);
       s.setKeepAlive(true, KEEPALIVE_IDLE_MS);
       server.emit('accepted', s);
     });
