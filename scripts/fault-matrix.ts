@@ -27,6 +27,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { onJsonLines } from '../src/json-lines.js';
 import { FrameType, FRAME_HEADER_BYTES, encodeFrame, jsonPayload, WIRE_VERSION } from '../src/migration/wire.js';
 import type { MockProfileInput } from '../src/vfio/mock-profile.js';
+import { DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS } from '../src/migration/params.js';
 import { createNetns, type Netns } from '../test/helpers.js';
 import type { PeerSpec } from './fault-peer.js';
 
@@ -415,7 +416,7 @@ class RowRun {
   /** Three strangers at once: garbage bytes, a second source's Hello, an idle connection. */
   strangers(): void {
     const [, host, port] = /^tcp:(.*):(\d+)$/.exec(this.dstUri)!;
-    const hello = { wireVersion: WIRE_VERSION, migrationId: `stranger-${process.pid}`, channels: 1, sections: [], capabilities: {}, parameters: {} };
+    const hello = { wireVersion: WIRE_VERSION, migrationId: `stranger-${process.pid}`, channels: 1, sections: [], capabilities: DEFAULT_CAPABILITIES, parameters: DEFAULT_PARAMETERS };
     const sends: [string, Buffer | null][] = [
       ['garbage', Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')],
       ['second source', Buffer.concat(encodeFrame(FrameType.Hello, 0, jsonPayload(hello)))],
@@ -714,7 +715,7 @@ function failurePhase(run: RowRun): string {
 /** A Hello the destination cannot take (no sections): a destination that serves again says INCOMPATIBLE. */
 async function probeRelisten(run: RowRun): Promise<string> {
   const [, host, port] = /^tcp:(.*):(\d+)$/.exec(run.dstUri)!;
-  const hello = { wireVersion: WIRE_VERSION, migrationId: `probe-${process.pid}`, channels: 1, sections: [], capabilities: {}, parameters: {} };
+  const hello = { wireVersion: WIRE_VERSION, migrationId: `probe-${process.pid}`, channels: 1, sections: [], capabilities: DEFAULT_CAPABILITIES, parameters: DEFAULT_PARAMETERS };
   return new Promise<string>((resolve) => {
     const socket = net.connect(Number(port), host!);
     let got = Buffer.alloc(0);

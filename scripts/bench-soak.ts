@@ -1,0 +1,243 @@
+// npm run bench:soak: memory and fds over many migrations, and the peak RSS
+// of a large one.
+// - 200 back-to-back migrations between two long-lived processes, in
+//   alternating directions: each process listens (one MigrationDestination
+//   serving migration after migration) and migrates to the other in turn
+//   (a new MigrationSource each time, over the same devices and VM). RSS
+//   (after a GC) and open fds of both are taken after a warm-up of 20
+//   migrations and at the end.
+// - One migration of 8 GiB of device state between two fresh processes; the
+//   peak RSS is each process's VmHWM.
+// Ends with the three `bench` lines (target met|missed).
+//   node --expose-gc dist/scripts/bench-soak.js [--migrations N] [--warmup N] [--big-gib N]
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { onJsonLines } from '../src/json-lines.js';
+import { VfioDevice } from '../src/vfio/device.js';
+import type { MockProfileInput } from '../src/vfio/mock-profile.js';
+import { VfioHandler } from '../src/migration/vfio-handler.js';
+import { SyntheticVm } from '../src/migration/vm.js';
+import { MigrationSource } from '../src/migration/source.js';
+import { MigrationDestination } from '../src/migration/destination.js';
+import { describeError } from '../src/migration/errors.js';
+
+const SELF = fileURLToPath(import.meta.url);
+const MiB = 1 << 20;
+
+interface WorkerSpec {
+  devices: number;
+  overrides: Partial<MockProfileInput>;
+  seed: number;
+  vmRunning: boolean;
+}
+
+/** The soak's devices: two NIC VFs that keep dirtying a small working set while they run. */
+const SOAK_SPEC = { devices: 2, overrides: { stateBytes: '8MiB', dirtyBytesPerSec: '16MiB', dirtyWorkingSetBytes: '2MiB', arcLatencyMs: { default: 1 } } };
+/** One device holding all the state (the profile limits allow 8 GiB in 2^17 chunks of 64 KiB). */
+const bigSpec = (gib: number) => ({
+  devices: 1,
+  overrides: { stateBytes: `${gib}GiB`, chunkBytes: '64KiB', dirtyBytesPerSec: 0, dirtyWorkingSetBytes: '64MiB', stopCopyOnlyBytes: '1MiB', arcLatencyMs: { default: 1 }, loadInitialMs: 0, loadMsPerMiB: 0 },
+});
+const PARAMETERS = { 'downtime-limit': 2000 };
+
+// ---- a worker: one end of both directions ----
+
+async function worker(spec: WorkerSpec): Promise<void> {
+  const print = (o: unknown) => process.stdout.write(`${JSON.stringify(o)}\n`);
+  const devices: VfioDevice[] = [];
+  for (let i = 0; i < spec.devices; i++) devices.push(await VfioDevice.openMock({ profile: 'nic-vf', overrides: spec.overrides, seed: spec.seed + i, id: `nic-vf-${i}` }));
+  const vm = new SyntheticVm(spec.vmRunning);
+  const dest = new MigrationDestination({ handlers: devices.map((d) => new VfioHandler(d)), vm });
+  const uri = await dest.listen('tcp:127.0.0.1:0');
+  print({ listening: uri, pid: process.pid });
+  const serving = (async () => {
+    for await (const r of dest.serve()) print({ served: { status: r.status, error: r.error, downtimeMs: r.downtimeMs } });
+  })();
+  const rl = createInterface({ input: process.stdin });
+  for await (const line of rl) {
+    const cmd = JSON.parse(line) as { migrate?: string; channels?: number; stats?: boolean; quit?: boolean };
+    if (cmd.migrate) {
+      // A new source each time over the same devices: what a VMM does per migration.
+      const src = new MigrationSource({ handlers: devices.map((d) => new VfioHandler(d)), vm, parameters: PARAMETERS });
+      const t0 = performance.now();
+      try {
+        const info = await src.migrate(cmd.migrate, { channels: cmd.channels ?? 2 });
+        print({ migrated: { status: info.status, ms: performance.now() - t0, downtimeMs: info.downtimeMs, bytes: info.transferredBytes, digestsMatch: (info.digests ?? []).every((d) => d.match === true) } });
+      } catch (err) {
+        print({ migrated: { status: src.status, ms: performance.now() - t0, error: describeError(err) } });
+      }
+    } else if (cmd.stats) {
+      // A full GC first: what is left is what the process holds on to.
+      (globalThis as { gc?: () => void }).gc?.();
+      const m = process.memoryUsage();
+      print({ stats: { heapUsedBytes: m.heapUsed, externalBytes: m.external, arrayBuffersBytes: m.arrayBuffers, destinationHistory: dest.history.length } });
+    } else if (cmd.quit) break;
+  }
+  await dest.close();
+  await serving;
+  await Promise.all(devices.map((d) => d.close()));
+  process.exit(0);
+}
+
+// ---- the driver ----
+
+interface Worker {
+  proc: ChildProcess;
+  pid: number;
+  uri: string;
+  next(key: string, timeoutMs?: number): Promise<Record<string, unknown>>;
+  send(cmd: object): void;
+}
+
+async function startWorker(spec: WorkerSpec): Promise<Worker> {
+  const proc = spawn(process.execPath, ['--expose-gc', SELF, 'worker', JSON.stringify(spec)], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const queues = new Map<string, Record<string, unknown>[]>();
+  const waiters = new Map<string, (o: Record<string, unknown>) => void>();
+  onJsonLines(proc.stdout!, (o) => {
+    for (const key of Object.keys(o)) {
+      const w = waiters.get(key);
+      if (w) {
+        waiters.delete(key);
+        w(o[key] as Record<string, unknown>);
+      } else queues.set(key, [...(queues.get(key) ?? []), o[key] as Record<string, unknown>]);
+    }
+  });
+  const next = (key: string, timeoutMs = 120_000) =>
+    new Promise<Record<string, unknown>>((resolve, reject) => {
+      const q = queues.get(key);
+      if (q?.length) return resolve(q.shift()!);
+      const timer = setTimeout(() => reject(new Error(`worker ${proc.pid}: no ${key} within ${timeoutMs} ms`)), timeoutMs);
+      waiters.set(key, (o) => {
+        clearTimeout(timer);
+        resolve(o);
+      });
+    });
+  const send = (cmd: object) => proc.stdin!.write(`${JSON.stringify(cmd)}\n`);
+  const uri = (await next('listening', 30_000)) as unknown as string;
+  const pid = proc.pid!;
+  return { proc, pid, uri, next, send };
+}
+
+/** RSS, peak RSS and open fds of a process, from /proc. */
+function procStats(pid: number): { rssMiB: number; hwmMiB: number; fds: number; sockets: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kib = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN);
+  let fds = 0;
+  let sockets = 0;
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      const target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+      fds++;
+      if (target.startsWith('socket:')) sockets++;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return { rssMiB: kib('VmRSS') / 1024, hwmMiB: kib('VmHWM') / 1024, fds, sockets };
+}
+
+async function snapshot(workers: Worker[]) {
+  return Promise.all(
+    workers.map(async (w) => {
+      w.send({ stats: true });
+      const inner = await w.next('stats');
+      return { ...procStats(w.pid), ...inner } as ReturnType<typeof procStats> & { heapUsedBytes: number; externalBytes: number; destinationHistory: number };
+    }),
+  );
+}
+
+async function quit(w: Worker): Promise<void> {
+  w.send({ quit: true });
+  await new Promise<void>((resolve) => {
+    const timer = setTimeout(() => {
+      w.proc.kill('SIGKILL');
+      resolve();
+    }, 10_000);
+    w.proc.on('exit', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
+const fmtMiB = (v: number) => v.toFixed(1);
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({ options: { migrations: { type: 'string' }, warmup: { type: 'string' }, 'big-gib': { type: 'string' } } });
+  const total = Number(values.migrations ?? 200);
+  const warmup = Number(values.warmup ?? 20);
+  const bigGiB = Number(values['big-gib'] ?? 8);
+  let failures = 0;
+
+  // ---- soak ----
+  const t0 = performance.now();
+  const a = await startWorker({ ...SOAK_SPEC, seed: 1, vmRunning: true });
+  const b = await startWorker({ ...SOAK_SPEC, seed: 1000, vmRunning: false });
+  const pair = [a, b];
+  let warm: Awaited<ReturnType<typeof snapshot>> | null = null;
+  const ms: number[] = [];
+  for (let i = 0; i < total; i++) {
+    const [from, to] = i % 2 === 0 ? [a, b] : [b, a];
+    from.send({ migrate: to.uri });
+    const [m, s] = await Promise.all([from.next('migrated'), to.next('served')]);
+    ms.push(m.ms as number);
+    if (m.status !== 'completed' || !m.digestsMatch || s.status !== 'completed') {
+      failures++;
+      console.log(`migration ${i + 1}: ${JSON.stringify(m)} / ${JSON.stringify(s)}`);
+    }
+    if (i + 1 === warmup) warm = await snapshot(pair);
+    if ((i + 1) % 50 === 0) console.log(`  ${i + 1} migrations, ${failures} failed, last ${(m.ms as number).toFixed(0)} ms`);
+  }
+  const end = await snapshot(pair);
+  const soakS = (performance.now() - t0) / 1000;
+  await Promise.all(pair.map(quit));
+  const sorted = [...ms].sort((x, y) => x - y);
+  console.log(`soak: ${total} migrations (alternating) in ${soakS.toFixed(0)} s, ${failures} failed; per migration median ${sorted[Math.floor(sorted.length / 2)]!.toFixed(0)} ms, max ${sorted.at(-1)!.toFixed(0)} ms`);
+  for (const [name, i] of [['A', 0], ['B', 1]] as const) {
+    const w = warm![i]!;
+    const e = end[i]!;
+    console.log(
+      `  process ${name}: RSS ${fmtMiB(w.rssMiB)} -> ${fmtMiB(e.rssMiB)} MiB, heap ${fmtMiB(w.heapUsedBytes / MiB)} -> ${fmtMiB(e.heapUsedBytes / MiB)} MiB, external ${fmtMiB(w.externalBytes / MiB)} -> ${fmtMiB(e.externalBytes / MiB)} MiB, fds ${w.fds} -> ${e.fds} (sockets ${w.sockets} -> ${e.sockets}), destination event history ${w.destinationHistory} -> ${e.destinationHistory} records`,
+    );
+  }
+  const rssGrowthPct = Math.max(...pair.map((_, i) => ((end[i]!.rssMiB - warm![i]!.rssMiB) / warm![i]!.rssMiB) * 100));
+  const fdGrowth = pair.reduce((n, _, i) => n + (end[i]!.fds - warm![i]!.fds), 0);
+
+  // ---- one big migration ----
+  const t1 = performance.now();
+  const src = await startWorker({ ...bigSpec(bigGiB), seed: 1, vmRunning: true });
+  const dst = await startWorker({ ...bigSpec(bigGiB), seed: 1000, vmRunning: false });
+  src.send({ migrate: dst.uri, channels: 2 });
+  const [m, s] = await Promise.all([src.next('migrated', 900_000), dst.next('served', 900_000)]);
+  const peaks = [procStats(src.pid), procStats(dst.pid)];
+  await Promise.all([quit(src), quit(dst)]);
+  const big = m as { status: string; ms: number; bytes: number; downtimeMs: number; digestsMatch: boolean };
+  if (big.status !== 'completed' || !big.digestsMatch || s.status !== 'completed') {
+    failures++;
+    console.log(`${bigGiB} GiB migration: ${JSON.stringify(m)} / ${JSON.stringify(s)}`);
+  }
+  console.log(
+    `big: ${bigGiB} GiB of device state (1 device, 64 KiB chunks) ${big.status} in ${(big.ms / 1000).toFixed(1)} s (${((big.bytes / big.ms) * 1000 / 2 ** 30).toFixed(2)} GiB/s, downtime ${big.downtimeMs?.toFixed(0)} ms, digests ${big.digestsMatch ? 'match' : 'MISMATCH'}); ` +
+      `VmHWM source ${fmtMiB(peaks[0]!.hwmMiB)} MiB, destination ${fmtMiB(peaks[1]!.hwmMiB)} MiB; took ${((performance.now() - t1) / 1000).toFixed(0)} s`,
+  );
+  const peakMiB = Math.max(peaks[0]!.hwmMiB, peaks[1]!.hwmMiB);
+
+  const verdict = (ok: boolean) => (ok ? 'met' : 'missed');
+  console.log(`bench soak-rss-growth: ${rssGrowthPct.toFixed(1)}% target 10% ${verdict(rssGrowthPct <= 10)}`);
+  console.log(`bench soak-fd-growth: ${fdGrowth} target 0 ${verdict(fdGrowth <= 0)}`);
+  console.log(`bench peak-rss-${bigGiB}gib: ${peakMiB.toFixed(0)} MiB target 256 MiB ${verdict(peakMiB <= 256)}`);
+  return failures ? 1 : 0;
+}
+
+if (process.argv[2] === 'worker') void worker(JSON.parse(process.argv[3]!) as WorkerSpec);
+else
+  main().then(
+    (code) => process.exit(code),
+    (err) => {
+      console.error(err);
+      process.exit(1);
+    },
+  );
