@@ -95,7 +95,7 @@ test('frames cross a real socket intact, in order, whatever the socket cuts them
   const payloads = [Buffer.alloc(0), randomBytes(1), randomBytes(70_000), randomBytes(3 << 20), randomBytes(MAX_FRAME_PAYLOAD_BYTES)];
   const sending = (async () => {
     for (const [i, p] of payloads.entries()) await writer.write(FrameType.SectionData, i, p);
-    await writer.writeJson(FrameType.SectionEnd, 9, { ok: true });
+    await writer.write(FrameType.SectionEnd, 9, jsonPayload({ ok: true }));
     a.end();
   })();
   for (const [i, p] of payloads.entries()) {
@@ -112,6 +112,22 @@ test('frames cross a real socket intact, in order, whatever the socket cuts them
   t.is(await reader.next(), null);
   await sending;
   t.is(writer.bytesWritten, reader.bytesRead);
+});
+
+/** A header edited by a test, with its header checksum made right again (the edit itself is what is tested). */
+function resealed(frame: Buffer): Buffer {
+  frame.writeUInt32BE(native.crc32c(frame.subarray(0, 16)), 16);
+  return frame;
+}
+
+test('a flipped section id, type or length is caught by the header checksum before any payload is awaited', async (t) => {
+  const good = Buffer.concat(encodeFrame(FrameType.SectionData, 1, randomBytes(4096)));
+  for (const [what, offset] of [['type', 5], ['section', 7], ['length', 10], ['payload checksum', 13], ['header checksum', 17]] as const) {
+    const bad = Buffer.from(good);
+    bad[offset]! ^= 0x04;
+    // Only the header is sent: a reader that trusted a flipped length would wait for its payload.
+    await t.throwsAsync(readRaw(bad.subarray(0, FRAME_HEADER_BYTES)), { code: 'ERR_MIGRATION_PROTOCOL', message: /header checksum mismatch/ }, what);
+  }
 });
 
 /** Sends raw bytes and returns what the reader makes of them. */
@@ -136,10 +152,11 @@ test('a flipped payload bit, a bad magic, an oversize length or a cut frame is a
   await t.throwsAsync(readRaw(magic), { code: 'ERR_MIGRATION_PROTOCOL', message: /magic/ });
   const oversize = Buffer.from(good.subarray(0, FRAME_HEADER_BYTES));
   oversize.writeUInt32BE(MAX_FRAME_PAYLOAD_BYTES + 1, 8);
-  await t.throwsAsync(readRaw(oversize), { code: 'ERR_MIGRATION_PROTOCOL', message: /exceeds/ });
+  await t.throwsAsync(readRaw(oversize), { code: 'ERR_MIGRATION_PROTOCOL', message: /header checksum mismatch/ });
+  await t.throwsAsync(readRaw(resealed(oversize)), { code: 'ERR_MIGRATION_PROTOCOL', message: /exceeds/ });
   const version = Buffer.from(good);
   version.writeUInt8(99, 4);
-  await t.throwsAsync(readRaw(version), { code: 'ERR_MIGRATION_VERSION' });
+  await t.throwsAsync(readRaw(version), { code: 'ERR_MIGRATION_INCOMPATIBLE', message: /wire version 99, this side 3/ });
   await t.throwsAsync(readRaw(good.subarray(0, good.length - 1)), { code: 'ERR_MIGRATION_CONNECTION', message: /inside a frame/ });
   await t.throwsAsync(readRaw(good.subarray(0, 5)), { code: 'ERR_MIGRATION_PROTOCOL', message: /inside a frame header/ });
   t.throws(() => encodeFrame(FrameType.SectionData, 0, Buffer.alloc(MAX_FRAME_PAYLOAD_BYTES + 1)), { code: 'ERR_MIGRATION_PROTOCOL' });
@@ -252,7 +269,7 @@ test.serial('a first frame is read into memory of its own size and not one byte 
   const before = slabStats();
   const writer = new FrameWriter(a);
   const payloads = Array.from({ length: 6 }, (_, i) => randomBytes(100_000 + i));
-  await writer.writeJson(FrameType.ChannelHello, 0, { migrationId: 'm', index: 1 });
+  await writer.writeMessage(FrameType.ChannelHello, { migrationId: 'm', index: 1 });
   for (const [i, p] of payloads.entries()) await writer.write(FrameType.SectionData, i, p);
   await new Promise((r) => setTimeout(r, 100));
   const first = await readFirstFrame(b);
@@ -274,7 +291,7 @@ test('a first frame that is not a Hello or ChannelHello, or larger than its limi
   t.teardown(close);
   const header = Buffer.concat(encodeFrame(FrameType.Hello, 0, Buffer.alloc(0)));
   header.writeUInt32BE(2 << 20, 8); // a 2 MiB Hello, none of it sent
-  a.write(header);
+  a.write(resealed(header));
   await t.throwsAsync(readFirstFrame(b), { code: 'ERR_MIGRATION_PROTOCOL', message: /Hello frame of 2097152 bytes exceeds its 1048576-byte limit/ });
   const other = await socketPair({ migration: true });
   t.teardown(other.close);

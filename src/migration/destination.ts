@@ -3,14 +3,15 @@
 // channel in parallel), then brings every device and the VM to running and
 // reports back on the return path.
 import type net from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { MigrationEvents, type MigrationStatus } from './events.js';
 import { MigrationError, describeError } from './errors.js';
 import type { HandlerContext, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
 import { type Channel, PeerWatch, makeChannel, settleAll, withTimeout } from './channels.js';
-import { type Frame, FrameType, type LoadReportMessage, WIRE_VERSION, encodeFrame, jsonPayload, parseJson, readFirstFrame, verifyFrame } from './wire.js';
+import { type Frame, FrameType, WIRE_VERSION, encodeFrame, readFirstFrame, verifyFrame } from './wire.js';
 import { type MigrationServer, formatUri, listen, parseUri } from './transport.js';
-import type { HelloMessage, RunningMessage } from './source.js';
+import { type ChannelHelloMessage, type DestinationPhase, type HelloMessage, type LoadReportMessage, type RunningMessage, destinationMeaning, messagePayload, parseMessage } from './protocol/index.js';
 import type { MigrationState } from '../vfio/states.js';
 import { DEFAULT_PARAMETERS } from './params.js';
 
@@ -29,6 +30,15 @@ const COALESCE_BYTES = 8 << 20;
  * report (a unix socket's half-close even fails its next write at once).
  */
 const LINGER_MS = 2_000;
+/** Round trips measured after the handshake (the shortest counts), and their spacing. */
+const PINGS = 3;
+const PING_SPACING_MS = 20;
+/**
+ * When a channel fails (a reset, an end mid-frame), this long for the main
+ * channel to give the source's reason first: a source that cancels with data
+ * in flight closes its data channels at once, its Cancel queued on the main one.
+ */
+const REASON_GRACE_MS = 1_000;
 /** Defaults of DestinationOptions. */
 const HANDSHAKE_TIMEOUT_MS = 10_000;
 const MAX_PENDING_CONNECTIONS = 32;
@@ -65,13 +75,10 @@ export interface IncomingOptions {
 interface Offer {
   socket: net.Socket;
   frame: Frame;
+  /** The first frame's message, validated (a Hello or a ChannelHello, as frame.type says). */
+  message: HelloMessage | ChannelHelloMessage;
   /** Taken: no longer counted as pending, its handshake deadline cleared. */
   take(): void;
-}
-
-interface ChannelHelloMessage {
-  migrationId: string;
-  index: number;
 }
 
 export class MigrationDestination extends MigrationEvents {
@@ -191,6 +198,7 @@ export class MigrationDestination extends MigrationEvents {
 
   async #identify(s: net.Socket, take: () => void): Promise<void> {
     let frame: Frame;
+    let message: HelloMessage | ChannelHelloMessage;
     try {
       frame = await readFirstFrame(s, {
         reserve: (bytes) => {
@@ -200,14 +208,13 @@ export class MigrationDestination extends MigrationEvents {
         },
         unreserve: (bytes) => (this.#handshakeBytes -= bytes),
       });
-      if (frame.type === FrameType.Hello) checkHello(parseJson<unknown>(frame));
-      else checkChannelHello(parseJson<unknown>(frame));
+      message = frame.type === FrameType.Hello ? parseMessage(FrameType.Hello, frame) : parseMessage(FrameType.ChannelHello, frame);
     } catch (err) {
       this.#refuse(s, err);
       return;
     }
     if (s.destroyed) return;
-    const offer: Offer = { socket: s, frame, take };
+    const offer: Offer = { socket: s, frame, message, take };
     if (frame.type === FrameType.Hello) this.#offerHello(offer);
     else this.#offerChannel(offer);
   }
@@ -217,7 +224,7 @@ export class MigrationDestination extends MigrationEvents {
     if (s.destroyed) return;
     const e = describeError(err);
     try {
-      s.end(Buffer.concat(encodeFrame(FrameType.Error, 0, jsonPayload({ code: e.code, message: e.message, notRunning: true }))));
+      s.end(Buffer.concat(encodeFrame(FrameType.Error, 0, messagePayload(FrameType.Error, { code: e.code.slice(0, 64), message: e.message.slice(0, 65536), notRunning: true }))));
     } catch {
       // A socket that cannot take the report is closed all the same.
     }
@@ -242,7 +249,7 @@ export class MigrationDestination extends MigrationEvents {
   }
 
   #offerChannel(o: Offer): void {
-    const m = parseJson<ChannelHelloMessage>(o.frame);
+    const m = o.message as ChannelHelloMessage;
     const session = this.#session;
     if (session && session.migrationId === m.migrationId) {
       if (session.offer) return session.offer(o);
@@ -335,6 +342,9 @@ export class MigrationDestination extends MigrationEvents {
     this.#initialPending = new Set();
     this.#acked = false;
     this.#committed = false;
+    this.#phase = 'loading';
+    this.#oneWayMs = null;
+    this.#pings = new Map();
     this.#sectionBytes = [];
     this.#loadedBytes = 0;
     this.#status = 'none';
@@ -379,7 +389,7 @@ export class MigrationDestination extends MigrationEvents {
     let reporter: NodeJS.Timeout | undefined;
     try {
       offer.take();
-      const hello = parseJson<HelloMessage>(offer.frame);
+      const hello = offer.message as HelloMessage;
       this.#session = { migrationId: hello.migrationId, offer: null };
       main = makeChannel(0, offer.socket, { deferDataChecksums: true });
       this.#channels[0] = main;
@@ -394,7 +404,10 @@ export class MigrationDestination extends MigrationEvents {
       this.handlers.forEach((h, i) => {
         if (h.hasInitialData?.()) this.#initialPending.add(i);
       });
-      await main.writer.writeJson(FrameType.HelloAck, 0, { wireVersion: WIRE_VERSION });
+      await main.writer.writeMessage(FrameType.HelloAck, { wireVersion: WIRE_VERSION });
+      // Round trips on the main channel while it is still quiet: half the
+      // shortest is the one-way delay the switchover-abort clock takes off.
+      this.#pingMain(main);
       // From here the source sends heartbeats too: a silent one is stopped or cut off.
       const peerTimeoutMs = hello.parameters['peer-timeout'] ?? DEFAULT_PARAMETERS['peer-timeout'];
       this.#watch = new PeerWatch({
@@ -424,9 +437,19 @@ export class MigrationDestination extends MigrationEvents {
       // One channel's failure (a corrupt frame) fails the migration at once:
       // the main channel's loop would otherwise wait for frames that a source
       // held up by the switchover ACK never sends (its heartbeats keep it alive).
+      const loops = this.#channels.map((ch) => this.#channelLoop(ch, hello));
       await settleAll(
-        this.#channels.map((ch) =>
-          this.#channelLoop(ch, hello).catch((err: Error) => {
+        loops.map((loop, i) =>
+          loop.catch(async (err: Error) => {
+            // A data channel that reset or ended mid-stream: a source that
+            // cancels with data in flight closes them at once and queues its
+            // Cancel on the main channel, so its word is waited for (briefly)
+            // before the connection is blamed.
+            if (i > 0 && (err as MigrationError).code === 'ERR_MIGRATION_CONNECTION' && !this.#failure) {
+              const said = await Promise.race([loops[0]!.then(() => null, (e: Error) => e), sleep(REASON_GRACE_MS, null, { ref: false })]);
+              const code = (said as MigrationError | null)?.code;
+              if (code === 'ERR_MIGRATION_CANCELLED' || code === 'ERR_MIGRATION_SWITCHOVER_ABORTED') err = said!;
+            }
             this.#fail(err);
             throw err;
           }),
@@ -457,7 +480,7 @@ export class MigrationDestination extends MigrationEvents {
       // commit (nothing ever ran here, even if this crosses the source's
       // Commit); after it, only once the VM is stopped and the devices reset.
       const tellSource = async () => {
-        if (main && !main.socket.destroyed) await main.writer.writeJson(FrameType.Error, 0, { ...describeError(cause), notRunning: true }).catch(() => {});
+        if (main && !main.socket.destroyed) await main.writer.writeMessage(FrameType.Error, errorMessage(cause)).catch(() => {});
         this.#fail(cause);
       };
       const stopHere = async () => {
@@ -494,7 +517,7 @@ export class MigrationDestination extends MigrationEvents {
         // A throwing listener changes nothing here.
       }
     };
-    const downtimeMs = this.#sourceStoppedAt ? performance.timeOrigin + performance.now() - this.#sourceStoppedAt : null;
+    const downtimeMs = this.#sourceStoppedAt ? performance.now() - this.#sourceStoppedAt : null;
     const digests = this.handlers.map((h) => {
       try {
         return h.digest?.('loaded') ?? null;
@@ -505,7 +528,7 @@ export class MigrationDestination extends MigrationEvents {
     });
     const running: RunningMessage = { digests, loadMs: times.loadEnd - times.loadStart, resumeMs: performance.now() - times.loadEnd };
     // Whether or not the source hears of it.
-    await main.writer.writeJson(FrameType.Running, 0, running).catch(() => {});
+    await main.writer.writeMessage(FrameType.Running, running).catch(() => {});
     try {
       this.#setStatus('completed');
     } catch (err) {
@@ -528,30 +551,62 @@ export class MigrationDestination extends MigrationEvents {
     });
     // Arrived counts what sits in this side's buffers too: it has crossed the link.
     const receivedBytes = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
-    await main.writer.writeJson(FrameType.LoadReport, 0, { sections, receivedBytes, loadedBytes: this.#loadedBytes } satisfies LoadReportMessage);
+    await main.writer.writeMessage(FrameType.LoadReport, { sections, receivedBytes, loadedBytes: this.#loadedBytes });
   }
 
   /** Says every device is loaded and stopped, and waits for the source's Commit. */
   async #awaitCommit(main: Channel): Promise<void> {
     // From here the source decides: it aborts (and says so) or commits.
     if (this.#abortTimer) clearTimeout(this.#abortTimer);
+    this.#phase = 'ready';
     await main.writer.write(FrameType.ReadyToRun, 0);
     // A source that never answers (gone without a FIN) must not keep this side waiting forever.
     const nextControl = async () => {
       for (;;) {
         const f = await main.reader.next();
-        if (f?.type !== FrameType.Heartbeat) return f;
+        if (!f) return f;
+        const meaning = destinationMeaning(this.#phase, f.type);
+        if (meaning === 'commit') {
+          parseMessage(FrameType.Commit, f);
+          return meaning;
+        }
+        if (meaning === 'cancelled') throw sourceGaveUp(f);
+        if (meaning === 'pong') this.#onPong(parseMessage(FrameType.Pong, f).seq);
+        else parseMessage(FrameType.Heartbeat, f);
         f.release();
       }
     };
-    const frame = await withTimeout(nextControl(), COMMIT_TIMEOUT_MS, `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`);
-    if (frame?.type === FrameType.Commit) {
-      this.#committed = true;
-      return;
+    const answer = await withTimeout(nextControl(), COMMIT_TIMEOUT_MS, `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`);
+    if (!answer) throw this.#failure ?? new MigrationError('ERR_MIGRATION_CONNECTION', 'the source went away before committing: the VM stays with the source');
+    this.#committed = true;
+    this.#phase = 'committed';
+  }
+
+  /** Where this migration is, for what the source's frames mean (protocol/end.ts). */
+  #phase: DestinationPhase = 'loading';
+  /** Half the shortest round trip measured on the main channel (null: none measured). */
+  #oneWayMs: number | null = null;
+  /** Pings sent and not answered yet: seq -> performance.now() at the send. */
+  #pings = new Map<number, number>();
+
+  /** A few pings, spaced so that each goes out alone; answers go to #onPong. */
+  #pingMain(main: Channel): void {
+    for (let seq = 0; seq < PINGS; seq++) {
+      const timer = setTimeout(() => {
+        if (main.socket.destroyed || this.#phase !== 'loading') return;
+        this.#pings.set(seq, performance.now());
+        void main.writer.writeMessage(FrameType.Ping, { seq }).catch(() => {});
+      }, seq * PING_SPACING_MS);
+      timer.unref();
     }
-    if (frame?.type === FrameType.Cancel) throw sourceGaveUp(frame);
-    if (!frame) throw this.#failure ?? new MigrationError('ERR_MIGRATION_CONNECTION', 'the source went away before committing: the VM stays with the source');
-    throw new MigrationError('ERR_MIGRATION_PROTOCOL', `expected Commit, got a ${FrameType[frame.type]} frame`);
+  }
+
+  #onPong(seq: number): void {
+    const sentAt = this.#pings.get(seq);
+    if (sentAt === undefined) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a Pong for ping ${seq}, which was not sent or was answered already`);
+    this.#pings.delete(seq);
+    const oneWayMs = (performance.now() - sentAt) / 2;
+    this.#oneWayMs = this.#oneWayMs === null ? oneWayMs : Math.min(this.#oneWayMs, oneWayMs);
   }
 
   async #sendAck(main: Channel): Promise<void> {
@@ -580,7 +635,7 @@ export class MigrationDestination extends MigrationEvents {
     let missing = hello.channels - 1;
     let done: (() => void) | null = null;
     const adopt = (o: Offer) => {
-      const m = parseJson<ChannelHelloMessage>(o.frame);
+      const m = o.message as ChannelHelloMessage;
       if (m.index >= hello.channels || this.#channels[m.index]) {
         this.#refuse(o.socket, new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} has no free channel ${m.index} (it has ${hello.channels})`));
         return;
@@ -591,7 +646,7 @@ export class MigrationDestination extends MigrationEvents {
     };
     session.offer = adopt;
     try {
-      for (const o of this.#parkedChannels.filter((p) => parseJson<ChannelHelloMessage>(p.frame).migrationId === hello.migrationId)) {
+      for (const o of this.#parkedChannels.filter((p) => (p.message as ChannelHelloMessage).migrationId === hello.migrationId)) {
         this.#unpark(o.socket);
         adopt(o);
       }
@@ -624,8 +679,11 @@ export class MigrationDestination extends MigrationEvents {
       carried = null;
       if (!frame) throw new MigrationError('ERR_MIGRATION_CONNECTION', `the source closed channel ${ch.index} before the end of the stream`);
       const handler = this.handlers[frame.section];
-      switch (frame.type) {
-        case FrameType.SectionData: {
+      const meaning = destinationMeaning(this.#phase, frame.type);
+      // The Switchover, Commit and Pong frames belong on the main channel.
+      if ((meaning === 'switchover' || meaning === 'pong') && ch !== main) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a ${FrameType[frame.type]} frame on data channel ${ch.index}`);
+      switch (meaning) {
+        case 'data': {
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `data for unknown section ${frame.section}`);
           // Data frames of this section that are already here go to the
             // device in one write: fewer, larger loads.
@@ -666,32 +724,44 @@ export class MigrationDestination extends MigrationEvents {
           this.#sectionBytes[frame.section]! += gathered;
           break;
         }
-        case FrameType.InitialSent: {
+        case 'initial-sent': {
+          parseMessage(FrameType.InitialSent, frame);
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `initial marker for unknown section ${frame.section}`);
           // Everything before the marker has been loaded once the loads settle.
           await settleLoads();
           await handler.loadInitialDone?.();
-          await main.writer.writeJson(FrameType.InitialLoaded, 0, { section: frame.section });
+          await main.writer.writeMessage(FrameType.InitialLoaded, { section: frame.section });
           await this.#sendLoadReport(main);
           this.#initialPending.delete(frame.section);
           if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
           break;
         }
-        case FrameType.Switchover: {
-          const m = parseJson<{ stoppedAtEpochMs: number; abortAfterMs: number }>(frame);
-          this.#sourceStoppedAt = m.stoppedAtEpochMs;
+        case 'switchover': {
+          const m = parseMessage(FrameType.Switchover, frame);
+          this.#phase = 'switchover';
+          // On this host's monotonic clock: the source's stop is this frame's
+          // arrival less its time on the source and on the way (half the
+          // handshake's round trip). The hosts' wall clocks never meet.
+          const elapsedMs = m.sentAfterStopMs + (this.#oneWayMs ?? 0);
+          this.#sourceStoppedAt = performance.now() - elapsedMs;
           this.#switchoverLimitMs = m.abortAfterMs;
-          this.#armAbort();
+          this.#armAbort(elapsedMs);
           break;
         }
-        case FrameType.Heartbeat:
+        case 'alive':
+          parseMessage(FrameType.Heartbeat, frame);
           break;
-        case FrameType.EndOfStream:
+        case 'pong':
+          this.#onPong(parseMessage(FrameType.Pong, frame).seq);
+          break;
+        case 'end-of-stream':
+          parseMessage(FrameType.EndOfStream, frame);
           await settleLoads();
           return;
-        case FrameType.Cancel:
+        case 'cancelled':
           throw sourceGaveUp(frame);
-        default:
+        case 'commit':
+        case 'late':
           throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unexpected ${FrameType[frame.type]} frame on channel ${ch.index}`);
       }
       // Control frames are parsed by now (data frames go once loaded, above).
@@ -701,26 +771,21 @@ export class MigrationDestination extends MigrationEvents {
 
   /**
    * The destination measures too: past the source's threshold it aborts,
-   * tells the source, and cleans up. Time runs from the source's stop (same
-   * clock on one host); a skewed clock falls back to this side's receipt.
+   * tells the source, and cleans up. `elapsedMs`: the time since the source
+   * stopped the VM as this side estimates it when the Switchover frame
+   * arrives (monotonic clocks only, so a skewed wall clock shifts nothing).
    */
-  #armAbort(): void {
+  #armAbort(elapsedMs: number): void {
     if (!(this.#switchoverLimitMs > 0)) return;
-    const now = performance.timeOrigin + performance.now();
-    let elapsed = now - this.#sourceStoppedAt;
-    if (!(elapsed >= 0 && elapsed < this.#switchoverLimitMs * 10)) {
-      this.#sourceStoppedAt = now;
-      elapsed = 0;
-    }
     this.#abortTimer = setTimeout(() => {
       if (this.#status === 'completed') return;
-      const measured = performance.timeOrigin + performance.now() - this.#sourceStoppedAt;
+      const measured = performance.now() - this.#sourceStoppedAt;
       this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs: this.#switchoverLimitMs, side: 'destination' });
       const err = new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past downtime-limit + switchover-limit (${this.#switchoverLimitMs} ms)`);
       const main = this.#channels[0];
-      const tell = main && !main.socket.destroyed ? main.writer.writeJson(FrameType.Error, 0, { ...describeError(err), notRunning: true }).catch(() => {}) : Promise.resolve();
+      const tell = main && !main.socket.destroyed ? main.writer.writeMessage(FrameType.Error, errorMessage(err)).catch(() => {}) : Promise.resolve();
       void tell.then(() => this.#fail(err));
-    }, Math.max(0, this.#switchoverLimitMs - elapsed));
+    }, Math.max(0, this.#switchoverLimitMs - elapsedMs));
   }
 
   /**
@@ -742,28 +807,14 @@ export class MigrationDestination extends MigrationEvents {
 
 /** The source's Cancel: a switchover it aborted keeps that code; anything else is a cancel. */
 function sourceGaveUp(frame: Frame): MigrationError {
-  const m = parseJson<{ reason?: unknown; code?: unknown } | null>(frame);
-  const reason = typeof m?.reason === 'string' ? m.reason : 'no reason given';
-  if (m?.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED') return new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `the source aborted the switchover: ${reason}`);
+  const m = parseMessage(FrameType.Cancel, frame);
+  const reason = m.reason || 'no reason given';
+  if (m.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED') return new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `the source aborted the switchover: ${reason}`);
   return new MigrationError('ERR_MIGRATION_CANCELLED', `the source cancelled: ${reason}`);
 }
 
-/** A Hello's shape, checked before it can start a migration (its content is checked by #compatibility). */
-function checkHello(m: unknown): void {
-  const bad = (what: string) => new MigrationError('ERR_MIGRATION_PROTOCOL', `malformed Hello: ${what}`);
-  if (typeof m !== 'object' || m === null || Array.isArray(m)) throw bad(`expected an object, got ${m === null ? 'null' : typeof m}`);
-  const h = m as Partial<Record<keyof HelloMessage, unknown>>;
-  if (typeof h.migrationId !== 'string' || h.migrationId.length === 0 || h.migrationId.length > 128) throw bad('migrationId must be a string of 1-128 characters');
-  if (typeof h.wireVersion !== 'number') throw bad('wireVersion must be a number');
-  if (!Number.isInteger(h.channels) || (h.channels as number) < 1 || (h.channels as number) > 64) throw bad(`channels must be an integer from 1 to 64, got ${JSON.stringify(h.channels)}`);
-  if (!Array.isArray(h.sections) || h.sections.some((x) => typeof x !== 'object' || x === null)) throw bad('sections must be an array of objects');
-  for (const k of ['capabilities', 'parameters'] as const) if (typeof h[k] !== 'object' || h[k] === null || Array.isArray(h[k])) throw bad(`${k} must be an object`);
-  const peerTimeout = (h.parameters as Record<string, unknown>)['peer-timeout'];
-  if (peerTimeout !== undefined && !(typeof peerTimeout === 'number' && peerTimeout >= 100 && peerTimeout <= 3_600_000)) throw bad(`parameter peer-timeout must be 100-3600000 ms, got ${JSON.stringify(peerTimeout)}`);
-}
-
-function checkChannelHello(m: unknown): void {
-  const c = m as Partial<ChannelHelloMessage> | null;
-  if (typeof c !== 'object' || c === null || typeof c.migrationId !== 'string' || !Number.isInteger(c.index) || (c.index as number) < 1 || (c.index as number) > 63)
-    throw new MigrationError('ERR_MIGRATION_PROTOCOL', 'malformed ChannelHello: expected { migrationId: string, index: 1-63 }');
+/** This side's failure as the source reads it: nothing runs here. */
+function errorMessage(err: unknown): { code: string; message: string; notRunning: boolean } {
+  const e = describeError(err);
+  return { code: e.code.slice(0, 64), message: e.message.slice(0, 65536), notRunning: true };
 }

@@ -3,6 +3,7 @@
 // downtime limit, then stops the VM and streams the rest. Any failure or
 // cancel leaves the VM running with every device back in RUNNING.
 import { randomUUID } from 'node:crypto';
+import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MigrationEvents, type MigrationEventMap, type MigrationEventName, type MigrationStatus } from './events.js';
 import { MigrationError, describeError } from './errors.js';
@@ -10,7 +11,8 @@ import type { DeviceInfo, HandlerContext, PendingBytes, StateHandler } from './h
 import type { VmControl } from './vm.js';
 import { type MigrationCapabilities, type MigrationParameters, DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './params.js';
 import { type Channel, PeerWatch, RateLimiter, makeChannel, sectionOutput, settleAll, withTimeout } from './channels.js';
-import { FrameType, type LoadReportMessage, WIRE_VERSION, encodeFrame, jsonPayload, parseJson } from './wire.js';
+import { FrameType, WIRE_VERSION, encodeFrame } from './wire.js';
+import { type HelloMessage, type RunningMessage, type SourcePhase, messagePayload, parseMessage, sourceMeaning } from './protocol/index.js';
 import { connect, parseUri } from './transport.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
 import { type DowntimeSplit, DowntimePolicy, type PolicyKind, isP2pQuiesceArc, validArcEstimate } from './policy.js';
@@ -22,21 +24,8 @@ const SATURATED_QUEUE_BYTES = 1 << 20;
 const READY_TIMEOUT_MS = 60_000;
 /** Longest wait, after the commit, for the destination to say the VM runs (then the outcome is unknown). */
 const RUNNING_TIMEOUT_MS = 60_000;
-
-export interface HelloMessage {
-  wireVersion: number;
-  migrationId: string;
-  channels: number;
-  sections: ReturnType<StateHandler['describe']>[];
-  capabilities: MigrationCapabilities;
-  parameters: MigrationParameters;
-}
-
-export interface RunningMessage {
-  digests: (string | null)[];
-  loadMs: number;
-  resumeMs: number;
-}
+/** Longest time the main channel stays open after a Cancel, for the destination to read it (see #fail). */
+const CANCEL_LINGER_MS = 2_000;
 
 export interface MigrationInfo {
   status: MigrationStatus;
@@ -239,23 +228,35 @@ export class MigrationSource extends MigrationEvents {
     this.#running?.reject(err);
     this.#readyToRun?.reject(err);
     this.#watch?.stop();
-    // A failure of this side's own (a cancel, an abort, a device) is said to
-    // the destination if the main channel is idle enough to take it at once.
+    // Every send, pending or later, fails at once: a send stuck on a silent
+    // peer must end now, or nothing after it (the rollback, the VM's resume)
+    // would ever run.
+    for (const ch of this.#channels) ch.writer.abort(err);
     const code = (err as MigrationError).code;
     const main = this.#channels[0];
-    if (main && err !== this.#destinationError && code !== 'ERR_MIGRATION_PEER_TIMEOUT' && code !== 'ERR_MIGRATION_CONNECTION' && main.socket.writableLength === 0 && !main.socket.destroyed) {
-      try {
-        main.socket.write(Buffer.concat(encodeFrame(FrameType.Cancel, 0, jsonPayload({ reason: err.message, code }))));
-      } catch {
-        // Best effort: the destination also sees the connection go.
-      }
+    // A failure of this side's own (a cancel, an abort, a device) is said to
+    // the destination, also with data in flight: the Cancel goes behind what
+    // the main channel has queued (at most its socket buffer), then a FIN.
+    // The main channel stays open, read and discarded, until the destination
+    // closes it or CANCEL_LINGER_MS passed: closing it with unread bytes
+    // would send a reset, and a reset discards the Cancel at the destination.
+    // The data channels go at once (the destination waits for the main
+    // channel's word before it blames their end; see destination.ts).
+    if (main && err !== this.#destinationError && code !== 'ERR_MIGRATION_PEER_TIMEOUT' && code !== 'ERR_MIGRATION_CONNECTION' && !main.socket.destroyed && !main.socket.writableEnded) {
+      main.reader.discard();
+      main.socket.end(Buffer.concat(encodeFrame(FrameType.Cancel, 0, messagePayload(FrameType.Cancel, { reason: err.message.slice(0, 65536), ...(code ? { code } : {}) }))));
+      const linger = setTimeout(() => main.socket.destroy(), CANCEL_LINGER_MS);
+      linger.unref();
+      main.socket.once('close', () => clearTimeout(linger));
+      this.#lingering = main.socket;
     }
-    // Every socket goes at once: a send stuck on a silent peer must end now,
-    // or nothing after it (the rollback, the VM's resume) would ever run. The
-    // destination keeps a failed connection open until this side closes it,
-    // so a report it sent has been read by the time this runs.
-    for (const ch of this.#channels) ch.socket.destroy();
+    // The destination keeps a failed connection open until this side closes
+    // it, so a report it sent has been read by the time this runs.
+    for (const ch of this.#channels) if (ch.socket !== this.#lingering) ch.socket.destroy();
   }
+
+  /** The main channel, closing after a Cancel (see #fail). */
+  #lingering: Socket | null = null;
 
   /** The destination's liveness (heartbeats on the return path), from its handshake answer to the end. */
   #watch: PeerWatch | null = null;
@@ -287,24 +288,29 @@ export class MigrationSource extends MigrationEvents {
         wireVersion: WIRE_VERSION,
         migrationId,
         channels: channelCount,
-        sections: this.handlers.map((h) => h.describe()),
+        sections: this.handlers.map((h) => {
+          const { id, kind, compat } = h.describe();
+          return { id, kind, compat };
+        }),
         capabilities: this.#caps,
         parameters: this.#params,
       };
-      await main.writer.writeJson(FrameType.Hello, 0, hello);
+      await main.writer.writeMessage(FrameType.Hello, hello);
       for (let i = 1; i < channelCount; i++) {
         const ch = makeChannel(i, await connect(target, this.#ac.signal));
         this.#channels.push(ch);
-        await ch.writer.writeJson(FrameType.ChannelHello, 0, { migrationId, index: i });
+        await ch.writer.writeMessage(FrameType.ChannelHello, { migrationId, index: i });
       }
       const answer = await withTimeout(main.reader.next(), options.handshakeTimeoutMs ?? 10_000, 'the destination did not answer the handshake');
       if (!answer) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection during the handshake');
-      if (answer.type === FrameType.Error) {
-        const e = parseJson<{ code: string; message: string }>(answer);
-        const code = e?.code === 'ERR_MIGRATION_INCOMPATIBLE' || e?.code === 'ERR_MIGRATION_BUSY' ? e.code : 'ERR_MIGRATION_DESTINATION';
-        throw new MigrationError(code, `destination refused: ${e?.message}`);
+      if (sourceMeaning(this.#phase, answer.type) === 'refused') {
+        const e = parseMessage(FrameType.Error, answer);
+        const code = e.code === 'ERR_MIGRATION_INCOMPATIBLE' || e.code === 'ERR_MIGRATION_BUSY' ? e.code : 'ERR_MIGRATION_DESTINATION';
+        throw new MigrationError(code, `destination refused: ${e.message}`);
       }
-      if (answer.type !== FrameType.HelloAck) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `expected the handshake answer, got ${FrameType[answer.type]}`);
+      const ack = parseMessage(FrameType.HelloAck, answer);
+      if (ack.wireVersion !== WIRE_VERSION) throw new MigrationError('ERR_MIGRATION_INCOMPATIBLE', `the destination acknowledged wire version ${ack.wireVersion}, this side speaks ${WIRE_VERSION}`);
+      this.#phase = 'precopy';
       this.#returnPathDone = this.#returnPath(main);
       // Liveness both ways from here: heartbeats on the main channel, and a
       // destination silent for peer-timeout (stopped, cut off) fails the migration.
@@ -417,12 +423,14 @@ export class MigrationSource extends MigrationEvents {
       this.#check();
       this.#setStatus('device');
       this.#stoppedAt = performance.now();
+      this.#phase = 'switchover';
       await this.vm.stop();
       this.#vmStoppedByUs = true;
       // Armed before anything is sent: a send stuck on a silent peer must not delay the bound.
       const abortTimer = this.#armSwitchoverAbort();
       try {
-        await main.writer.writeJson(FrameType.Switchover, 0, { stoppedAtEpochMs: performance.timeOrigin + this.#stoppedAt, abortAfterMs: this.#abortAfterMs() });
+        // Durations on this host's monotonic clock: the destination's wall clock may differ from ours.
+        await main.writer.writeMessage(FrameType.Switchover, { abortAfterMs: this.#abortAfterMs(), sentAfterStopMs: performance.now() - this.#stoppedAt });
         await settleAll(this.handlers.map((h) => h.saveQuiesce?.(ctx)));
         this.#check();
         await settleAll(this.handlers.map((h) => h.saveStop(ctx)));
@@ -456,6 +464,7 @@ export class MigrationSource extends MigrationEvents {
         // Committed from the moment the frame may leave: it can reach the
         // destination even if the write then fails here.
         this.#committed = true;
+        this.#phase = 'committed';
         this.#marks.committed = performance.now();
         await main.writer.write(FrameType.Commit, 0);
         this.#emitSafely('MIGRATION_COMMITTED', { afterStopMs: performance.now() - this.#stoppedAt });
@@ -468,6 +477,7 @@ export class MigrationSource extends MigrationEvents {
           `the destination did not report running within ${RUNNING_TIMEOUT_MS} ms of the commit`,
         );
         this.#runningThere = true;
+        this.#phase = 'done';
         this.#downtimeMs = performance.now() - this.#stoppedAt;
         this.#digests = this.handlers.map((h, i) => {
           const src = h.digest?.('saved') ?? null;
@@ -527,7 +537,7 @@ export class MigrationSource extends MigrationEvents {
     } finally {
       this.#watch?.stop();
       options.signal?.removeEventListener('abort', onAbort);
-      for (const ch of this.#channels) ch.socket.destroy();
+      for (const ch of this.#channels) if (ch.socket !== this.#lingering) ch.socket.destroy();
     }
   }
 
@@ -657,6 +667,9 @@ export class MigrationSource extends MigrationEvents {
     return [...groups.values()];
   }
 
+  /** Where this side is, for what the destination's frames mean (protocol/end.ts). */
+  #phase: SourcePhase = 'handshake';
+
   async #returnPath(main: Channel): Promise<void> {
     try {
       for (;;) {
@@ -665,47 +678,60 @@ export class MigrationSource extends MigrationEvents {
           if (this.#status !== 'completed') this.#fail(new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection'));
           return;
         }
-        switch (frame.type) {
-          case FrameType.InitialLoaded:
+        switch (sourceMeaning(this.#phase, frame.type)) {
+          case 'initial-loaded':
             // Informational: the ACK that matters comes once every section is in.
+            parseMessage(FrameType.InitialLoaded, frame);
             break;
-          case FrameType.Heartbeat:
+          case 'alive':
             // Liveness only: the watch counts every byte that arrives.
+            parseMessage(FrameType.Heartbeat, frame);
             break;
-          case FrameType.LoadReport: {
-            const m = parseJson<LoadReportMessage>(frame);
-            if (Number.isFinite(m.loadedBytes) && m.loadedBytes >= 0) this.#destLoadedBytes = Math.max(this.#destLoadedBytes, m.loadedBytes);
-            if (Number.isFinite(m.receivedBytes) && m.receivedBytes >= 0) {
-              this.#destReceivedBytes = Math.max(this.#destReceivedBytes, m.receivedBytes);
-              this.#recordArrival();
-            }
-            for (const r of m.sections ?? []) {
-              if (!Number.isInteger(r.section) || r.section < 0 || r.section >= this.handlers.length) continue;
-              if (Array.isArray(r.arcs)) this.policy.recordDestinationArcs(r.section, r.arcs.filter(validArcEstimate));
+          case 'ping':
+            // At once, ahead of nothing else queued: the destination times the round trip.
+            if (!main.socket.writableEnded) main.socket.write(Buffer.concat(encodeFrame(FrameType.Pong, 0, messagePayload(FrameType.Pong, parseMessage(FrameType.Ping, frame)))));
+            break;
+          case 'report': {
+            const m = parseMessage(FrameType.LoadReport, frame);
+            this.#destLoadedBytes = Math.max(this.#destLoadedBytes, m.loadedBytes);
+            this.#destReceivedBytes = Math.max(this.#destReceivedBytes, m.receivedBytes);
+            this.#recordArrival();
+            for (const r of m.sections) {
+              if (r.section >= this.handlers.length) continue;
+              this.policy.recordDestinationArcs(r.section, r.arcs.filter(validArcEstimate));
               if (r.loadMsPerMiB !== null) this.policy.recordLoadRate(r.section, r.loadMsPerMiB);
             }
             break;
           }
-          case FrameType.SwitchoverAck:
+          case 'ack':
+            parseMessage(FrameType.SwitchoverAck, frame);
             this.#switchoverAcked = true;
             this.emitEvent('SWITCHOVER_ACK', { afterMs: performance.now() - this.#t0 });
             break;
-          case FrameType.ReadyToRun:
+          case 'ready':
+            parseMessage(FrameType.ReadyToRun, frame);
             this.#readyToRun?.resolve();
             break;
-          case FrameType.Running:
-            this.#running?.resolve(parseJson<RunningMessage>(frame));
+          case 'running':
+            this.#running?.resolve(parseMessage(FrameType.Running, frame));
             break;
-          case FrameType.Error: {
-            const e = parseJson<{ code: string; message: string; notRunning?: boolean }>(frame);
-            if (e.notRunning === true) this.#destinationNotRunning = true;
+          case 'failed-before-commit':
+          case 'failed-after-commit': {
+            const e = parseMessage(FrameType.Error, frame);
+            // Before the commit nothing ever ran there; after it, only the destination's word says so.
+            if (this.#phase !== 'committed' || e.notRunning === true) this.#destinationNotRunning = true;
             this.#destinationError = new MigrationError(e.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED' ? 'ERR_MIGRATION_SWITCHOVER_ABORTED' : 'ERR_MIGRATION_DESTINATION', `destination failed: ${e.message}`);
             this.#fail(this.#destinationError);
             return;
           }
-          default:
-            throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unexpected ${FrameType[frame.type]} frame on the return path`);
+          case 'late':
+            break;
+          case 'accepted':
+          case 'refused':
+            // Handshake answers are read by migrate() before this loop starts.
+            throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a second handshake answer (${FrameType[frame.type]})`);
         }
+        frame.release();
       }
     } catch (err) {
       if (!this.#failure && this.#status !== 'completed') this.#fail(err as Error);

@@ -1,144 +1,27 @@
-// The migration wire format: versioned frames with a type, a section id, a
-// length and a CRC32C of the payload, over any byte stream (TCP, unix socket,
-// later TLS). The main channel carries control frames both ways (the reverse
-// direction is the return path); extra channels carry device data only.
+// Frames over a byte stream (TCP, unix socket, later TLS): reading with
+// backpressure and checksums taken as bytes arrive, writing with backpressure,
+// a connection's first frame. The frame format itself is in protocol/frame.ts.
+// The main channel carries control frames both ways (the reverse direction is
+// the return path); extra channels carry device data only.
 import { native } from '../vfio/native.js';
 import type { Duplex } from 'node:stream';
 import { MigrationError } from './errors.js';
-import type { ArcEstimate } from './handler.js';
 import { type DirectChunks, directChunks } from './transport.js';
+import { type MessageOf, type MessageType, messagePayload } from './protocol/messages.js';
+import { FRAME_HEADER_BYTES, type Frame, FrameType, MAX_CONTROL_PAYLOAD_BYTES, MAX_FRAME_PAYLOAD_BYTES, checksumMismatch, decodeHeader, encodeFrame, makeFrame } from './protocol/frame.js';
 
-export const WIRE_MAGIC = 0x56464d47; // "VFMG"
-/** 2: Heartbeat frames, typed refusals (busy) before any channel of a migration is accepted. */
-export const WIRE_VERSION = 2;
-export const FRAME_HEADER_BYTES = 16;
-/** Largest payload a peer may send in one frame. */
-export const MAX_FRAME_PAYLOAD_BYTES = 8 << 20;
-/** Largest JSON control payload (hello, reports). */
-export const MAX_CONTROL_PAYLOAD_BYTES = 1 << 20;
+export * from './protocol/frame.js';
 
-export enum FrameType {
-  // source -> destination
-  Hello = 1,
-  ChannelHello = 2,
-  SectionData = 3,
-  SectionEnd = 4, // a section's data is complete (json: section summary)
-  Switchover = 5, // the source stopped the VM (json: stoppedAtMs, switchoverLimitMs)
-  EndOfStream = 6, // nothing more on this channel
-  Cancel = 7, // json: reason
-  InitialSent = 8, // a section sent all of its initial bytes (switchover-ack)
-  Commit = 9, // answers ReadyToRun: the VM is the destination's now; the source never resumes it by itself
-  // either direction on the main channel
-  Heartbeat = 10, // no payload: the sender is alive (sent when the channel is otherwise idle)
-  // destination -> source (return path)
-  HelloAck = 32,
-  InitialLoaded = 33, // a section finished loading its initial bytes (json: section)
-  SwitchoverAck = 34, // every device loaded its initial bytes
-  Running = 35, // the destination VM runs (json: digests, load times)
-  Error = 36, // json: code, message
-  LoadReport = 37, // json: what the destination learned of its devices' switchover time (LoadReportMessage)
-  ReadyToRun = 38, // every device loaded and stopped; nothing runs until the source's Commit
-}
-
-/** Destination -> source: data-size-independent device time and load rate, per section. */
-export interface LoadReportMessage {
-  /** Per section: the resume arcs as the destination knows them (measured, learned or assumed) and its load rate. */
-  sections: { section: number; arcs: ArcEstimate[]; loadMsPerMiB: number | null }[];
-  /** Section data bytes that have arrived here (beyond them, data is still on its way). */
-  receivedBytes: number;
-  /** Section data bytes loaded into the devices so far (between them and receivedBytes, data waits for its device). */
-  loadedBytes: number;
-}
-
-export interface Frame {
-  type: FrameType;
-  section: number;
-  length: number;
-  /** The payload as it arrived, in socket-sized pieces (no copy). */
-  parts: Buffer[];
-  /** The payload in one Buffer (joined on first use). */
-  readonly payload: Buffer;
-  /** The payload's CRC32C as the header states it. */
-  checksum: number;
-  /**
-   * False for a SectionData frame a reader with `deferDataChecksums` handed
-   * over unchecked: its consumer verifies `checksum` before using the bytes
-   * (verifyFrame, or a device write that checks them off the event loop).
-   */
-  verified: boolean;
-  /**
-   * Done with the payload (and every Buffer taken from it): its memory may
-   * be reused for later reads. Optional (unreleased memory is left to the
-   * GC); releasing a payload still in use corrupts it. Idempotent.
-   */
-  release(): void;
-}
-
-export function makeFrame(type: FrameType, section: number, parts: Buffer[], check: { checksum: number; verified: boolean }, releasePart?: (part: Buffer) => void): Frame {
-  let joined: Buffer | null = null;
-  let released = false;
-  return {
-    type,
-    section,
-    length: parts.reduce((n, p) => n + p.length, 0),
-    parts,
-    checksum: check.checksum,
-    verified: check.verified,
-    get payload() {
-      joined ??= parts.length === 1 ? parts[0]! : Buffer.concat(parts);
-      return joined;
-    },
-    release() {
-      if (released || !releasePart) return;
-      released = true;
-      for (const p of parts) releasePart(p);
-    },
-  };
-}
-
-/** `crc32c`, if given, must be the payload's CRC32C (computed where the bytes were hot). */
-export function encodeFrame(type: FrameType, section: number, payload: Buffer = Buffer.alloc(0), crc32c?: number): Buffer[] {
-  if (payload.length > MAX_FRAME_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `frame payload of ${payload.length} bytes exceeds ${MAX_FRAME_PAYLOAD_BYTES}`);
-  const h = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
-  h.writeUInt32BE(WIRE_MAGIC, 0);
-  h.writeUInt8(WIRE_VERSION, 4);
-  h.writeUInt8(type, 5);
-  h.writeUInt16BE(section, 6);
-  h.writeUInt32BE(payload.length, 8);
-  h.writeUInt32BE(crc32c ?? native.crc32c(payload), 12);
-  return payload.length ? [h, payload] : [h];
-}
-
-/** Checks an unverified frame's payload against its header's CRC32C (ERR_MIGRATION_PROTOCOL on a mismatch). */
-export function verifyFrame(frame: Frame): void {
-  if (frame.verified) return;
-  let crc = 0;
-  for (const p of frame.parts) crc = native.crc32c(p, crc);
-  if (crc !== frame.checksum) throw checksumMismatch(frame.type, frame.section);
-  frame.verified = true;
-}
-
-export function checksumMismatch(type: FrameType, section: number): MigrationError {
-  return new MigrationError('ERR_MIGRATION_PROTOCOL', `checksum mismatch in a ${FrameType[type]} frame of section ${section}`);
-}
-
+/** A raw JSON payload (tests and tools craft hostile ones; the protocol sends messagePayload()). */
 export function jsonPayload(value: unknown): Buffer {
   return Buffer.from(JSON.stringify(value));
 }
 
-export function parseJson<T>(frame: Frame): T {
-  if (frame.payload.length > MAX_CONTROL_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `control frame ${FrameType[frame.type]} of ${frame.payload.length} bytes is too large`);
-  try {
-    return JSON.parse(frame.payload.toString('utf8')) as T;
-  } catch {
-    throw new MigrationError('ERR_MIGRATION_PROTOCOL', `control frame ${FrameType[frame.type] ?? frame.type} does not hold valid JSON`);
-  }
-}
-
 /**
  * Reads frames from a stream. `next()` resolves with the next frame, or null
- * at a clean end of stream; a bad magic, version, length or checksum, or an
- * end of stream inside a frame, is an ERR_MIGRATION_PROTOCOL error. Reading
+ * at a clean end of stream; a bad magic, header, length or checksum, or an
+ * end of stream inside a frame, is an ERR_MIGRATION_PROTOCOL error (another
+ * wire version ERR_MIGRATION_INCOMPATIBLE). Reading
  * pauses while nobody asks for frames, so a slow loader backs up the sender.
  */
 export class FrameReader {
@@ -363,15 +246,7 @@ export class FrameReader {
   #peekHeader(): number {
     const first = this.#chunks[0]!;
     const h = first.length >= FRAME_HEADER_BYTES ? first : Buffer.concat(this.#chunks).subarray(0, FRAME_HEADER_BYTES);
-    const magic = h.readUInt32BE(0);
-    if (magic !== WIRE_MAGIC) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `bad frame magic 0x${magic.toString(16)}: not a vfio-migration stream`);
-    const version = h.readUInt8(4);
-    if (version !== WIRE_VERSION) throw new MigrationError('ERR_MIGRATION_VERSION', `peer speaks wire version ${version}, this side ${WIRE_VERSION}`);
-    const type = h.readUInt8(5);
-    if (!(type in FrameType)) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `unknown frame type ${type}`);
-    const length = h.readUInt32BE(8);
-    if (length > MAX_FRAME_PAYLOAD_BYTES) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `frame of ${length} bytes exceeds the ${MAX_FRAME_PAYLOAD_BYTES}-byte limit`);
-    return length;
+    return decodeHeader(h).length;
   }
 
   /** Takes a whole buffered frame (header checked by #peekHeader) and verifies its checksum. */
@@ -396,12 +271,27 @@ export class FrameReader {
 export class FrameWriter {
   #stream: Duplex;
   bytesWritten = 0;
+  #aborted: Error | null = null;
+  /** Rejecters of writes waiting for 'drain'. */
+  #waiting = new Set<(err: Error) => void>();
 
   constructor(stream: Duplex) {
     this.#stream = stream;
   }
 
+  /**
+   * Every write waiting for the stream, and every later one, fails with
+   * `err` at once (the stream itself is left as it is: its owner may still
+   * end it with a last frame).
+   */
+  abort(err: Error): void {
+    if (this.#aborted) return;
+    this.#aborted = err;
+    for (const reject of [...this.#waiting]) reject(err);
+  }
+
   async write(type: FrameType, section: number, payload?: Buffer, crc32c?: number): Promise<void> {
+    if (this.#aborted) throw this.#aborted;
     const parts = encodeFrame(type, section, payload, crc32c);
     let ok = true;
     for (const p of parts) {
@@ -414,6 +304,7 @@ export class FrameWriter {
           this.#stream.off('drain', onDrain);
           this.#stream.off('close', onClose);
           this.#stream.off('error', onError);
+          this.#waiting.delete(done);
           if (err) reject(err);
           else resolve();
         };
@@ -423,13 +314,16 @@ export class FrameWriter {
         this.#stream.on('drain', onDrain);
         this.#stream.on('close', onClose);
         this.#stream.on('error', onError);
+        this.#waiting.add(done);
       });
     }
+    if (this.#aborted) throw this.#aborted;
     if (this.#stream.destroyed) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection is closed');
   }
 
-  writeJson(type: FrameType, section: number, value: unknown): Promise<void> {
-    return this.write(type, section, jsonPayload(value));
+  /** A control message, validated before it goes (this side never sends what the peer must refuse). */
+  writeMessage<T extends MessageType>(type: T, message: MessageOf<T>): Promise<void> {
+    return this.write(type, 0, messagePayload(type, message));
   }
 
   /**
@@ -438,7 +332,7 @@ export class FrameWriter {
    * heartbeats pile up). Never splits a frame: frames are written whole.
    */
   heartbeat(): void {
-    if (this.#stream.destroyed || this.#stream.writableEnded || this.#stream.writableLength > HEARTBEAT_MAX_QUEUED_BYTES) return;
+    if (this.#aborted || this.#stream.destroyed || this.#stream.writableEnded || this.#stream.writableLength > HEARTBEAT_MAX_QUEUED_BYTES) return;
     this.#stream.write(HEARTBEAT_FRAME);
     this.bytesWritten += HEARTBEAT_FRAME.length;
   }
@@ -457,19 +351,15 @@ export const MAX_FIRST_FRAME_BYTES: Partial<Record<FrameType, number>> = {
  * Reads a connection's first frame and not one byte more, into memory of its
  * exact size (no slab, no stream buffer): a Hello or ChannelHello within its
  * size limit (MAX_FIRST_FRAME_BYTES), checksum verified. Anything else is a
- * typed error (ERR_MIGRATION_PROTOCOL, ERR_MIGRATION_VERSION) before its
+ * typed error (ERR_MIGRATION_PROTOCOL, ERR_MIGRATION_INCOMPATIBLE for another wire version) before its
  * payload is read; a connection that ends first is ERR_MIGRATION_CONNECTION.
  */
 export async function readFirstFrame(socket: Duplex, budget?: { reserve(bytes: number): boolean; unreserve(bytes: number): void }): Promise<Frame> {
   const h = await readExactly(socket, FRAME_HEADER_BYTES);
-  const magic = h.readUInt32BE(0);
-  if (magic !== WIRE_MAGIC) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `bad frame magic 0x${magic.toString(16)}: not a vfio-migration stream`);
-  const version = h.readUInt8(4);
-  if (version !== WIRE_VERSION) throw new MigrationError('ERR_MIGRATION_VERSION', `peer speaks wire version ${version}, this side ${WIRE_VERSION}`);
-  const type = h.readUInt8(5) as FrameType;
+  // Its own limit per type, below: the type is checked before the length.
+  const { type, section, length, checksum } = decodeHeader(h, 0xffffffff);
   const max = MAX_FIRST_FRAME_BYTES[type];
   if (max === undefined) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a connection must start with Hello or ChannelHello, not ${FrameType[type] ?? `frame type ${type}`}`);
-  const length = h.readUInt32BE(8);
   if (length > max) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a ${FrameType[type]} frame of ${length} bytes exceeds its ${max}-byte limit`);
   // A shared budget bounds what all connections read before they identified themselves.
   if (budget && !budget.reserve(length)) throw new MigrationError('ERR_MIGRATION_BUSY', 'too many handshakes in progress: try again');
@@ -479,9 +369,8 @@ export async function readFirstFrame(socket: Duplex, budget?: { reserve(bytes: n
   } finally {
     budget?.unreserve(length);
   }
-  const checksum = h.readUInt32BE(12);
-  if (native.crc32c(payload) !== checksum) throw checksumMismatch(type, h.readUInt16BE(6));
-  return makeFrame(type, h.readUInt16BE(6), length ? [payload] : [], { checksum, verified: true });
+  if (native.crc32c(payload) !== checksum) throw checksumMismatch(type, section);
+  return makeFrame(type, section, length ? [payload] : [], { checksum, verified: true });
 }
 
 /** Exactly `bytes` from a stream that has no reader yet: direct reads of that size where the transport has them. */
