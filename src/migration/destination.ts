@@ -334,6 +334,9 @@ export class MigrationDestination extends MigrationEvents {
     if (!this.#server) throw new MigrationError('ERR_MIGRATION_STATE', 'call listen() before incoming()');
     if (this.#running) throw new MigrationError('ERR_MIGRATION_STATE', `a migration is already running here (status ${this.#status})`);
     this.#running = true;
+    // A destination serves migration after migration: its event history is
+    // this migration's (kept whole, it would grow with every one served).
+    this.history.length = 0;
     this.#failure = null;
     this.#channels = [];
     this.#switchoverLimitMs = 0;
