@@ -189,7 +189,7 @@ async function main(): Promise<number> {
       console.log(`migration ${i + 1}: ${JSON.stringify(m)} / ${JSON.stringify(s)}`);
     }
     if (i + 1 === warmup) warm = await snapshot(pair);
-    if ((i + 1) % 50 === 0) console.log(`  ${i + 1} migrations, ${failures} failed, last ${(m.ms as number).toFixed(0)} ms`);
+    if ((i + 1) % 50 === 0) console.log(`  ${i + 1} migrations, ${failures} failed, last ${(m.ms as number).toFixed(0)} ms, RSS ${pair.map((w) => fmtMiB(procStats(w.pid).rssMiB)).join(' / ')} MiB`);
   }
   const end = await snapshot(pair);
   const soakS = (performance.now() - t0) / 1000;
