@@ -69,6 +69,10 @@ async function worker(spec: WorkerSpec): Promise<void> {
       } catch (err) {
         print({ migrated: { status: src.status, ms: performance.now() - t0, error: describeError(err) } });
       }
+    } else if ((cmd as { snapshot?: string }).snapshot) {
+      (globalThis as { gc?: () => void }).gc?.();
+      const { writeHeapSnapshot } = await import('node:v8');
+      print({ snapshot: writeHeapSnapshot((cmd as { snapshot?: string }).snapshot) });
     } else if (cmd.stats) {
       // A full GC first: what is left is what the process holds on to.
       (globalThis as { gc?: () => void }).gc?.();
@@ -189,6 +193,11 @@ async function main(): Promise<number> {
       console.log(`migration ${i + 1}: ${JSON.stringify(m)} / ${JSON.stringify(s)}`);
     }
     if (i + 1 === warmup) warm = await snapshot(pair);
+    // SOAK_HEAP_SNAPSHOTS=dir: heap snapshots of process A after the warm-up and at the end (to find what grows).
+    if (process.env.SOAK_HEAP_SNAPSHOTS && (i + 1 === warmup || i + 1 === total)) {
+      a.send({ snapshot: `${process.env.SOAK_HEAP_SNAPSHOTS}/a-${i + 1}.heapsnapshot` });
+      await a.next('snapshot');
+    }
     if ((i + 1) % 50 === 0) console.log(`  ${i + 1} migrations, ${failures} failed, last ${(m.ms as number).toFixed(0)} ms, RSS ${pair.map((w) => fmtMiB(procStats(w.pid).rssMiB)).join(' / ')} MiB`);
   }
   const end = await snapshot(pair);
