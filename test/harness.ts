@@ -85,9 +85,11 @@ export interface PeerProcess {
 const PEER = path.resolve(here, 'peer-process.js');
 
 /** A migration end in a child process (test/peer-process.ts), optionally inside a network namespace. */
-export function startPeer(args: string[], options: { netns?: string } = {}): PeerProcess {
-  const argv = [PEER, ...args];
-  const proc = options.netns ? spawn('ip', ['netns', 'exec', options.netns, process.execPath, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+/** `wrap`: a command the peer runs under (e.g. faketime and its arguments). */
+export function startPeer(args: string[], options: { netns?: string; wrap?: string[] } = {}): PeerProcess {
+  const argv = [...(options.wrap ?? []).slice(1), ...(options.wrap ? [process.execPath] : []), PEER, ...args];
+  const command = options.wrap?.[0] ?? process.execPath;
+  const proc = options.netns ? spawn('ip', ['netns', 'exec', options.netns, command, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn(command, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
   const lines: Record<string, unknown>[] = [];
   const waiters = new Set<() => void>();
   let stderr = '';
