@@ -192,8 +192,7 @@ test('CLI: --timeout-ms cancels a migration that has not completed in time', asy
 test('CLI: the destination reports a source that cancels as cancelled, with the reason', async (t) => {
   // A downtime-limit of 1 ms cannot be met: the source stalls and (--on-stall
   // cancel) gives up while its link is idle, so its Cancel is what the
-  // destination reads. (A cancel while data is in flight is still reported
-  // as a lost connection: the source says Cancel only on an idle link.)
+  // destination reads. (With data in flight: the next test.)
   const quiet = ['--mock', 'nic-vf', '--mock-overrides', '{"dirtyBytesPerSec":0}']; // nothing left to send once its initial bytes went
   const dest = await incoming(quiet);
   const src = await run(['migrate', '--to', dest.uri, '--json', '--arc-history', 'none', '--param', 'downtime-limit=1', '--param', 'stall-iterations=2', '--on-stall', 'cancel', ...quiet]);
@@ -205,6 +204,27 @@ test('CLI: the destination reports a source that cancels as cancelled, with the 
   t.is((result?.error as { code: string }).code, 'ERR_MIGRATION_CANCELLED');
   t.regex(r.stderr, /^vfio-migrate: ERR_MIGRATION_CANCELLED: the source cancelled: stalled/m);
 });
+
+for (const channels of [1, 3]) {
+  test(`CLI: a source that cancels with data in flight (${channels} channel${channels > 1 ? 's' : ''}, bandwidth-capped) is reported by the destination as cancelled, every round`, async (t) => {
+    // 2 x 64 MiB at 16 MiB/s cannot make it in 1.5 s: the cancel comes while
+    // frames are on every channel. The source's Cancel goes behind what its
+    // main channel has queued, its data channels close at once, and the
+    // destination waits for the main channel's word before it blames them.
+    const devices = ['--mock', 'nic-vf:2', '--mock-overrides', '{"stateBytes":"64MiB"}'];
+    for (let round = 0; round < 3; round++) {
+      const dest = await incoming(devices);
+      const src = await run(['migrate', '--to', dest.uri, '--json', '--arc-history', 'none', '--channels', String(channels), '--param', `max-bandwidth=${16 << 20}`, '--timeout-ms', '1500', ...devices]);
+      t.is(resultOf(src)?.status, 'cancelled', src.stderr);
+      t.true((resultOf(src)?.transferredBytes as number) > 1 << 20, 'data was on its way');
+      const r = await dest.done;
+      const result = resultOf(r);
+      t.is(result?.status, 'cancelled', `round ${round}: ${r.stderr}`);
+      t.is((result?.error as { code: string } | undefined)?.code, 'ERR_MIGRATION_CANCELLED', `round ${round}: ${r.stderr}`);
+      t.regex(r.stderr, /^vfio-migrate: ERR_MIGRATION_CANCELLED: the source cancelled: did not complete within 1500 ms/m, `round ${round}`);
+    }
+  });
+}
 
 test('CLI: incoming keeps listening after failed migrations (refused, cancelled) and exits 0 once one completes; --once gives up after the first', async (t) => {
   const devices = ['--mock', 'serial', '--ram', '64MiB'];

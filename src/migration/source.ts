@@ -247,16 +247,22 @@ export class MigrationSource extends MigrationEvents {
       main.socket.end(Buffer.concat(encodeFrame(FrameType.Cancel, 0, messagePayload(FrameType.Cancel, { reason: err.message.slice(0, 65536), ...(code ? { code } : {}) }))));
       const linger = setTimeout(() => main.socket.destroy(), CANCEL_LINGER_MS);
       linger.unref();
-      main.socket.once('close', () => clearTimeout(linger));
       this.#lingering = main.socket;
+      this.#lingerDone = new Promise((resolve) =>
+        main.socket.once('close', () => {
+          clearTimeout(linger);
+          resolve();
+        }),
+      );
     }
     // The destination keeps a failed connection open until this side closes
     // it, so a report it sent has been read by the time this runs.
     for (const ch of this.#channels) if (ch.socket !== this.#lingering) ch.socket.destroy();
   }
 
-  /** The main channel, closing after a Cancel (see #fail). */
+  /** The main channel, closing after a Cancel (see #fail), and its close. */
   #lingering: Socket | null = null;
+  #lingerDone: Promise<void> | null = null;
 
   /** The destination's liveness (heartbeats on the return path), from its handshake answer to the end. */
   #watch: PeerWatch | null = null;
@@ -538,6 +544,9 @@ export class MigrationSource extends MigrationEvents {
       this.#watch?.stop();
       options.signal?.removeEventListener('abort', onAbort);
       for (const ch of this.#channels) if (ch.socket !== this.#lingering) ch.socket.destroy();
+      // The VM already runs here again; the caller (a CLI about to exit) gets
+      // the result once the destination has read the Cancel (at most CANCEL_LINGER_MS).
+      if (this.#lingerDone) await this.#lingerDone;
     }
   }
 
