@@ -42,6 +42,8 @@ enum RecordType : uint16_t {
   kRecInitialDone = 4,
   kRecStopOnly = 5,   // arg0 = offset; stop-copy-only state
   kRecEnd = 6,        // arg0 = chunk count, arg1 = digest of the content
+  kRecReinit = 7,     // arg0 = offset, arg1 = total; new initial data after a REINIT
+  kRecReinitDone = 8, // arg0 = total: the REINIT's initial data is complete (loads like kRecInitialDone)
 };
 struct HeaderPayload {
   uint64_t state_bytes;
@@ -208,6 +210,14 @@ void MockDevice::AdvanceLocked() {
   auto now = std::chrono::steady_clock::now();
   double dt = std::chrono::duration<double>(now - last_tick_).count();
   last_tick_ = now;
+  // The profile's REINIT: once per save session, that long into PRE_COPY.
+  Session& rs = session_;
+  if (p_.reinit_after_precopy_ms >= 0 && rs.kind == SessionKind::kSave && rs.active && !rs.reinit_fired &&
+      (state_ == kStatePreCopy || state_ == kStatePreCopyP2P) &&
+      std::chrono::duration<double, std::milli>(now - rs.precopy_start).count() >= p_.reinit_after_precopy_ms) {
+    rs.reinit_fired = true;
+    rs.reinit_flag_owed = true;
+  }
   if (!RunningLocked() || p_.dirty_bytes_per_sec <= 0 || working_set_chunks_ == 0) return;
   dirty_carry_ += p_.dirty_bytes_per_sec * dt / p_.chunk_bytes;
   // Past a few passes over the working set more dirtying changes nothing the
@@ -245,6 +255,10 @@ uint64_t MockDevice::RemainingInitialLocked() const {
   b += SplitRecordsBytes(p_.setup_bytes - s.setup_sent, p_.chunk_bytes);
   b += uint64_t(chunk_count_ - s.next_first_pass_chunk) * RecordBytes(p_.chunk_bytes);
   if (!s.initial_done_sent) b += RecordBytes(0);
+  if (s.reinit_fired) {
+    b += SplitRecordsBytes(p_.reinit_initial_bytes - s.reinit_sent, p_.chunk_bytes);
+    if (!s.reinit_done_sent) b += RecordBytes(0);
+  }
   return b;
 }
 
@@ -272,6 +286,7 @@ int MockDevice::OpenSessionLocked(SessionKind kind, int* data_fd) {
   Session s;
   s.kind = kind;
   s.active = true;
+  s.precopy_start = std::chrono::steady_clock::now();  // a save session opens on entering PRE_COPY(_P2P) or STOP_COPY
   s.rate_start = std::chrono::steady_clock::now();
   if (kind == SessionKind::kSave) {
     s.user_fd = fds[0];
@@ -308,7 +323,7 @@ int MockDevice::StepLocked(uint32_t next, int* data_fd) {
     Session& s = session_;
     bool complete = s.header_ok && s.end_ok && s.initial_done && !s.MidRecord() &&
                     s.setup_loaded == p_.setup_bytes && s.stop_only_loaded == p_.stop_copy_only_bytes &&
-                    s.chunks_received == chunk_count_;
+                    s.chunks_received == chunk_count_ && s.reinit_started == s.reinit_done;
     if (!complete) {
       EndSessionLocked();
       if (p_.resume_failure_into_error) state_ = kStateError;
@@ -379,6 +394,30 @@ int MockDevice::GetPrecopyInfo(int data_fd, uint64_t* initial_bytes, uint64_t* d
   else dirty += staged;
   *initial_bytes = p_.bogus_initial ? p_.bogus_initial_bytes : initial;
   *dirty_bytes = p_.bogus_dirty ? p_.bogus_dirty_bytes : dirty;
+  return 0;
+}
+
+int MockDevice::EnablePrecopyInfoV2() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (closed_) return EBADF;
+  // A kernel or driver without the feature: vfio_ioctl_device_feature()
+  // passes an unknown feature to the driver, which answers ENOTTY.
+  if (!p_.precopy_info_v2) return ENOTTY;
+  precopy_info_v2_on_ = true;
+  return 0;
+}
+
+int MockDevice::GetPrecopyInfoV2(int data_fd, uint64_t* initial_bytes, uint64_t* dirty_bytes, bool* reinit) {
+  *reinit = false;
+  int err = GetPrecopyInfo(data_fd, initial_bytes, dirty_bytes);
+  if (err) return err;
+  std::lock_guard<std::mutex> l(mu_);
+  // Without the opt-in the REINIT is not reported: its new data only shows
+  // as more initial bytes to read.
+  if (precopy_info_v2_on_ && session_.kind == SessionKind::kSave && session_.user_fd == data_fd && session_.reinit_flag_owed) {
+    session_.reinit_flag_owed = false;
+    *reinit = true;
+  }
   return 0;
 }
 
@@ -500,6 +539,13 @@ size_t MockDevice::ProduceLocked(Session& s, size_t max, uint8_t* out, size_t ca
     } else if (!s.initial_done_sent) {
       emit(kRecInitialDone, 0, 0, nullptr, 0, false);
       s.initial_done_sent = true;
+    } else if (s.reinit_fired && s.reinit_sent < p_.reinit_initial_bytes) {
+      uint32_t len = uint32_t(std::min<uint64_t>(p_.chunk_bytes, p_.reinit_initial_bytes - s.reinit_sent));
+      emit(kRecReinit, s.reinit_sent, p_.reinit_initial_bytes, nullptr, len, true);
+      s.reinit_sent += len;
+    } else if (s.reinit_fired && !s.reinit_done_sent) {
+      emit(kRecReinitDone, p_.reinit_initial_bytes, 0, nullptr, 0, false);
+      s.reinit_done_sent = true;
     } else if (dirty_count_ > 0) {
       // Round-robin from where the last one was found; dirty_count_ > 0
       // guarantees a hit.
@@ -587,10 +633,13 @@ ssize_t MockDevice::WriteData(int data_fd, const void* buf, size_t len) {
   const uint8_t* in = static_cast<const uint8_t*>(buf);
   info_.bytes_written += w;
   bool was_initial_done = s.initial_done;
+  bool was_reinit_done = s.reinit_done;
   int err = ParseLocked(s, in, w);
   if (err) return -err;
   double load_ms = p_.load_ms_per_mib * double(w) / double(1 << 20);
   if (!was_initial_done && s.initial_done) load_ms += p_.load_initial_ms;
+  // A REINIT's new initial data costs its setup again, as the first did.
+  if (!was_reinit_done && s.reinit_done) load_ms += p_.load_initial_ms;
   info_.load_busy_ms += load_ms;
   if (load_ms > 0) {
     if (!SleepLocked(l, load_ms)) return -ECANCELED;
@@ -701,8 +750,22 @@ int MockDevice::ApplyRecordLocked(Session& s, const void* header, const uint8_t*
       if (h.arg0 != s.stop_only_loaded || h.arg0 + h.payload_len > p_.stop_copy_only_bytes) return EINVAL;
       s.stop_only_loaded += h.payload_len;
       return 0;
+    case kRecReinit:
+      // Once per stream, after the first initial data, in order.
+      if (!s.initial_done || s.reinit_done || h.arg0 != s.reinit_loaded || (s.reinit_started && h.arg1 != s.reinit_total) ||
+          h.arg0 + h.payload_len > h.arg1)
+        return EINVAL;
+      s.reinit_started = true;
+      s.reinit_total = h.arg1;
+      s.reinit_loaded += h.payload_len;
+      return 0;
+    case kRecReinitDone:
+      if (!s.initial_done || s.reinit_done || h.arg0 != s.reinit_loaded || (s.reinit_started && h.arg0 != s.reinit_total)) return EINVAL;
+      s.reinit_started = true;
+      s.reinit_done = true;
+      return 0;
     case kRecEnd:
-      if (!s.initial_done || h.arg0 != chunk_count_ || h.arg1 != Digest64(s.src_seed, s.versions)) return EINVAL;
+      if (!s.initial_done || s.reinit_started != s.reinit_done || h.arg0 != chunk_count_ || h.arg1 != Digest64(s.src_seed, s.versions)) return EINVAL;
       s.end_ok = true;
       return 0;
     default:

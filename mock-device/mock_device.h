@@ -94,6 +94,9 @@ struct MockProfile {
   bool bogus_stop_copy = false;
   uint64_t bogus_stop_copy_bytes = 0;
   uint64_t profile_hash = 0;          // identity of the state layout, checked on resume
+  bool precopy_info_v2 = true;        // accepts the MIG_PRECOPY_INFOv2 opt-in
+  double reinit_after_precopy_ms = -1;  // REINIT that long after entering PRE_COPY; < 0 = never
+  uint64_t reinit_initial_bytes = 0;  // the new initial data a REINIT announces
   // Driver personality: "generic" (this MockDevice) or "mtty" (MttyMockDevice,
   // mtty_mock.h, which uses only `ports` from this profile).
   std::string driver = "generic";
@@ -124,6 +127,8 @@ class MockDevice : public DeviceBackend {
   int GetState(uint32_t* state) override;
   int SetState(uint32_t state, int* data_fd) override;
   int GetPrecopyInfo(int data_fd, uint64_t* initial_bytes, uint64_t* dirty_bytes) override;
+  int EnablePrecopyInfoV2() override;
+  int GetPrecopyInfoV2(int data_fd, uint64_t* initial_bytes, uint64_t* dirty_bytes, bool* reinit) override;
   int GetStopCopySize(uint64_t* stop_copy_bytes) override;
   int Reset() override;
   int DmaLoggingStart(uint64_t page_size, const std::vector<DmaRange>& ranges) override;
@@ -175,6 +180,19 @@ class MockDevice : public DeviceBackend {
     uint64_t chunks_received = 0;
     std::vector<uint32_t> versions;
     std::vector<uint8_t> received;
+    // REINIT (save side): when PRE_COPY began, whether the REINIT fired, how
+    // much of its new initial data is produced, whether its REINIT_DONE
+    // record is, and whether PRECOPY_INFO still owes the flag.
+    std::chrono::steady_clock::time_point precopy_start;
+    bool reinit_fired = false;
+    uint64_t reinit_sent = 0;
+    bool reinit_done_sent = false;
+    bool reinit_flag_owed = false;
+    // REINIT (resume side): the new initial data's announced size and progress.
+    uint64_t reinit_total = 0;
+    uint64_t reinit_loaded = 0;
+    bool reinit_started = false;
+    bool reinit_done = false;
     // Rate cap bookkeeping.
     std::chrono::steady_clock::time_point rate_start;
     uint64_t rate_bytes = 0;
@@ -217,6 +235,7 @@ class MockDevice : public DeviceBackend {
   Session session_;
   std::map<int, bool> stale_fds_;   // user fds of ended sessions still open
   bool dma_logging_on_ = false;
+  bool precopy_info_v2_on_ = false;  // this open opted in (the kernel keeps it per device fd)
   uint64_t dma_dirty_since_report_ = 0;
   MockInfo info_{};
   bool closed_ = false;

@@ -213,6 +213,10 @@ MockProfile ParseProfile(const Napi::Object& o) {
     p.bogus_stop_copy_bytes = U64(o.Get("bogusStopCopyBytes"), "mock profile: bogusStopCopyBytes");
   }
   p.profile_hash = U64(o.Get("profileHash"), "mock profile: profileHash");
+  // Absent = true: the generic mock accepts the PRECOPY_INFOv2 opt-in.
+  p.precopy_info_v2 = o.Get("precopyInfoV2").IsUndefined() || Bool(o, "precopyInfoV2");
+  p.reinit_after_precopy_ms = Num(o, "reinitAfterPrecopyMs", -1, -1, kMockMaxDelayMs);
+  p.reinit_initial_bytes = uint64_t(Int(o, "reinitInitialBytes", 0, 0, int64_t(kMockMaxStateBytes)));
   return p;
 }
 
@@ -292,6 +296,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                            M<&NativeDevice::GetState>("getState"),
                            M<&NativeDevice::SetState>("setState"),
                            M<&NativeDevice::PrecopyInfo>("precopyInfo"),
+                           M<&NativeDevice::EnablePrecopyInfoV2>("enablePrecopyInfoV2"),
                            M<&NativeDevice::StopCopySize>("stopCopySize"),
                            M<&NativeDevice::Reset>("reset"),
                            M<&NativeDevice::DmaLoggingStart>("dmaLoggingStart"),
@@ -588,20 +593,39 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     uint32_t id = SessionArg(info, "precopyInfo");
     auto b = backend_;
     auto sessions = sessions_;
-    auto v = std::make_shared<std::pair<uint64_t, uint64_t>>();
+    struct Out { uint64_t initial = 0, dirty = 0; bool reinit = false; };
+    auto v = std::make_shared<Out>();
     return Run(info.Env(), On::kControl, "precopyInfo",
                [b, sessions, id, v](Result& r) {
                  SessionUse use(sessions, id);
                  if (use.Closed(r, "precopyInfo")) return;
-                 r.err = b->GetPrecopyInfo(use.fd, &v->first, &v->second);
+                 r.err = b->GetPrecopyInfoV2(use.fd, &v->initial, &v->dirty, &v->reinit);
                  r.op = "VFIO_MIG_GET_PRECOPY_INFO";
                },
                [v](Napi::Env env) {
                  Napi::Object o = Napi::Object::New(env);
-                 o.Set("initialBytes", Napi::BigInt::New(env, v->first));
-                 o.Set("dirtyBytes", Napi::BigInt::New(env, v->second));
+                 o.Set("initialBytes", Napi::BigInt::New(env, v->initial));
+                 o.Set("dirtyBytes", Napi::BigInt::New(env, v->dirty));
+                 o.Set("reinit", Napi::Boolean::New(env, v->reinit));
                  return o;
                });
+  }
+
+  // enablePrecopyInfoV2() -> true when the device fd opted in, false when
+  // the kernel or driver lacks the feature (ENOTTY, EINVAL, EOPNOTSUPP);
+  // any other errno rejects.
+  Napi::Value EnablePrecopyInfoV2(const Napi::CallbackInfo& info) {
+    auto b = backend_;
+    auto ok = std::make_shared<bool>(false);
+    return Run(info.Env(), On::kControl, "enablePrecopyInfoV2",
+               [b, ok](Result& r) {
+                 int err = b->EnablePrecopyInfoV2();
+                 r.op = "VFIO_DEVICE_FEATURE(SET MIG_PRECOPY_INFOv2)";
+                 if (err == ENOTTY || err == EINVAL || err == EOPNOTSUPP) return;
+                 r.err = err;
+                 *ok = err == 0;
+               },
+               [ok](Napi::Env env) { return Napi::Boolean::New(env, *ok); });
   }
 
   Napi::Value StopCopySize(const Napi::CallbackInfo& info) {
@@ -732,8 +756,16 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                  // The JS Buffer views the first n bytes of a max-byte block.
                  size_t max = out->max;
                  Napi::Object result = Napi::Object::New(env);
+                 // V8 is told about the block: it then collects spent read
+                 // Buffers as they pile up, and their blocks come back to the
+                 // pool (already faulted in) instead of every read faulting
+                 // in a fresh one while the pool waits for a GC.
+                 Napi::MemoryManagement::AdjustExternalMemory(env, int64_t(max));
                  Napi::Buffer<uint8_t> bytes = Napi::Buffer<uint8_t>::New(env, out->data, size_t(out->n),
-                                                                          [max](Napi::Env, uint8_t* p) { ReadBufferPool::Put(p, max); });
+                                                                          [max](Napi::Env env, uint8_t* p) {
+                                                                            ReadBufferPool::Put(p, max);
+                                                                            Napi::MemoryManagement::AdjustExternalMemory(env, -int64_t(max));
+                                                                          });
                  out->data = nullptr;  // owned by the Buffer now
                  result.Set("bytes", bytes);
                  result.Set("crc32c", Napi::Number::New(env, out->crc));
@@ -954,6 +986,8 @@ Napi::Object UapiNumbers(Napi::Env env) {
   set("VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP", kFeatureDmaLoggingStop);
   set("VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT", kFeatureDmaLoggingReport);
   set("VFIO_DEVICE_FEATURE_MIG_DATA_SIZE", kFeatureMigDataSize);
+  set("VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2", kFeatureMigPrecopyInfoV2);  // after 6.12
+  set("VFIO_PRECOPY_INFO_REINIT", kPrecopyInfoReinit);                      // after 6.12
   set("VFIO_MIGRATION_STOP_COPY", double(kMigrationStopCopy));
   set("VFIO_MIGRATION_P2P", double(kMigrationP2P));
   set("VFIO_MIGRATION_PRE_COPY", double(kMigrationPreCopy));

@@ -9,6 +9,8 @@
 
 #include <sys/types.h>
 
+#include <cerrno>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -39,6 +41,16 @@ class DeviceBackend {
   virtual int SetState(uint32_t state, int* data_fd) = 0;
   // VFIO_MIG_GET_PRECOPY_INFO on a data fd.
   virtual int GetPrecopyInfo(int data_fd, uint64_t* initial_bytes, uint64_t* dirty_bytes) = 0;
+  // VFIO_DEVICE_FEATURE(SET MIG_PRECOPY_INFOv2), no data: opts this device fd
+  // in to vfio_precopy_info.flags. ENOTTY or EINVAL where the kernel or the
+  // driver lacks it (a backend that does not override it never has it).
+  virtual int EnablePrecopyInfoV2() { return ENOTTY; }
+  // VFIO_MIG_GET_PRECOPY_INFO with the output flags: *reinit is true only
+  // after a successful EnablePrecopyInfoV2() and a REINIT from the device.
+  virtual int GetPrecopyInfoV2(int data_fd, uint64_t* initial_bytes, uint64_t* dirty_bytes, bool* reinit) {
+    *reinit = false;
+    return GetPrecopyInfo(data_fd, initial_bytes, dirty_bytes);
+  }
   // VFIO_DEVICE_FEATURE(MIG_DATA_SIZE).
   virtual int GetStopCopySize(uint64_t* stop_copy_bytes) = 0;
   // VFIO_DEVICE_RESET.

@@ -122,6 +122,25 @@ class KernelDevice : public DeviceBackend {
     }
     return err;
   }
+  int EnablePrecopyInfoV2() override {
+    int err = Feature(kFeatureSet | kFeatureMigPrecopyInfoV2, nullptr, 0);
+    if (!err) precopy_info_v2_ = true;
+    return err;
+  }
+  int GetPrecopyInfoV2(int data_fd, uint64_t* initial, uint64_t* dirty, bool* reinit) override {
+    vfio_precopy_info info{};
+    info.argsz = sizeof info;
+    info.flags = 0;  // in: none; out (opted in only): zeroed by the driver, then REINIT or not
+    *reinit = false;
+    int err = Ioctl(data_fd, kVfioMigGetPrecopyInfo, &info);
+    if (!err) {
+      *initial = info.initial_bytes;
+      *dirty = info.dirty_bytes;
+      // Without the opt-in the field is reserved: an old driver echoes it.
+      *reinit = precopy_info_v2_ && (info.flags & kPrecopyInfoReinit) != 0;
+    }
+    return err;
+  }
   int GetStopCopySize(uint64_t* bytes) override {
     vfio_device_feature_mig_data_size d{};
     int err = Feature(kFeatureGet | kFeatureMigDataSize, &d, sizeof d);
@@ -170,6 +189,7 @@ class KernelDevice : public DeviceBackend {
  private:
   int device_fd_, iommufd_, group_fd_, container_fd_;
   const char* path_;
+  bool precopy_info_v2_ = false;  // this fd opted in to vfio_precopy_info.flags
 };
 
 DeviceBackend* OpenCdev(const std::string& cdev, int* err, std::string* what) {

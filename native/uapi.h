@@ -53,6 +53,18 @@ constexpr uint32_t kFeatureDmaLoggingStart = 6;
 constexpr uint32_t kFeatureDmaLoggingStop = 7;
 constexpr uint32_t kFeatureDmaLoggingReport = 8;
 constexpr uint32_t kFeatureMigDataSize = 9;
+// Not in Linux 6.12 (the header the uAPI test compiles against), so these are
+// our own definitions with nothing to static_assert them against: the values
+// come from the PRECOPY_INFOv2 series (../shared/uapi.md, "PRECOPY_INFOv2 and
+// REINIT"). A SET of this feature with no data opts the device fd in; after
+// that the driver zeroes vfio_precopy_info.flags on each GET_PRECOPY_INFO and
+// may set kPrecopyInfoReinit. Before it the flags field is reserved (old
+// drivers echo what the caller passed), so it is never read.
+constexpr uint32_t kFeatureMigPrecopyInfoV2 = 12;
+// struct vfio_precopy_info.flags (output, only after the opt-in): the device
+// has entirely new initial data; initial_bytes is a new value and
+// dirty_bytes restarts at 0.
+constexpr uint32_t kPrecopyInfoReinit = 1u << 0;
 
 // struct vfio_device_feature_migration.flags
 constexpr uint64_t kMigrationStopCopy = 1ull << 0;

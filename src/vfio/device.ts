@@ -51,6 +51,12 @@ export type ReadResult = { kind: 'data'; bytes: Buffer; crc32c: number } | { kin
 export interface PrecopyInfo {
   initialBytes: bigint;
   dirtyBytes: bigint;
+  /**
+   * VFIO_PRECOPY_INFO_REINIT: the device has entirely new initial data
+   * (`initialBytes` is a new value, `dirtyBytes` restarted). Only ever true
+   * after enablePrecopyInfoV2() resolved true; the flags are not read before.
+   */
+  reinit: boolean;
 }
 
 export interface StepOptions {
@@ -251,6 +257,19 @@ export class VfioDevice implements AsyncDisposable {
       throw staleError(errno, 'VFIO_MIG_GET_PRECOPY_INFO', this.id);
     }
     return this.#call('precopy-info', () => this.#handle.precopyInfo(session.id)).catch((err) => {
+      throw fromNative(err, { device: this.id });
+    });
+  }
+
+  /**
+   * VFIO_DEVICE_FEATURE(SET MIG_PRECOPY_INFOv2) with no data: opts this
+   * device fd in to the PRECOPY_INFO flags (REINIT). Resolves false when the
+   * kernel or the driver lacks the feature (ENOTTY, EINVAL, EOPNOTSUPP: the
+   * 6.12 mtty does), which is no error; other errnos reject.
+   */
+  async enablePrecopyInfoV2(): Promise<boolean> {
+    if (this.#closed) throw new VfioError('ERR_VFIO_CLOSED', `${this.id}: device is closed (enable-precopy-info-v2)`, { device: this.id });
+    return this.#call('enable-precopy-info-v2', () => this.#handle.enablePrecopyInfoV2()).catch((err) => {
       throw fromNative(err, { device: this.id });
     });
   }

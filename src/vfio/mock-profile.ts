@@ -49,6 +49,10 @@ export interface MockProfileInput {
   driver?: 'generic' | 'mtty';
   /** mtty personality: number of serial ports, 1 (mtty-1) or 2 (mtty-2, default). */
   ports?: 1 | 2;
+  /** Accepts the VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 opt-in (default true; the mtty personality never does, as 6.12's mtty). */
+  precopyInfoV2?: boolean;
+  /** Once, `afterPrecopyMs` after entering PRE_COPY, the device announces `initialBytes` of entirely new initial data (VFIO_PRECOPY_INFO_REINIT). */
+  reinit?: { afterPrecopyMs: number; initialBytes: ByteSize };
 }
 
 /** A validated profile: every field present, sizes in bytes. */
@@ -70,6 +74,11 @@ export interface MockProfileScalars {
   bogusInitialBytes?: bigint;
   bogusDirtyBytes?: bigint;
   bogusStopCopyBytes?: bigint;
+  /** Accepts the PRECOPY_INFOv2 opt-in. */
+  precopyInfoV2: boolean;
+  /** -1 = no REINIT. */
+  reinitAfterPrecopyMs: number;
+  reinitInitialBytes: number;
 }
 
 export interface MockProfile extends MockProfileScalars {
@@ -90,6 +99,7 @@ const KNOWN_FIELDS = new Set([
   'name', 'description', 'flags', 'stateBytes', 'chunkBytes', 'setupBytes', 'stopCopyOnlyBytes', 'dirtyBytesPerSec',
   'dirtyWorkingSetBytes', 'arcLatencyMs', 'loadInitialMs', 'loadMsPerMiB', 'maxBytesPerSec', 'resumeFailureIntoError',
   'dmaLogging', 'faults', 'corruptSaveAtByte', 'bogusPrecopyInfo', 'bogusStopCopyBytes', 'driver', 'ports',
+  'precopyInfoV2', 'reinit',
 ]);
 /**
  * Limits that keep any valid profile's memory and open time small (the mock
@@ -247,7 +257,21 @@ export function validateProfile(input: unknown): MockProfile {
     dmaLogging: bool('dmaLogging'),
     faults,
     corruptSaveAtByte,
+    precopyInfoV2: o.precopyInfoV2 === undefined ? true : bool('precopyInfoV2'),
+    reinitAfterPrecopyMs: -1,
+    reinitInitialBytes: 0,
   };
+  if (o.reinit !== undefined) {
+    const r = o.reinit as Record<string, unknown>;
+    if (typeof r !== 'object' || r === null || Array.isArray(r)) fail(name, 'reinit', 'must be an object { afterPrecopyMs, initialBytes }');
+    for (const k of Object.keys(r)) if (k !== 'afterPrecopyMs' && k !== 'initialBytes') fail(name, `reinit.${k}`, 'is not a field (afterPrecopyMs, initialBytes)');
+    if (!flags.preCopy) fail(name, 'reinit', 'needs the "pre-copy" flag (a REINIT happens during PRE_COPY)');
+    if (r.afterPrecopyMs === undefined) fail(name, 'reinit.afterPrecopyMs', 'is required');
+    if (r.initialBytes === undefined) fail(name, 'reinit.initialBytes', 'is required');
+    profile.reinitAfterPrecopyMs = bounded(r.afterPrecopyMs, name, 'reinit.afterPrecopyMs', PROFILE_LIMITS.maxDelayMs);
+    profile.reinitInitialBytes = parseByteSize(r.initialBytes, name, 'reinit.initialBytes');
+    if (profile.reinitInitialBytes > MAX_STATE_BYTES) fail(name, 'reinit.initialBytes', `must be at most 64GiB, got ${profile.reinitInitialBytes}`);
+  }
   if (profile.maxBytesPerSec !== 0 && profile.maxBytesPerSec < PROFILE_LIMITS.minMaxBytesPerSec)
     fail(name, 'maxBytesPerSec', `must be 0 (no cap) or at least ${PROFILE_LIMITS.minMaxBytesPerSec}, got ${profile.maxBytesPerSec}`);
   if (o.bogusPrecopyInfo !== undefined) {
@@ -276,6 +300,8 @@ function validateMttyProfile(name: string, o: Record<string, unknown>): MockProf
     stateBytes: 36 * ports, chunkBytes: 36, setupBytes: 0, stopCopyOnlyBytes: 0, dirtyBytesPerSec: 0, dirtyWorkingSetBytes: 36 * ports,
     defaultArcLatencyMs: 0, arcLatencyMs: [], loadInitialMs: 0, loadMsPerMiB: 0, maxBytesPerSec: 0, resumeFailureIntoError: false,
     dmaLogging: true, faults: [], corruptSaveAtByte: -1, driver: 'mtty', ports,
+    // 6.12's mtty has no MIG_PRECOPY_INFOv2 and never re-initialises.
+    precopyInfoV2: false, reinitAfterPrecopyMs: -1, reinitInitialBytes: 0,
   };
 }
 
@@ -341,6 +367,9 @@ export function toNativeProfile(p: MockProfile): NativeMockProfile {
     bogusDirtyBytes: p.bogusDirtyBytes,
     bogusStopCopyBytes: p.bogusStopCopyBytes,
     profileHash: profileHash(p),
+    precopyInfoV2: p.precopyInfoV2,
+    reinitAfterPrecopyMs: p.reinitAfterPrecopyMs,
+    reinitInitialBytes: p.reinitInitialBytes,
     ...(p.driver === 'mtty' ? { driver: 'mtty', ports: p.ports } : {}),
   } as NativeMockProfile;
 }

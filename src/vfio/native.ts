@@ -46,7 +46,10 @@ export interface NativeDeviceHandle {
   getState(): Promise<number>;
   /** The data session the SET opened, if any; it ends every earlier session of the device. */
   setState(state: number): Promise<NativeSessionRef | null>;
-  precopyInfo(session: number): Promise<{ initialBytes: bigint; dirtyBytes: bigint }>;
+  /** `reinit`: VFIO_PRECOPY_INFO_REINIT, only ever true after enablePrecopyInfoV2() resolved true. */
+  precopyInfo(session: number): Promise<{ initialBytes: bigint; dirtyBytes: bigint; reinit: boolean }>;
+  /** VFIO_DEVICE_FEATURE(SET MIG_PRECOPY_INFOv2): true when opted in, false when the kernel/driver lacks it. */
+  enablePrecopyInfoV2(): Promise<boolean>;
   stopCopySize(): Promise<bigint>;
   reset(): Promise<void>;
   dmaLoggingStart(pageSize: number | bigint, ranges: { iova: number | bigint; length: number | bigint }[]): Promise<void>;
