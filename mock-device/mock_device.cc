@@ -287,7 +287,7 @@ int MockDevice::OpenSessionLocked(SessionKind kind, int* data_fd) {
   s.kind = kind;
   s.active = true;
   s.precopy_start = std::chrono::steady_clock::now();  // a save session opens on entering PRE_COPY(_P2P) or STOP_COPY
-  s.rate_start = std::chrono::steady_clock::now();
+  s.rate_due = std::chrono::steady_clock::now();
   if (kind == SessionKind::kSave) {
     s.user_fd = fds[0];
     s.device_fd = fds[1];
@@ -572,17 +572,18 @@ size_t MockDevice::ProduceLocked(Session& s, size_t max, uint8_t* out, size_t ca
 
 void MockDevice::ThrottleLocked(std::unique_lock<std::mutex>& lock, Session& s, size_t bytes) {
   if (p_.max_bytes_per_sec <= 0) return;
-  s.rate_bytes += bytes;
-  auto due = s.rate_start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                std::chrono::duration<double>(double(s.rate_bytes) / p_.max_bytes_per_sec));
+  // Each read or write ends no earlier than the stream's schedule at the
+  // cap allows, and idle time earns no credit: the first read after a pause
+  // takes as long as its bytes do at the cap. (With up to 50 ms of credit,
+  // and the read that found the window stale not charged at all, the first
+  // read after a switchover pause came back at once and a reader that
+  // learns the device's rate from its reads took a slow device for a fast
+  // one.)
   auto now = std::chrono::steady_clock::now();
-  if (due > now) {
-    wake_.wait_until(lock, due, [&] { return interrupted_; });
-  } else if (now - due > std::chrono::milliseconds(50)) {
-    // Idle time is not credit for a later burst.
-    s.rate_start = now;
-    s.rate_bytes = 0;
-  }
+  if (s.rate_due < now) s.rate_due = now;
+  s.rate_due += std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(double(bytes) / p_.max_bytes_per_sec));
+  if (s.rate_due > now) wake_.wait_until(lock, s.rate_due, [&] { return interrupted_; });
 }
 
 ssize_t MockDevice::ReadData(int data_fd, void* buf, size_t len) {

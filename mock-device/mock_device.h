@@ -194,8 +194,7 @@ class MockDevice : public DeviceBackend {
     bool reinit_started = false;
     bool reinit_done = false;
     // Rate cap bookkeeping.
-    std::chrono::steady_clock::time_point rate_start;
-    uint64_t rate_bytes = 0;
+    std::chrono::steady_clock::time_point rate_due;  // when the bytes moved so far are due at the cap
   };
 
   void AdvanceLocked();  // apply dirtying for the time elapsed while running

@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -711,8 +712,9 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                });
   }
 
-  // readData(session, maxBytes) -> { bytes, crc32c }, or null at the end of
-  // a STOP_COPY stream. ENOMSG rejects: the temporary end of a PRE_COPY
+  // readData(session, maxBytes) -> { bytes, crc32c, readMs }, or null at the
+  // end of a STOP_COPY stream. readMs: how long the read(2) itself took on
+  // the data thread, the device's time without the event loop's. ENOMSG rejects: the temporary end of a PRE_COPY
   // stream. The CRC32C is taken on the data thread while the bytes are still
   // in its cache, so a sender's checksum costs the event loop nothing.
   Napi::Value ReadData(const Napi::CallbackInfo& info) {
@@ -730,6 +732,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
       size_t max = 0;
       ssize_t n = 0;
       uint32_t crc = 0;
+      double read_ms = 0;
       ~Out() {
         if (data) ReadBufferPool::Put(data, max);  // never handed to JS
       }
@@ -743,7 +746,9 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                  r.op = "read(data_fd)";
                  out->data = ReadBufferPool::Get(out->max);
                  if (!out->data) throw std::bad_alloc();
+                 auto t0 = std::chrono::steady_clock::now();
                  ssize_t n = b->ReadData(use.fd, out->data, out->max);
+                 out->read_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
                  if (n < 0) {
                    r.err = int(-n);
                    return;
@@ -769,6 +774,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                  out->data = nullptr;  // owned by the Buffer now
                  result.Set("bytes", bytes);
                  result.Set("crc32c", Napi::Number::New(env, out->crc));
+                 result.Set("readMs", Napi::Number::New(env, out->read_ms));
                  return result;
                });
   }

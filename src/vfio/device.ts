@@ -45,8 +45,13 @@ export interface OpenKernelOptions {
  * ENOMSG as the uAPI asks, or a 0-byte read from drivers that return 0 there
  * (the kernel's mtty sample does); `via` says which.
  */
-/** `crc32c` is the CRC32C of `bytes`, computed off the event loop while they were hot. */
-export type ReadResult = { kind: 'data'; bytes: Buffer; crc32c: number } | { kind: 'no-data'; via: 'ENOMSG' | 'zero' } | { kind: 'end' };
+/**
+ * `crc32c` is the CRC32C of `bytes`, computed off the event loop while they
+ * were hot. `readMs` is how long the device took for the read(2), timed on
+ * the data thread: the device's rate, without the event loop's delays (a
+ * reader that times the promise also measures every GC and busy callback).
+ */
+export type ReadResult = { kind: 'data'; bytes: Buffer; crc32c: number; readMs?: number } | { kind: 'no-data'; via: 'ENOMSG' | 'zero' } | { kind: 'end' };
 
 export interface PrecopyInfo {
   initialBytes: bigint;
@@ -427,7 +432,7 @@ export class DataSession {
         return issuedInPrecopy ? { kind: 'no-data', via: 'zero' } : { kind: 'end' };
       }
       this.bytesTransferred += got.bytes.length;
-      return { kind: 'data', bytes: got.bytes, crc32c: got.crc32c };
+      return { kind: 'data', bytes: got.bytes, crc32c: got.crc32c, readMs: got.readMs };
     } catch (err) {
       if ((err as { code?: string }).code === 'ENOMSG') return { kind: 'no-data', via: 'ENOMSG' };
       throw fromNative(err, { device: this.device.id });

@@ -55,8 +55,8 @@ export interface NativeDeviceHandle {
   dmaLoggingStart(pageSize: number | bigint, ranges: { iova: number | bigint; length: number | bigint }[]): Promise<void>;
   dmaLoggingStop(): Promise<void>;
   dmaLoggingReport(iova: number | bigint, length: number | bigint, pageSize: number | bigint): Promise<Buffer>;
-  /** One read(2) of at most 16 MiB; the CRC32C of the bytes is computed on the device's data thread. */
-  readData(session: number, maxBytes: number): Promise<{ bytes: Buffer; crc32c: number } | null>;
+  /** One read(2) of at most 16 MiB; the CRC32C of the bytes is computed on the device's data thread; `readMs`: the read(2) alone, timed there. */
+  readData(session: number, maxBytes: number): Promise<{ bytes: Buffer; crc32c: number; readMs: number } | null>;
   /** `checks`: [parts, crc32c] pairs; each run of parts is verified (EBADMSG) before it is written. */
   writeData(session: number, data: Buffer | readonly Buffer[], checks?: Uint32Array): Promise<number>;
   /** Closes the session's data fd after the reads and writes queued before; idempotent. */
