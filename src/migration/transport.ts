@@ -84,6 +84,21 @@ function releaseSlabBytes(part: Buffer): void {
 }
 
 /**
+ * The fd of a socket net.Server accepted, or null. Node 20 has no public way
+ * to it: `net.Socket({ fd, onread })` is public, but an accepted socket's fd
+ * is only on its private libuv handle (`_handle.fd`), and net.Server takes no
+ * `onread`. This is the one place that reads a private Node field; it checks
+ * what it finds (a non-negative integer, then a socket: see dupSocketFd), and
+ * anything else (a Node that moved the field, a TLS socket) means no slab
+ * reads: the connection works as Node gives it (the path TLS connections take).
+ */
+function acceptedFd(accepted: net.Socket): number | null {
+  const handle = (accepted as unknown as { _handle?: unknown })._handle;
+  const fd = typeof handle === 'object' && handle !== null ? (handle as { fd?: unknown }).fd : undefined;
+  return typeof fd === 'number' && Number.isInteger(fd) && fd >= 0 ? fd : null;
+}
+
+/**
  * Node gives an accepted socket a new 64 KiB Buffer per read: at GB/s that
  * is ~16,000 reads, callbacks and external allocations per GiB, and the
  * garbage collections they force. A net.Socket built with `onread` reads up
@@ -93,10 +108,11 @@ function releaseSlabBytes(part: Buffer): void {
  * the fd is out of reach, the socket is used as it is.
  */
 function withSlabReads(accepted: net.Socket): net.Socket {
-  const fd = (accepted as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  const fd = acceptedFd(accepted);
   let copy: number;
   try {
-    if (typeof fd !== 'number' || fd < 0) throw new Error('no fd');
+    if (fd === null) throw new Error('no fd');
+    // ENOTSOCK or EBADF if the number is not this connection's socket after all.
     copy = native.dupSocketFd(fd);
   } catch {
     // Paused (pauseOnConnect) until a reader attaches: its 'data' listener starts the reads.
