@@ -14,6 +14,7 @@ import { type MigrationServer, formatUri, listen, parseUri } from './transport.j
 import { type ChannelHelloMessage, type DestinationPhase, type HelloMessage, type LoadReportMessage, type RunningMessage, destinationMeaning, messagePayload, parseMessage } from './protocol/index.js';
 import type { MigrationState } from '../vfio/states.js';
 import { DEFAULT_PARAMETERS } from './params.js';
+import { validArcEstimate } from './policy.js';
 
 /** Section loads one channel may have queued on the devices at once. */
 const MAX_INFLIGHT_LOADS = 4;
@@ -550,7 +551,11 @@ export class MigrationDestination extends MigrationEvents {
   async #sendLoadReport(main: Channel): Promise<void> {
     const sections: LoadReportMessage['sections'] = [];
     this.handlers.forEach((h, section) => {
-      if (h.resumeArcs) sections.push({ section, arcs: h.resumeArcs(), loadMsPerMiB: h.loadMsPerMiB?.() ?? null });
+      if (!h.resumeArcs) return;
+      // Only what the message may carry: a handler's glitch must not fail the migration here.
+      const loadMsPerMiB = h.loadMsPerMiB?.() ?? null;
+      const arcs = h.resumeArcs().filter(validArcEstimate).slice(0, 64);
+      sections.push({ section, arcs, loadMsPerMiB: loadMsPerMiB !== null && Number.isFinite(loadMsPerMiB) && loadMsPerMiB >= 0 ? loadMsPerMiB : null });
     });
     // Arrived counts what sits in this side's buffers too: it has crossed the link.
     const receivedBytes = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
