@@ -1,12 +1,14 @@
 import test from 'ava';
 import net from 'node:net';
-import { closeSync, openSync, writeSync } from 'node:fs';
+import { closeSync, openSync, rmSync, writeSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { native } from '../src/vfio/native.js';
 import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame, jsonPayload, readFirstFrame, verifyFrame } from '../src/migration/wire.js';
 import { MigrationError } from '../src/migration/errors.js';
 import { connect, listen, parseUri, slabStats } from '../src/migration/transport.js';
+import { MigrationSource } from '../src/migration/source.js';
+import { sourceSide } from './harness.js';
 
 /** Bit-at-a-time CRC32C: slow, obviously right, independent of the addon. */
 function referenceCrc32c(data: Uint8Array, previous = 0): number {
@@ -335,4 +337,26 @@ test('a heartbeat is one header-only frame, written only into an idle stream', a
   const queued = writer.bytesWritten;
   writer.heartbeat();
   t.is(writer.bytesWritten, queued);
+});
+
+test('a destination speaking another wire version is refused by the source with ERR_MIGRATION_INCOMPATIBLE, whatever its answer says', async (t) => {
+  // A destination one version ahead: its answer's header carries version 4 (magic and version keep their offsets in every version).
+  const file = `/tmp/vfio-wire-version-${process.pid}.sock`;
+  rmSync(file, { force: true });
+  const server = net.createServer((s) => {
+    s.once('data', () => {
+      const answer = Buffer.concat(encodeFrame(FrameType.HelloAck, 0, jsonPayload({ wireVersion: 4 })));
+      answer.writeUInt8(4, 4);
+      s.end(answer);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(file, resolve));
+  t.teardown(() => server.close());
+  const side = await sourceSide({ mock: [['nic-vf', 1]] });
+  t.teardown(() => side.close());
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  const err = await t.throwsAsync(src.migrate(`unix:${file}`), { instanceOf: MigrationError });
+  t.is(err?.code, 'ERR_MIGRATION_INCOMPATIBLE', err?.message);
+  t.regex(err!.message, /wire version 4, this side 3/);
+  t.true(side.vm.running);
 });
