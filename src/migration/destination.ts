@@ -59,7 +59,7 @@ export interface IncomingResult {
   status: MigrationStatus;
   totalTimeMs: number;
   loadMs: number;
-  /** VM stop on the source to VM running here, as measured here (from the source's stop time). */
+  /** VM stop on the source to VM running here, on this host's monotonic clock (the stop estimated from the Switchover frame's arrival, see #armAbort). */
   downtimeMs: number | null;
   digests: (string | null)[];
   sectionBytes: number[];
