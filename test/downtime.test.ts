@@ -281,3 +281,43 @@ test.serial('a broken promise is said: an unprobeable 400 ms stop arc under a lo
   t.is(again.info.status, 'cancelled', 'it no longer promises what it cannot keep');
   await again.close();
 });
+
+// A device that announces entirely new initial bytes mid-precopy (VFIO_PRECOPY_INFO_REINIT,
+// after the PRECOPY_INFOv2 opt-in): 500 ms into PRE_COPY, 8 MiB of new initial data whose
+// load at the destination takes 1.5 s again. The first initial load (1.5 s) ends after the
+// REINIT, so its ACK is stale when it arrives: only the re-sent ACK covering the renewal counts.
+const reinitDevice: Partial<MockProfileInput> = { stateBytes: '4MiB', dirtyBytesPerSec: '1MiB', dirtyWorkingSetBytes: '256KiB', loadInitialMs: 1500, arcLatencyMs: { default: 5 }, reinit: { afterPrecopyMs: 500, initialBytes: '8MiB' } };
+
+test.serial('REINIT mid-precopy: the new initial bytes are re-acknowledged before the switchover, and their 1.5 s load stays out of the downtime', async (t) => {
+  const limit = 300;
+  const r = await migrate({ mock: [['nic-vf', 1]], overrides: reinitDevice, capabilities: { 'switchover-ack': true, 'x-probe-switchover-arcs': true }, parameters: { 'downtime-limit': limit } });
+  t.is(r.info.status, 'completed', r.error?.message);
+  const renewed = r.events.filter((e) => e.event === 'INITIAL_RENEWED');
+  t.is(renewed.length, 1, 'one REINIT, announced once');
+  const acks = r.events.filter((e) => e.event === 'SWITCHOVER_ACK');
+  const stop = r.events.find((e) => e.event === 'MIGRATION' && (e.data as { status: string }).status === 'device')!;
+  t.truthy(stop);
+  // The ACK the switchover went on covers the renewal and came after it; none covering
+  // fewer renewals was taken after the renewal (a stale ACK in flight is not the new one).
+  const covering = acks.find((e) => (e.data as { renewals: number }).renewals === 1);
+  t.truthy(covering, `ACKs: ${JSON.stringify(acks.map((e) => e.data))}`);
+  t.true(covering!.timestamp > renewed[0]!.timestamp);
+  t.true(covering!.timestamp <= stop.timestamp, 'the VM stopped only after the ACK covering the REINIT');
+  t.false(acks.some((e) => (e.data as { renewals: number }).renewals === 0 && e.timestamp > renewed[0]!.timestamp));
+  t.log(`REINIT announced at ${(renewed[0]!.data as { afterMs: number }).afterMs.toFixed(0)} ms, ACKs ${acks.map((e) => `${(e.data as { afterMs: number }).afterMs.toFixed(0)} ms (renewals ${(e.data as { renewals: number }).renewals})`).join(', ')}; downtime ${r.info.downtimeMs!.toFixed(0)} ms (limit ${limit} ms)`);
+  // Second initial load (1.5 s) must not be in the downtime.
+  t.true(r.info.downtimeMs! < 750, `downtime ${r.info.downtimeMs} ms`);
+  for (const d of r.info.digests!) t.true(d.match === true, JSON.stringify(d));
+  await r.close();
+});
+
+test.serial('REINIT on a device that refuses the PRECOPY_INFOv2 opt-in: no REINIT is seen, the migration completes with matching digests', async (t) => {
+  const r = await migrate({ mock: [['nic-vf', 1]], overrides: { ...reinitDevice, precopyInfoV2: false }, capabilities: { 'switchover-ack': true, 'x-probe-switchover-arcs': true }, parameters: { 'downtime-limit': 3000 } });
+  t.is(r.info.status, 'completed', r.error?.message);
+  t.false(r.events.some((e) => e.event === 'INITIAL_RENEWED'));
+  const acks = r.events.filter((e) => e.event === 'SWITCHOVER_ACK');
+  t.is(acks.length, 1);
+  t.is((acks[0]!.data as { renewals: number }).renewals, 0);
+  for (const d of r.info.digests!) t.true(d.match === true, JSON.stringify(d));
+  await r.close();
+});

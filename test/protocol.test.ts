@@ -187,11 +187,12 @@ const VALID: { [T in MessageType]: unknown } = {
   [FrameType.Ping]: { seq: 0 },
   [FrameType.Pong]: { seq: 2 },
   [FrameType.SectionEnd]: {},
-  [FrameType.SwitchoverAck]: undefined,
+  [FrameType.SwitchoverAck]: { renewals: 1 },
   [FrameType.ReadyToRun]: undefined,
   [FrameType.Commit]: undefined,
   [FrameType.EndOfStream]: undefined,
   [FrameType.InitialSent]: undefined,
+  [FrameType.InitialRenewed]: undefined,
   [FrameType.Heartbeat]: undefined,
 };
 const MESSAGE_TYPES = Object.keys(MESSAGE_SCHEMAS).map(Number) as MessageType[];

@@ -46,7 +46,7 @@ export class RateLimiter {
 }
 
 /** A section's output on its channel, split into frames within the size limit. */
-export function sectionOutput(channel: Channel, section: number, limiter: RateLimiter, signal: AbortSignal, onBytes: (n: number) => void): SectionOutput {
+export function sectionOutput(channel: Channel, section: number, limiter: RateLimiter, signal: AbortSignal, onBytes: (n: number) => void, onInitialRenewed: () => void = () => {}): SectionOutput {
   return {
     async send(data: Buffer, crc32c?: number) {
       // A known checksum covers the whole buffer: only usable if it goes out as one frame.
@@ -61,6 +61,11 @@ export function sectionOutput(channel: Channel, section: number, limiter: RateLi
     },
     async initialSent() {
       await channel.writer.write(FrameType.InitialSent, section);
+    },
+    async initialRenewed() {
+      // Counted before the frame goes out: an ACK that races it is stale.
+      onInitialRenewed();
+      await channel.writer.write(FrameType.InitialRenewed, section);
     },
   };
 }

@@ -111,6 +111,8 @@ export class MigrationDestination extends MigrationEvents {
   #abortTimer: NodeJS.Timeout | null = null;
   #initialPending = new Set<number>();
   #acked = false;
+  /** InitialRenewed frames taken (sections whose initial bytes started over); each ACK says how many it covers. */
+  #initialRenewals = 0;
   /** The source committed: this side runs the VM whatever happens to the connection. */
   #committed = false;
   uri: string | null = null;
@@ -345,6 +347,7 @@ export class MigrationDestination extends MigrationEvents {
     this.#abortTimer = null;
     this.#initialPending = new Set();
     this.#acked = false;
+    this.#initialRenewals = 0;
     this.#committed = false;
     this.#phase = 'loading';
     this.#oneWayMs = null;
@@ -620,7 +623,7 @@ export class MigrationDestination extends MigrationEvents {
   async #sendAck(main: Channel): Promise<void> {
     if (this.#acked) return;
     this.#acked = true;
-    await main.writer.write(FrameType.SwitchoverAck, 0);
+    await main.writer.writeMessage(FrameType.SwitchoverAck, { renewals: this.#initialRenewals });
   }
 
   #compatibility(hello: HelloMessage): string | null {
@@ -742,6 +745,16 @@ export class MigrationDestination extends MigrationEvents {
           await this.#sendLoadReport(main);
           this.#initialPending.delete(frame.section);
           if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
+          break;
+        }
+        case 'initial-renewed': {
+          parseMessage(FrameType.InitialRenewed, frame);
+          if (!handler?.hasInitialData?.()) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `initial-data renewal for section ${frame.section}, which has no initial data`);
+          // The section's new initial bytes follow: its initial load is
+          // pending again, and so is the ACK (reusable, as QEMU 11.1's).
+          this.#initialRenewals++;
+          this.#initialPending.add(frame.section);
+          this.#acked = false;
           break;
         }
         case 'switchover': {

@@ -28,7 +28,10 @@ export interface MigrationEventMap {
   /** Reported when the stall starts and again every few seconds while it lasts. */
   MIGRATION_STALLED: { pass: number; remainingBytes: number; suggestedDowntimeLimitMs: number; downtimeLimitMs: number; expectedDowntime: DowntimeSplit; message: string };
   MIGRATION_WARNING: { message: string; data?: Record<string, unknown> };
-  SWITCHOVER_ACK: { afterMs: number };
+  /** `renewals`: how many initial-data renewals (device REINITs) the ACK covers. */
+  SWITCHOVER_ACK: { afterMs: number; renewals: number };
+  /** A device announced new initial bytes (VFIO_PRECOPY_INFO_REINIT): they go out before the switchover, and with switchover-ack the source waits for a new ACK. */
+  INITIAL_RENEWED: { device: string; section: number; renewals: number; afterMs: number };
   SWITCHOVER_ABORT: { measuredDowntimeMs: number; abortAfterMs: number; side: 'source' | 'destination' };
   /** The source told the destination to run the VM: from here on it never resumes the VM by itself (no split brain). */
   MIGRATION_COMMITTED: { afterStopMs: number };

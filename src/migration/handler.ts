@@ -39,6 +39,12 @@ export interface SectionOutput {
   send(data: Buffer, crc32c?: number): Promise<void>;
   /** Marks the end of this section's initial bytes (for switchover-ack). */
   initialSent(): Promise<void>;
+  /**
+   * The section's initial bytes start over (a device's REINIT): written
+   * before the new initial bytes; the destination's initial load is pending
+   * again until the next initialSent(), and switchover-ack waits for it.
+   */
+  initialRenewed(): Promise<void>;
 }
 
 export interface HandlerContext {
@@ -63,6 +69,12 @@ export interface StateHandler {
   // ---- source ----
   saveSetup(ctx: HandlerContext): Promise<void>;
   pending(exact: boolean): Promise<PendingBytes>;
+  /**
+   * Optional: true while the handler knows its initial bytes start over but
+   * has not yet said so through initialRenewed() (e.g. pending() saw a
+   * REINIT): the source treats the switchover-ack as withdrawn meanwhile.
+   */
+  readonly initialRenewPending?: boolean;
   /** Sends up to about `budgetBytes` of precopy data; returns the bytes sent. */
   savePrecopy(budgetBytes: number, out: SectionOutput): Promise<number>;
   /** Switchover, step 1 (all handlers in parallel): stop initiating P2P DMA. Optional: only P2P-capable participants quiesce. */

@@ -120,6 +120,8 @@ export class MigrationSource extends MigrationEvents {
   #vmStoppedByUs = false;
   readonly policy: DowntimePolicy;
   #switchoverAcked = false;
+  /** Initial-data renewals (device REINITs) announced so far; only an ACK covering all of them counts. */
+  #initialRenewals = 0;
   #returnPathDone: Promise<void> | null = null;
   /** Section bytes the destination reported as loaded. */
   #destLoadedBytes = 0;
@@ -343,6 +345,12 @@ export class MigrationSource extends MigrationEvents {
         return sectionOutput(ch, i, limiter, this.#ac.signal, (n) => {
           this.#transferred += n;
           this.#bytesByKind[kind] = (this.#bytesByKind[kind] ?? 0) + n;
+        }, () => {
+          // The ACK in hand no longer covers this section's initial load;
+          // switchover waits for one that counts this renewal.
+          this.#initialRenewals++;
+          this.#switchoverAcked = false;
+          this.emitEvent('INITIAL_RENEWED', { device: h.describe().id, section: i, renewals: this.#initialRenewals, afterMs: performance.now() - this.#t0 });
         });
       });
 
@@ -366,7 +374,8 @@ export class MigrationSource extends MigrationEvents {
           measuredBandwidthBytesPerSec: this.#switchoverBandwidth(),
           params: this.#params,
           switchoverAckRequired: this.#caps['switchover-ack'],
-          switchoverAcked: this.#switchoverAcked,
+          // A handler that saw a REINIT it has not announced yet withdraws the ACK already.
+          switchoverAcked: this.#switchoverAcked && !this.handlers.some((h) => h.initialRenewPending),
           iteration: this.#iterations,
           inTransitBytes: subtractBytes(this.#transferred, Math.max(this.#destReceivedBytes, this.#destLoadedBytes)),
           awaitingLoadBytes: subtractBytes(this.#destReceivedBytes, this.#destLoadedBytes),
@@ -712,11 +721,16 @@ export class MigrationSource extends MigrationEvents {
             }
             break;
           }
-          case 'ack':
-            parseMessage(FrameType.SwitchoverAck, frame);
+          case 'ack': {
+            const m = parseMessage(FrameType.SwitchoverAck, frame);
+            // An ACK sent before the destination took the latest renewal is
+            // stale (it was in flight): wait for the next one.
+            if (m.renewals < this.#initialRenewals) break;
+            if (m.renewals > this.#initialRenewals) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `SwitchoverAck: covers ${m.renewals} initial-data renewals, the source announced ${this.#initialRenewals}`);
             this.#switchoverAcked = true;
-            this.emitEvent('SWITCHOVER_ACK', { afterMs: performance.now() - this.#t0 });
+            this.emitEvent('SWITCHOVER_ACK', { afterMs: performance.now() - this.#t0, renewals: m.renewals });
             break;
+          }
           case 'ready':
             parseMessage(FrameType.ReadyToRun, frame);
             this.#readyToRun?.resolve();

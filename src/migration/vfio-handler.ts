@@ -1,6 +1,6 @@
 // The VFIO device state handler: drives one VfioDevice through the migration
 // and turns its data fd into section data.
-import type { DataSession, ReadResult, VfioDevice } from '../vfio/device.js';
+import type { DataSession, PrecopyInfo, ReadResult, VfioDevice } from '../vfio/device.js';
 import type { VfioError } from '../vfio/errors.js';
 import { type Arc, planArcs } from '../vfio/arc-planner.js';
 import { type MigrationFlags, type MigrationState, P2P_QUIESCED_STATES, PRECOPY_STATES } from '../vfio/states.js';
@@ -58,6 +58,12 @@ export class VfioHandler implements StateHandler {
   #flags: MigrationFlags | null = null;
   #session: DataSession | null = null;
   #initialSent = false;
+  /** The device fd opted in to VFIO_PRECOPY_INFO flags (MIG_PRECOPY_INFOv2): REINIT can be seen. */
+  precopyInfoV2 = false;
+  /** A REINIT seen (by pending() or savePrecopy()) but not yet announced with out.initialRenewed(). */
+  #reinitUnannounced = false;
+  /** REINITs seen in this migration. */
+  reinits = 0;
   #stopCopyBytes = 0;
   #pending: PendingBytes = { precopyBytes: 0, stopcopyBytes: 0, exact: false };
   /** Ceiling for device-reported figures: what the device could possibly hold. */
@@ -115,8 +121,17 @@ export class VfioHandler implements StateHandler {
     // initial bytes of a fresh pre-copy session) bounds every later one.
     const sizes: bigint[] = [await this.device.stopCopySize()];
     if (flags.preCopy) {
+      // Opt in to the PRECOPY_INFO flags before the first PRECOPY_INFO, so a
+      // REINIT (entirely new initial bytes) is seen and re-acknowledged.
+      // A kernel or driver without it (6.12, its mtty) resolves false: the
+      // migration goes on as before, a REINIT's data then just shows as
+      // more initial bytes, and nothing waits for their load.
+      this.precopyInfoV2 = await this.device.enablePrecopyInfoV2().catch((err: unknown) => {
+        ctx.warn(`${this.device.id}: opting in to PRECOPY_INFOv2 failed (${(err as Error).message}); REINITs will not be seen`, { device: this.device.id });
+        return false;
+      });
       this.#session = await this.#step('pre-copy', ctx);
-      if (this.#session) sizes.push((await this.device.precopyInfo(this.#session)).initialBytes);
+      if (this.#session) sizes.push((await this.#precopyInfo(this.#session)).initialBytes);
     } else this.#initialSent = true;
     const sane = sizes.filter((v) => v > 0n && v < 1n << 50n).map(Number);
     this.#ceilingBytes = sane.length ? Math.min(MAX_REPORTED_BYTES, Math.min(...sane) * 4 + (64 << 20)) : 1 << 40;
@@ -130,7 +145,7 @@ export class VfioHandler implements StateHandler {
     }
     let precopyBytes = 0;
     if (inPrecopy) {
-      const info = await this.device.precopyInfo(this.#session);
+      const info = await this.#precopyInfo(this.#session!);
       precopyBytes = Math.min(MAX_REPORTED_BYTES, this.#clamp(info.initialBytes, 'initial_bytes') + this.#clamp(info.dirtyBytes, 'dirty_bytes'));
     }
     this.#pending = { precopyBytes, stopcopyBytes: this.#stopCopyBytes, exact };
@@ -175,9 +190,31 @@ export class VfioHandler implements StateHandler {
     return this.#readsAhead.shift()!;
   }
 
+  /** Whether a REINIT was seen and not yet told to the core (the source withholds the switchover meanwhile). */
+  get initialRenewPending(): boolean {
+    return this.#reinitUnannounced;
+  }
+
+  /** PRECOPY_INFO; a REINIT makes the initial bytes unsent again, to be announced by savePrecopy(). */
+  async #precopyInfo(session: DataSession): Promise<PrecopyInfo> {
+    const info = await this.device.precopyInfo(session);
+    if (info.reinit) {
+      this.reinits++;
+      this.#reinitUnannounced = true;
+      this.#initialSent = false;
+    }
+    return info;
+  }
+
   async savePrecopy(budgetBytes: number, out: SectionOutput): Promise<number> {
     const session = this.#session;
     if (!session || !PRECOPY_STATES.includes(this.device.lastKnownState as MigrationState)) return 0;
+    // Before the new initial bytes (some may have been read ahead already:
+    // the destination loads in order, and their end is the next InitialSent).
+    if (this.#reinitUnannounced) {
+      this.#reinitUnannounced = false;
+      await out.initialRenewed();
+    }
     let sent = 0;
     // A running device re-dirties its state a little at a time: small reads
     // are gathered into one frame, so the destination loads in few large
@@ -207,8 +244,11 @@ export class VfioHandler implements StateHandler {
     await flush();
     this.transferredBytes += sent;
     if (!this.#initialSent && this.#readsAhead.length === 0) {
-      const info = await this.device.precopyInfo(session);
-      if (info.initialBytes === 0n) {
+      const info = await this.#precopyInfo(session);
+      if (this.#reinitUnannounced) {
+        this.#reinitUnannounced = false;
+        await out.initialRenewed();
+      } else if (info.initialBytes === 0n) {
         this.#initialSent = true;
         await out.initialSent();
       }
@@ -275,7 +315,7 @@ export class VfioHandler implements StateHandler {
     if (this.#probed || !f || !f.p2p) return true;
     const state = this.device.lastKnownState;
     // Initial bytes still to read (reads queued ahead may hide that the stream already drained them).
-    if (f.preCopy && !this.#initialSent && this.#session && state === 'pre-copy' && (await this.device.precopyInfo(this.#session)).initialBytes > 0n) return false;
+    if (f.preCopy && !this.#initialSent && this.#session && state === 'pre-copy' && (await this.#precopyInfo(this.#session)).initialBytes > 0n) return false;
     const quiesced: MigrationState | null = state === 'pre-copy' ? 'pre-copy-p2p' : state === 'running' ? 'running-p2p' : null;
     if (!quiesced) return true;
     this.#probed = true;

@@ -57,6 +57,7 @@ export type DestinationPhase = 'loading' | 'switchover' | 'ready' | 'committed';
 export type DestinationMeaning =
   | 'data' // section data: load it
   | 'initial-sent' // a section's initial bytes are all sent
+  | 'initial-renewed' // a section's device has new initial bytes: its initial load is pending again (and the ACK with it)
   | 'switchover' // the source stopped the VM: start the abort clock
   | 'end-of-stream' // nothing more on this channel
   | 'alive'
@@ -65,7 +66,7 @@ export type DestinationMeaning =
   | 'commit' // the VM is this side's: run it whatever happens to the connection
   | 'late'; // after the commit: ignored (a cancel cannot take the VM back)
 
-const loadingFrames = { [S.SectionData]: 'data', [S.InitialSent]: 'initial-sent', [S.EndOfStream]: 'end-of-stream', [S.Heartbeat]: 'alive', [S.Pong]: 'pong', [S.Cancel]: 'cancelled' } as const;
+const loadingFrames = { [S.SectionData]: 'data', [S.InitialSent]: 'initial-sent', [S.InitialRenewed]: 'initial-renewed', [S.EndOfStream]: 'end-of-stream', [S.Heartbeat]: 'alive', [S.Pong]: 'pong', [S.Cancel]: 'cancelled' } as const;
 export const DESTINATION_TABLE: Record<DestinationPhase, Partial<Record<FrameType, DestinationMeaning>>> = {
   // Extra channels have no Switchover frame: their EndOfStream may come first.
   loading: { ...loadingFrames, [S.Switchover]: 'switchover' },

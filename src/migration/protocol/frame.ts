@@ -44,6 +44,8 @@ export enum FrameType {
   // either direction on the main channel
   Heartbeat = 10, // no payload: the sender is alive (sent when the channel is otherwise idle)
   Pong = 11, // answers Ping at once (json: seq): the destination measures the round trip
+  // source -> destination, on the section's channel
+  InitialRenewed = 12, // the section's device announced new initial bytes (VFIO_PRECOPY_INFO_REINIT): they follow, then InitialSent again
   // destination -> source (return path)
   HelloAck = 32,
   InitialLoaded = 33, // a section finished loading its initial bytes (json: section)

@@ -94,11 +94,18 @@ export const MESSAGE_SCHEMAS = {
   [FrameType.Ping]: object({ seq: number({ integer: true, min: 0, max: 2 ** 31 }) }),
   [FrameType.Pong]: object({ seq: number({ integer: true, min: 0, max: 2 ** 31 }) }),
   [FrameType.SectionEnd]: object({}),
-  [FrameType.SwitchoverAck]: empty,
+  /**
+   * Reusable switchover-ack (as QEMU 11.1's): `renewals` is how many
+   * InitialRenewed frames the destination had taken when every section's
+   * initial bytes were loaded, so that the source never takes an ACK sent
+   * before its last renewal arrived for one that covers it.
+   */
+  [FrameType.SwitchoverAck]: object({ renewals: number({ integer: true, min: 0, max: 2 ** 31 }) }),
   [FrameType.ReadyToRun]: empty,
   [FrameType.Commit]: empty,
   [FrameType.EndOfStream]: empty,
   [FrameType.InitialSent]: empty,
+  [FrameType.InitialRenewed]: empty,
   [FrameType.Heartbeat]: empty,
 } satisfies Record<Exclude<FrameType, FrameType.SectionData>, Schema<unknown>>;
 
