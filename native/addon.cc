@@ -325,14 +325,17 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     // teardown the cleanup hook has done that already.
     if (control_ && !closing_ && !env_state_->tearing_down) {
       closing_ = true;
-      Abandon();
+      Abandon(false);
     }
   }
 
-  // Environment teardown (cleanup hook): no Node-API from here on.
+  // Environment teardown (cleanup hook): no Node-API from here on. Waits for
+  // the jobs running now (interrupted where the device can be): they may use
+  // Buffers the isolate is about to free. A kernel ioctl in flight holds the
+  // environment's exit up until it returns.
   void Teardown() {
     if (!control_ || *closed_) return;
-    Abandon();
+    Abandon(true);
   }
 
  private:
@@ -348,15 +351,17 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
   // Lets go of the device without Node-API: wakes sleeping calls, then ends
   // every session and closes the device on the control thread, after the
   // job it is running.
-  void Abandon() {
+  void Abandon(bool wait) {
     auto backend = backend_;
     auto sessions = sessions_;
     if (backend) backend->Interrupt();
-    data_->Abandon(nullptr);
-    control_->Abandon([backend, sessions] {
-      if (sessions) sessions->CloseAll();
-      if (backend) backend->Close();
-    });
+    data_->Abandon(nullptr, wait);
+    control_->Abandon(
+        [backend, sessions] {
+          if (sessions) sessions->CloseAll();
+          if (backend) backend->Close();
+        },
+        wait);
   }
 
   // What a job reports back: an errno and the failing step, or an error code

@@ -66,14 +66,18 @@ class Worker : public std::enable_shared_from_this<Worker> {
   // The environment is going away (its cleanup hook, JS thread): from now on
   // the thread never touches the thread-safe function. It finishes the job
   // it is running, drops the queue (leaked, see above), runs `last` (no
-  // Node-API) and exits.
-  void Abandon(Exec last) {
-    std::lock_guard<std::mutex> l(mu_);
-    if (abandoned_) return;
-    abandoned_ = true;
-    last_ = std::move(last);
-    queue_.clear();
-    cv_.notify_one();
+  // Node-API) and exits. With `wait`, returns only once no job runs: a job
+  // may be reading a Buffer whose memory the isolate frees right after the
+  // cleanup hooks (ASan caught a write job doing so).
+  void Abandon(Exec last, bool wait) {
+    std::unique_lock<std::mutex> l(mu_);
+    if (!abandoned_) {
+      abandoned_ = true;
+      last_ = std::move(last);
+      queue_.clear();
+      cv_.notify_all();
+    }
+    if (wait) cv_.wait(l, [&] { return !running_; });
   }
 
  private:
@@ -122,6 +126,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
         if (queue_.empty()) break;
         job = queue_.front();
         queue_.pop_front();
+        running_ = true;
       }
       try {
         job->exec();
@@ -130,6 +135,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
       // The lock orders this call before Abandon(): once abandoned, the
       // thread-safe function may be gone.
       std::unique_lock<std::mutex> l(mu_);
+      running_ = false;
+      cv_.notify_all();
       if (abandoned_) break;
       if (tsfn_.BlockingCall(job) != napi_ok) {
         // Only while the environment is being torn down: wait for Abandon()
@@ -161,6 +168,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   std::deque<Job*> queue_;
   bool stopping_ = false;
   bool abandoned_ = false;
+  bool running_ = false;  // a job's exec is running
   Exec last_;
   size_t pending_ = 0;  // JS thread only
   Done finalized_;      // JS thread only
