@@ -18,6 +18,8 @@ const FIRST_READ_BYTES = 1 << 20;
 const MIN_READ_BYTES = 256 << 10;
 const MAX_READ_BYTES = 4 << 20;
 const READ_TARGET_MS = 20;
+/** Full reads whose rate sizes the next ones (the fastest counts). */
+const READ_RATE_SAMPLES = 4;
 /** Reads kept queued on the device's data thread, so it produces while the event loop sends. */
 const READS_AHEAD = 3;
 /** Precopy data smaller than this is gathered before it goes out as a frame. */
@@ -156,6 +158,8 @@ export class VfioHandler implements StateHandler {
   #readsAhead: { result: Promise<ReadResult>; inPrecopy: boolean }[] = [];
 
   #readBytes = FIRST_READ_BYTES;
+  /** Bytes per ms of the last full reads. */
+  #readRates: number[] = [];
   #lastReadDoneAt = 0;
 
   /** Bytes the next data reads ask for (follows the device's read rate). */
@@ -181,7 +185,14 @@ export class VfioHandler implements StateHandler {
     this.#lastReadDoneAt = done;
     // A short read only says the stream ran dry for now.
     if (r.kind !== 'data' || r.bytes.length < asked) return;
-    const fits = (r.bytes.length / Math.max(serviceMs, 0.01)) * READ_TARGET_MS;
+    // The device's own time for the read(2), timed on its data thread, where
+    // the addon gives it: the event loop's view adds its own delays. One
+    // sample can still be a preemption of that thread (30-90 ms seen on a
+    // loaded 2-core host), so the rate is the fastest of the last few reads.
+    const ms = r.readMs !== undefined && r.readMs >= 0 ? r.readMs : serviceMs;
+    this.#readRates.push(r.bytes.length / Math.max(ms, 0.01));
+    if (this.#readRates.length > READ_RATE_SAMPLES) this.#readRates.shift();
+    const fits = Math.max(...this.#readRates) * READ_TARGET_MS;
     this.#readBytes = Math.min(MAX_READ_BYTES, Math.max(MIN_READ_BYTES, 2 ** Math.floor(Math.log2(Math.max(1, fits)))));
   }
 
