@@ -10,7 +10,8 @@ import type { HandlerContext, StateHandler } from './handler.js';
 import type { VmControl } from './vm.js';
 import { type Channel, PeerWatch, makeChannel, settleAll, withTimeout } from './channels.js';
 import { type Frame, FrameType, WIRE_VERSION, encodeFrame, readFirstFrame, verifyFrame } from './wire.js';
-import { type MigrationServer, formatUri, listen, parseUri } from './transport.js';
+import { type MigrationServer, formatUri, listen, parseUri, secureAccept } from './transport.js';
+import { type TlsConfig, type TlsOptions, MigrationTlsError, checkChannelBinding, checkTlsOptions, loadTlsConfig, tlsNotConfigured } from './tls.js';
 import { type ChannelHelloMessage, type DestinationPhase, type HelloMessage, type LoadReportMessage, type RunningMessage, destinationMeaning, messagePayload, parseMessage } from './protocol/index.js';
 import type { MigrationState } from '../vfio/states.js';
 import { DEFAULT_PARAMETERS } from './params.js';
@@ -47,6 +48,8 @@ const MAX_PENDING_CONNECTIONS = 32;
 const HANDSHAKE_BYTES_BUDGET = 4 << 20;
 
 export interface DestinationOptions {
+  /** TLS on every channel (x509 with client certificates, or PSK), and who may migrate here (authz): see TlsOptions. */
+  tls?: TlsOptions;
   handlers: StateHandler[];
   vm: VmControl;
   /** ms a new connection has to identify itself (Hello or ChannelHello) and be taken into a migration. */
@@ -70,6 +73,15 @@ export interface IncomingOptions {
   signal?: AbortSignal;
   /** ms to wait for all channels once the main one said hello. */
   channelTimeoutMs?: number;
+}
+
+/** A connection not yet taken into a migration. */
+interface Conn {
+  /** The socket frames are read from and refusals said on (TLS: once the source is verified). */
+  socket: net.Socket | null;
+  /** The socket holding the connection (TLS: the TLS socket from the handshake on). */
+  live: net.Socket;
+  closed(): void;
 }
 
 /** A connection that sent a valid first frame and waits to be taken into a migration. */
@@ -117,6 +129,10 @@ export class MigrationDestination extends MigrationEvents {
   #committed = false;
   uri: string | null = null;
 
+  /** The TLS options (credentials are read by listen()); null: plaintext. */
+  readonly tls: TlsOptions | null;
+  #tls: TlsConfig | null = null;
+
   constructor(options: DestinationOptions) {
     super();
     if (!Array.isArray(options.handlers) || options.handlers.length === 0) throw new MigrationError('ERR_MIGRATION_BAD_PARAMETER', 'a migration needs at least one state handler');
@@ -129,6 +145,7 @@ export class MigrationDestination extends MigrationEvents {
     };
     this.handshakeTimeoutMs = positive('handshakeTimeoutMs', options.handshakeTimeoutMs, HANDSHAKE_TIMEOUT_MS);
     this.maxPendingConnections = positive('maxPendingConnections', options.maxPendingConnections, MAX_PENDING_CONNECTIONS);
+    this.tls = options.tls === undefined ? null : checkTlsOptions(options.tls, 'destination');
   }
 
   get status(): MigrationStatus {
@@ -147,7 +164,9 @@ export class MigrationDestination extends MigrationEvents {
    * gets a typed Error frame and costs that connection only.
    */
   async listen(uri: string): Promise<string> {
-    const { server, uri: bound } = await listen(parseUri(uri));
+    const parsed = parseUri(uri);
+    if (this.tls) this.#tls = await loadTlsConfig(this.tls, 'destination');
+    const { server, uri: bound } = await listen(parsed, { tls: !!this.#tls });
     this.#server = server;
     server.on('accepted', (s: net.Socket) => this.#onAccepted(s));
     this.uri = formatUri(bound);
@@ -187,22 +206,53 @@ export class MigrationDestination extends MigrationEvents {
       this.#pendingConnections--;
       clearTimeout(deadline);
     };
+    // With TLS, `socket` is the TLS socket once the source is verified (none can be told anything mid-handshake);
+    // `live` is the socket that holds the connection (the TLS one from the handshake on).
+    const conn: Conn = {
+      socket: this.#tls ? null : s,
+      live: s,
+      closed: () => {
+        uncount();
+        if (conn.socket) this.#unpark(conn.socket);
+      },
+    };
     const deadline = setTimeout(() => {
-      this.#unpark(s);
-      this.#refuse(s, new MigrationError('ERR_MIGRATION_PROTOCOL', `no migration took this connection within the ${this.handshakeTimeoutMs} ms handshake deadline`));
+      if (!conn.socket) return conn.live.destroy();
+      this.#unpark(conn.socket);
+      this.#refuse(conn.socket, new MigrationError('ERR_MIGRATION_PROTOCOL', `no migration took this connection within the ${this.handshakeTimeoutMs} ms handshake deadline`));
     }, this.handshakeTimeoutMs);
     deadline.unref();
     s.once('close', () => {
-      uncount();
-      this.#unpark(s);
+      // A socket that handed its connection to a TLS one is no longer it.
+      if (conn.live === s) conn.closed();
     });
-    void this.#identify(s, uncount);
+    void this.#identify(s, uncount, conn);
   }
 
-  async #identify(s: net.Socket, take: () => void): Promise<void> {
+  /** TLS: the source's handshake, verification and authorization, before any frame of it is read. */
+  async #secure(raw: net.Socket, conn: Conn): Promise<net.Socket> {
+    const s = await secureAccept(raw, this.#tls!, (t) => {
+      // The TLS socket holds the connection from now on (counted, closed by close(), its end the connection's):
+      // destroying the raw one under it would cut what it still sends.
+      conn.live = t;
+      this.#sockets.delete(raw);
+      this.#sockets.add(t);
+      t.on('error', () => {});
+      t.once('close', () => {
+        this.#sockets.delete(t);
+        conn.closed();
+      });
+    });
+    conn.socket = s;
+    return s;
+  }
+
+  async #identify(raw: net.Socket, take: () => void, conn: Conn): Promise<void> {
     let frame: Frame;
     let message: HelloMessage | ChannelHelloMessage;
+    let s = raw;
     try {
+      if (this.#tls) s = await this.#secure(raw, conn);
       frame = await readFirstFrame(s, {
         reserve: (bytes) => {
           if (this.#handshakeBytes + bytes > HANDSHAKE_BYTES_BUDGET) return false;
@@ -213,7 +263,14 @@ export class MigrationDestination extends MigrationEvents {
       });
       message = frame.type === FrameType.Hello ? parseMessage(FrameType.Hello, frame) : parseMessage(FrameType.ChannelHello, frame);
     } catch (err) {
-      this.#refuse(s, err);
+      const on = (err as MigrationTlsError).socket;
+      if (this.#tls && s === raw && !on) {
+        // Nothing can be said on a failed handshake: closed, reported here.
+        raw.destroy();
+        this.#reportRefusal(err);
+        return;
+      }
+      this.#refuse(on ?? s, this.#explainFirstFrameError(err, s !== raw));
       return;
     }
     if (s.destroyed) return;
@@ -222,12 +279,32 @@ export class MigrationDestination extends MigrationEvents {
     else this.#offerChannel(offer);
   }
 
+  /** A first-frame failure in TLS terms where it has some: a TLS client at a plaintext destination, a TLS source gone without a word. */
+  #explainFirstFrameError(err: unknown, secured: boolean): unknown {
+    const e = err as MigrationError;
+    // A TLS record starts 0x16 0x03: its first four bytes read as magic 0x1603....
+    if (!this.#tls && e?.code === 'ERR_MIGRATION_PROTOCOL' && /magic 0x1603/.test(e.message)) return tlsNotConfigured();
+    if (secured && e?.code === 'ERR_MIGRATION_CONNECTION')
+      return new MigrationTlsError('peer-refused', `the source closed the TLS connection before its first frame: it refused this destination (its certificate's CA, dates or hostname: see the source's error)`);
+    return err;
+  }
+
+  /** Every connection refused before a migration took it, with its typed reason (CONNECTION_REFUSED). */
+  #reportRefusal(err: unknown): void {
+    try {
+      this.emitEvent('CONNECTION_REFUSED', describeError(err));
+    } catch {
+      // A throwing listener changes nothing for the connection.
+    }
+  }
+
   /** Says why in an Error frame (a typed code) and closes: this connection only. */
   #refuse(s: net.Socket, err: unknown): void {
+    this.#reportRefusal(err);
     if (s.destroyed) return;
     const e = describeError(err);
     try {
-      s.end(Buffer.concat(encodeFrame(FrameType.Error, 0, messagePayload(FrameType.Error, { code: e.code.slice(0, 64), message: e.message.slice(0, 65536), notRunning: true }))));
+      s.end(Buffer.concat(encodeFrame(FrameType.Error, 0, messagePayload(FrameType.Error, { code: e.code.slice(0, 64), message: e.message.slice(0, 65536), notRunning: true, ...(e.reason ? { reason: e.reason } : {}) }))));
     } catch {
       // A socket that cannot take the report is closed all the same.
     }
@@ -256,7 +333,7 @@ export class MigrationDestination extends MigrationEvents {
     const session = this.#session;
     if (session && session.migrationId === m.migrationId) {
       if (session.offer) return session.offer(o);
-      return this.#refuse(o.socket, new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} takes no more channels`));
+      return this.#refuse(o.socket, this.#unbound(o) ?? new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} takes no more channels`));
     }
     // Its Hello may still be on its way: kept (paused, within the pending
     // cap) until a migration with its id takes it or its deadline passes.
@@ -640,6 +717,18 @@ export class MigrationDestination extends MigrationEvents {
     return null;
   }
 
+  /**
+   * Over TLS, an extra channel must prove it comes from the source of the
+   * main channel (channel binding): the migration id it names is no secret
+   * from another authorized client. null when it does (or without TLS).
+   */
+  #unbound(o: Offer): MigrationTlsError | null {
+    const main = this.#channels[0];
+    if (!this.#tls || !main) return null;
+    const m = o.message as ChannelHelloMessage & { binding?: string };
+    return checkChannelBinding(main.socket, o.socket, m.index, m.binding);
+  }
+
   /** Takes the extra channels of this migration (ChannelHellos with its id, each index once) until all are in. */
   async #acceptChannels(hello: HelloMessage, timeoutMs: number): Promise<void> {
     const session = this.#session!;
@@ -647,6 +736,8 @@ export class MigrationDestination extends MigrationEvents {
     let done: (() => void) | null = null;
     const adopt = (o: Offer) => {
       const m = o.message as ChannelHelloMessage;
+      const unbound = this.#unbound(o);
+      if (unbound) return this.#refuse(o.socket, unbound);
       if (m.index >= hello.channels || this.#channels[m.index]) {
         this.#refuse(o.socket, new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} has no free channel ${m.index} (it has ${hello.channels})`));
         return;

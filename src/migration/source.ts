@@ -14,6 +14,7 @@ import { type Channel, PeerWatch, RateLimiter, makeChannel, sectionOutput, settl
 import { FrameType, WIRE_VERSION, encodeFrame } from './wire.js';
 import { type HelloMessage, type RunningMessage, type SourcePhase, messagePayload, parseMessage, sourceMeaning } from './protocol/index.js';
 import { connect, parseUri } from './transport.js';
+import { type TlsOptions, channelBinding, checkTlsOptions, loadTlsConfig, tlsErrorFromPeer } from './tls.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
 import { type DowntimeSplit, DowntimePolicy, type PolicyKind, isP2pQuiesceArc, validArcEstimate } from './policy.js';
 import type { MigrationState } from '../vfio/states.js';
@@ -92,9 +93,13 @@ export interface SourceOptions {
   policy?: PolicyKind;
   capabilities?: Partial<MigrationCapabilities>;
   parameters?: Partial<MigrationParameters>;
+  /** TLS on every channel (x509 with this host's client certificate, or PSK) and the destination's expected hostname: see TlsOptions. */
+  tls?: TlsOptions;
 }
 
 export class MigrationSource extends MigrationEvents {
+  /** The TLS options (credentials are read by migrate()); null: plaintext. */
+  readonly tls: TlsOptions | null;
   readonly handlers: StateHandler[];
   readonly vm: VmControl;
   #caps: MigrationCapabilities;
@@ -156,6 +161,7 @@ export class MigrationSource extends MigrationEvents {
     this.#caps = mergeCapabilities(DEFAULT_CAPABILITIES, options.capabilities);
     this.#params = mergeParameters(DEFAULT_PARAMETERS, options.parameters);
     this.policy = new DowntimePolicy(this.handlers, options.policy ?? 'device-aware');
+    this.tls = options.tls === undefined ? null : checkTlsOptions(options.tls, 'source');
   }
 
   get status(): MigrationStatus {
@@ -289,7 +295,8 @@ export class MigrationSource extends MigrationEvents {
       this.#check();
       // Connect every channel and shake hands before any device changes state.
       const migrationId = randomUUID();
-      const main = makeChannel(0, await connect(target, this.#ac.signal));
+      const secure = this.tls ? await loadTlsConfig(this.tls, 'source') : null;
+      const main = makeChannel(0, await connect(target, this.#ac.signal, secure));
       this.#channels.push(main);
       this.#check();
       const hello: HelloMessage = {
@@ -305,14 +312,17 @@ export class MigrationSource extends MigrationEvents {
       };
       await main.writer.writeMessage(FrameType.Hello, hello);
       for (let i = 1; i < channelCount; i++) {
-        const ch = makeChannel(i, await connect(target, this.#ac.signal));
+        const ch = makeChannel(i, await connect(target, this.#ac.signal, secure));
         this.#channels.push(ch);
-        await ch.writer.writeMessage(FrameType.ChannelHello, { migrationId, index: i });
+        // Over TLS, proof that this channel comes from the main channel's source.
+        const binding = channelBinding(main.socket, ch.socket, i);
+        await ch.writer.writeMessage(FrameType.ChannelHello, { migrationId, index: i, ...(binding ? { binding } : {}) });
       }
       const answer = await withTimeout(main.reader.next(), options.handshakeTimeoutMs ?? 10_000, 'the destination did not answer the handshake');
       if (!answer) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection during the handshake');
       if (sourceMeaning(this.#phase, answer.type) === 'refused') {
         const e = parseMessage(FrameType.Error, answer);
+        if (e.code === 'ERR_MIGRATION_TLS') throw tlsErrorFromPeer(e, 'destination refused');
         const code = e.code === 'ERR_MIGRATION_INCOMPATIBLE' || e.code === 'ERR_MIGRATION_BUSY' ? e.code : 'ERR_MIGRATION_DESTINATION';
         throw new MigrationError(code, `destination refused: ${e.message}`);
       }

@@ -118,16 +118,40 @@ function withSlabReads(accepted: net.Socket): net.Socket {
     // Paused (pauseOnConnect) until a reader attaches: its 'data' listener starts the reads.
     return accepted;
   }
+  const reads = slabReads(1);
+  let socket: net.Socket;
+  try {
+    socket = new net.Socket({ fd: copy, readable: true, writable: true, highWaterMark: SOCKET_BUFFER_BYTES, onread: reads.onread } as net.SocketConstructorOpts);
+  } catch {
+    closeSync(copy);
+    return accepted;
+  }
+  accepted.destroy();
+  socket.setNoDelay(true);
+  reads.install(socket);
+  return socket;
+}
+
+/**
+ * The reads of a socket built with `onread`: into exactly-sized buffers
+ * (readExactly) until a reader attaches, then into slabs (DirectChunks).
+ * install() pauses the socket (no reads until asked) and hangs the
+ * DirectChunks on it. Reads before install() land in a stand-in of
+ * `standInBytes` and are kept for the reader: 1 for a plain socket (never
+ * a byte read past what was asked for), more for a TLS one (its handshake
+ * must read on, and OpenSSL has the bytes already).
+ */
+function slabReads(standInBytes: number): { onread: { buffer: () => Buffer; callback: (bytes: number, buf: Uint8Array) => void }; install(socket: net.Socket): void } {
   // Until a reader attaches, reads go into exactly-sized buffers of
-  // readExactly() requests (or a 1-byte stand-in between requests), never
+  // readExactly() requests (or a stand-in between requests), never
   // past what was asked for; the first slab is taken at the first slab read.
   let current: SlabState | null = null;
   let want: { buf: Buffer; filled: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
   /** The buffer the next read lands in (Node asks for it after every read). */
-  let given: { kind: 'slab'; state: SlabState } | { kind: 'own'; buf: Buffer } = { kind: 'own', buf: Buffer.alloc(1) };
+  let given: { kind: 'slab'; state: SlabState } | { kind: 'own'; buf: Buffer } = { kind: 'own', buf: Buffer.alloc(standInBytes) };
   const early: Buffer[] = [];
   let sink: ((chunk: Buffer) => void) | null = null;
-  let socket: net.Socket;
+  let socket: net.Socket | null = null;
   const nextBuffer = (): Buffer => {
     if (sink) {
       if (!current || SLAB_BYTES - current.filled < MIN_READ_BYTES) {
@@ -140,100 +164,92 @@ function withSlabReads(accepted: net.Socket): net.Socket {
       given = { kind: 'slab', state: current };
       return current.slab.subarray(current.filled);
     }
-    const buf = want ? want.buf.subarray(want.filled) : Buffer.alloc(1);
+    const buf = want ? want.buf.subarray(want.filled) : given.kind === 'own' && given.buf.length === standInBytes && !want ? given.buf : Buffer.alloc(standInBytes);
     given = { kind: 'own', buf };
     return buf;
   };
-  try {
-    socket = new net.Socket({
-      fd: copy,
-      readable: true,
-      writable: true,
-      highWaterMark: SOCKET_BUFFER_BYTES,
-      onread: {
-        buffer: nextBuffer,
-        callback: (bytes: number, buf: Uint8Array) => {
-          const g = given;
-          if (g.kind === 'slab') {
-            g.state.filled += bytes;
-            sink!(Buffer.from(buf.buffer, buf.byteOffset, bytes));
-            return;
-          }
-          if (want) {
-            // Into the request's own buffer, or the 1-byte stand-in (copied over).
-            if (g.buf.buffer !== want.buf.buffer) g.buf.copy(want.buf, want.filled, 0, bytes);
-            want.filled += bytes;
-            if (want.filled === want.buf.length) {
-              const done = want;
-              want = null;
-              // Nothing more is read until asked for.
-              socket.pause();
-              done.resolve(done.buf);
-            }
-            return;
-          }
-          // Read into a stand-in with nobody asking (paused too late): kept for the reader.
-          const chunk = Buffer.from(g.buf.subarray(0, bytes));
-          if (sink) sink(chunk);
-          else early.push(chunk);
-        },
-      },
-    } as net.SocketConstructorOpts);
-  } catch {
-    closeSync(copy);
-    return accepted;
-  }
-  accepted.destroy();
-  socket.setNoDelay(true);
-  // No reads until asked: a connection nobody reads yet (queued, or a
-  // stray one) must not fill memory at the peer's pace.
-  socket.pause();
-  const failWant = (err: Error) => {
-    const w = want;
-    want = null;
-    w?.reject(err);
-  };
-  socket.once('end', () => failWant(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed before the expected bytes arrived')));
-  socket.once('error', (err) => failWant(new MigrationError('ERR_MIGRATION_CONNECTION', `connection failed: ${err.message}`, { cause: err })));
-  const direct: DirectChunks = {
-    readExactly(bytes) {
-      if (sink) return Promise.reject(new MigrationError('ERR_MIGRATION_STATE', 'readExactly() after a reader attached'));
-      if (want) return Promise.reject(new MigrationError('ERR_MIGRATION_STATE', 'readExactly() while another is pending'));
-      if (socket.destroyed || socket.readableEnded) return Promise.reject(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection is closed'));
-      const buf = Buffer.alloc(bytes);
-      // Bytes a stand-in read too early are the start of this request.
-      let filled = 0;
-      while (early.length && filled < bytes) {
-        const c = early[0]!;
-        const n = Math.min(c.length, bytes - filled);
-        c.copy(buf, filled, 0, n);
-        filled += n;
-        if (n === c.length) early.shift();
-        else early[0] = c.subarray(n);
-      }
-      if (filled === bytes) return Promise.resolve(buf);
-      return new Promise<Buffer>((resolve, reject) => {
-        want = { buf, filled, resolve, reject };
-        socket.resume();
-      });
-    },
-    attach(s) {
-      sink = s;
-      for (const c of early.splice(0)) s(c);
-      socket.resume();
-    },
-    release: releaseSlabBytes,
-  };
-  // A closed connection's current slab gets no more reads: it may be reused once released.
-  socket.once('close', () => {
-    failWant(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed before the expected bytes arrived'));
-    if (current) {
-      current.retired = true;
-      recycleIfDone(current);
+  const callback = (bytes: number, buf: Uint8Array) => {
+    const g = given;
+    if (g.kind === 'slab') {
+      g.state.filled += bytes;
+      sink!(Buffer.from(buf.buffer, buf.byteOffset, bytes));
+      return;
     }
-  });
-  Object.defineProperty(socket, directChunks, { value: direct });
-  return socket;
+    if (want) {
+      // Into the request's own buffer, or the stand-in (copied over).
+      if (g.buf.buffer !== want.buf.buffer) {
+        const n = Math.min(bytes, want.buf.length - want.filled);
+        g.buf.copy(want.buf, want.filled, 0, n);
+        // A stand-in larger than the request keeps what is beyond it for later.
+        if (n < bytes) early.push(Buffer.from(g.buf.subarray(n, bytes)));
+        want.filled += n;
+      } else want.filled += bytes;
+      if (want.filled === want.buf.length) {
+        const done = want;
+        want = null;
+        // Nothing more is read until asked for.
+        socket?.pause();
+        done.resolve(done.buf);
+      }
+      return;
+    }
+    // Read into a stand-in with nobody asking (paused too late, or a TLS handshake reading on): kept for the reader.
+    const chunk = Buffer.from(g.buf.subarray(0, bytes));
+    if (sink) sink(chunk);
+    else early.push(chunk);
+  };
+  const install = (sock: net.Socket) => {
+    socket = sock;
+    // No reads until asked: a connection nobody reads yet (queued, or a
+    // stray one) must not fill memory at the peer's pace.
+    sock.pause();
+    const failWant = (err: Error) => {
+      const w = want;
+      want = null;
+      w?.reject(err);
+    };
+    sock.once('end', () => failWant(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed before the expected bytes arrived')));
+    sock.once('error', (err) => failWant(new MigrationError('ERR_MIGRATION_CONNECTION', `connection failed: ${err.message}`, { cause: err })));
+    const direct: DirectChunks = {
+      readExactly(bytes) {
+        if (sink) return Promise.reject(new MigrationError('ERR_MIGRATION_STATE', 'readExactly() after a reader attached'));
+        if (want) return Promise.reject(new MigrationError('ERR_MIGRATION_STATE', 'readExactly() while another is pending'));
+        const buf = Buffer.alloc(bytes);
+        // Bytes a stand-in read too early are the start of this request.
+        let filled = 0;
+        while (early.length && filled < bytes) {
+          const c = early[0]!;
+          const n = Math.min(c.length, bytes - filled);
+          c.copy(buf, filled, 0, n);
+          filled += n;
+          if (n === c.length) early.shift();
+          else early[0] = c.subarray(n);
+        }
+        if (filled === bytes) return Promise.resolve(buf);
+        if (sock.destroyed || sock.readableEnded) return Promise.reject(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection is closed'));
+        return new Promise<Buffer>((resolve, reject) => {
+          want = { buf, filled, resolve, reject };
+          sock.resume();
+        });
+      },
+      attach(s) {
+        sink = s;
+        for (const c of early.splice(0)) s(c);
+        sock.resume();
+      },
+      release: releaseSlabBytes,
+    };
+    // A closed connection's current slab gets no more reads: it may be reused once released.
+    sock.once('close', () => {
+      failWant(new MigrationError('ERR_MIGRATION_CONNECTION', 'the connection closed before the expected bytes arrived'));
+      if (current) {
+        current.retired = true;
+        recycleIfDone(current);
+      }
+    });
+    Object.defineProperty(sock, directChunks, { value: direct });
+  };
+  return { onread: { buffer: nextBuffer, callback }, install };
 }
 
 export type MigrationUri = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
@@ -332,7 +348,7 @@ export function connect(uri: MigrationUri, signal?: AbortSignal, secure?: TlsCon
  * buffers Node allocates, and a TLSSocket over an accepted socket takes no
  * `onread` buffer (Node ignores it when wrapping a socket).
  */
-export function secureAccept(raw: net.Socket, cfg: TlsConfig): Promise<tls.TLSSocket> {
+export function secureAccept(raw: net.Socket, cfg: TlsConfig, onSocket?: (s: tls.TLSSocket) => void): Promise<tls.TLSSocket> {
   return new Promise((resolve, reject) => {
     const done = () => {
       raw.off('readable', onReadable);
@@ -348,13 +364,23 @@ export function secureAccept(raw: net.Socket, cfg: TlsConfig): Promise<tls.TLSSo
       const head = raw.read(2) as Buffer | null;
       if (!head) return;
       done();
-      raw.unshift(head);
       if (!looksLikeTls(head)) {
+        raw.unshift(head);
         reject(new MigrationTlsError('plaintext-refused', 'this destination requires TLS and the source spoke plaintext: configure TLS on the source too (tls option, --tls-creds or --tls-psk)', { socket: raw }));
         return;
       }
-      // The bytes read so far (the ClientHello) are fed to OpenSSL by the TLSSocket itself.
-      const s = new tls.TLSSocket(raw, { ...serverTlsOptions(cfg), highWaterMark: SOCKET_BUFFER_BYTES } as tls.TLSSocketOptions);
+      // Everything read so far (the ClientHello) goes to OpenSSL.
+      const rest = raw.read() as Buffer | null;
+      const read = rest ? Buffer.concat([head, rest]) : head;
+      const slab = tlsWithSlabReads(raw, read, cfg);
+      let s: tls.TLSSocket;
+      if (slab) s = slab.socket;
+      else {
+        raw.unshift(read);
+        // Fed to OpenSSL by the TLSSocket itself (what its socket has buffered).
+        s = new tls.TLSSocket(raw, { ...serverTlsOptions(cfg), highWaterMark: SOCKET_BUFFER_BYTES } as tls.TLSSocketOptions);
+      }
+      onSocket?.(s);
       const fail = (err: Error) => {
         s.off('secure', onSecure);
         s.off('close', onTlsClose);
@@ -362,7 +388,15 @@ export function secureAccept(raw: net.Socket, cfg: TlsConfig): Promise<tls.TLSSo
         s.destroy();
         reject(tlsHandshakeError(err, 'destination', cfg, s) ?? new MigrationTlsError('handshake', `TLS handshake with the source failed: ${err.message}`, { cause: err }));
       };
-      const onTlsClose = () => fail(new Error('the source closed the connection during the TLS handshake'));
+      const onTlsClose = () => {
+        if (cfg.mode !== 'x509') return fail(new Error('the source closed the connection during the TLS handshake'));
+        // A TLS 1.3 client that refuses the server's certificate closes without an alert
+        // (Node's client drops the connection before its Finished is out): that is what this looks like.
+        s.off('error', fail);
+        s.off('secure', onSecure);
+        s.destroy();
+        reject(new MigrationTlsError('peer-refused', "the source closed the connection during the TLS handshake, after this destination's certificate: it refused it (its CA, dates or hostname: see the source's error)"));
+      };
       const onSecure = () => {
         s.off('error', fail);
         s.off('close', onTlsClose);
@@ -372,7 +406,10 @@ export function secureAccept(raw: net.Socket, cfg: TlsConfig): Promise<tls.TLSSo
         if (refusal) {
           refusal.socket = s;
           reject(refusal);
-        } else resolve(s);
+          return;
+        }
+        slab?.install(s);
+        resolve(s);
       };
       s.once('secure', onSecure);
       s.once('error', fail);
@@ -389,6 +426,58 @@ export function secureAccept(raw: net.Socket, cfg: TlsConfig): Promise<tls.TLSSo
 export interface MigrationServer extends net.Server {
   on(event: 'accepted', listener: (socket: net.Socket) => void): this;
   on(event: string, listener: (...args: any[]) => void): this; // eslint-disable-line @typescript-eslint/no-explicit-any
+}
+
+/** What a TLSWrap handle offers beyond a stream handle (Node internals, checked before use). */
+interface TlsHandle {
+  open(fd: number): number;
+  receive(data: Buffer): void;
+}
+
+/**
+ * Slab reads for a TLS connection: the plaintext comes out of OpenSSL in
+ * records of at most 16 KiB, each a JS callback, so what matters is that
+ * each lands in a reused slab rather than a new Buffer (1 GiB of 16 KiB
+ * Buffers is 65,536 external allocations and the full GCs they force). A
+ * TLSSocket takes an `onread` buffer only when it owns its handle, so it
+ * is built without a socket, the accepted fd duplicated into its handle
+ * (as withSlabReads does), and the bytes already read (the ClientHello)
+ * fed to OpenSSL. null (the caller wraps the socket as it is) where Node's
+ * handle does not offer that.
+ */
+function tlsWithSlabReads(raw: net.Socket, read: Buffer, cfg: TlsConfig): { socket: tls.TLSSocket; install(s: net.Socket): void } | null {
+  const fd = acceptedFd(raw);
+  if (fd === null) return null;
+  let copy: number;
+  try {
+    copy = native.dupSocketFd(fd);
+  } catch {
+    return null;
+  }
+  const reads = slabReads(16 << 10);
+  let s: tls.TLSSocket | null = null;
+  let handle: TlsHandle;
+  try {
+    // `pipe`: a unix socket's fd goes into a Pipe handle, a TCP one's into a TCP handle.
+    s = new tls.TLSSocket(undefined as unknown as net.Socket, { ...serverTlsOptions(cfg), highWaterMark: SOCKET_BUFFER_BYTES, onread: reads.onread, pipe: raw.remoteAddress === undefined } as tls.TLSSocketOptions);
+    const h = (s as unknown as { _handle?: Partial<TlsHandle> })._handle;
+    if (typeof h?.open !== 'function' || typeof h.receive !== 'function') throw new Error('no TLSWrap handle');
+    handle = h as TlsHandle;
+    const err = handle.open(copy);
+    if (err) throw new Error(`open: ${err}`);
+  } catch {
+    // Unopened, the handle does not own the copy.
+    closeSync(copy);
+    s?.destroy();
+    return null;
+  }
+  // Connected already (the accepted fd): reads start when the socket initialises (next tick).
+  (s as unknown as { connecting: boolean }).connecting = false;
+  raw.destroy();
+  process.nextTick(() => {
+    if (!s!.destroyed) handle.receive(read);
+  });
+  return { socket: s, install: reads.install };
 }
 
 /** `tls`: connections are given as accepted (paused), for secureAccept(); else re-wrapped for slab reads. */
