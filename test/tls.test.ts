@@ -395,7 +395,7 @@ for (const how of ['cancel', 'kill'] as const) {
   }
 }
 
-// ---- more faults over TLS: a representative subset of the fault tests (cancel, SIGKILL, a silent partition) ----
+// ---- more faults over TLS: the destination serves the next TLS source after a cancel or a killed source; a silent partition ----
 
 const faultSpec = { mock: [['nic-vf', 1]] as [string, number][], overrides: { stateBytes: '32MiB', dirtyWorkingSetBytes: '24MiB', dirtyBytesPerSec: '256MiB', arcLatencyMs: { default: 2 } } };
 let port = 4600 + (process.pid % 200);
