@@ -135,6 +135,23 @@ test.serial('mutual TLS (x509, authz) on every channel over a unix socket: the m
   t.deepEqual(d.events.filter((e) => e.event === 'CONNECTION_REFUSED'), []);
 });
 
+test.serial('CLI both ends: migrate --tls-creds --tls-hostname to incoming --tls-creds --tls-authz completes with digests equal (exit 0)', async (t) => {
+  const d = await incoming(t, destArgs());
+  const proc = spawn(process.execPath, [CLI, 'migrate', '--to', d.uri, '--json', '--arc-history', 'none', '--channels', '2', '--param', 'downtime-limit=2000', ...deviceArgs(spec), '--tls-creds', fx.source, '--tls-hostname', 'dest.example'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let result: Record<string, unknown> | null = null;
+  let stderr = '';
+  proc.stderr!.on('data', (b) => (stderr += b));
+  onJsonLines(proc.stdout!, (o) => {
+    if (o.result) result = o.result as Record<string, unknown>;
+  });
+  const code = await new Promise<number | null>((r) => proc.on('close', r));
+  t.is(code, 0, stderr);
+  const r = result as { status?: string; digests?: { match: boolean }[] } | null;
+  t.is(r?.status, 'completed');
+  t.true(r!.digests!.every((x) => x.match === true));
+  t.is((await d.result)?.status, 'completed');
+});
+
 test.serial('mutual TLS over tcp checks the destination certificate against the URI host (127.0.0.1 in its SAN) without tls-hostname', async (t) => {
   const d = await incoming(t, ['--tls-creds', fx.dest], 'tcp:127.0.0.1:0');
   const { info, err } = await migrate(t, d.uri, { creds: fx.source }, 2);

@@ -11,6 +11,8 @@ const SOCKET_BUFFER_BYTES = 8 << 20;
 const SLAB_BYTES = 4 << 20;
 /** A slab with less room than this is retired (its chunks stay valid) for a fresh one. */
 const MIN_READ_BYTES = 256 << 10;
+/** TLS reads are handed to the reader in chunks of up to this many bytes (see slabReads). */
+const COALESCE_BYTES = 1 << 20;
 /** Idle slabs kept for reuse (all connections together). */
 const MAX_FREE_SLABS = 16;
 
@@ -141,7 +143,7 @@ function withSlabReads(accepted: net.Socket): net.Socket {
  * a byte read past what was asked for), more for a TLS one (its handshake
  * must read on, and OpenSSL has the bytes already).
  */
-function slabReads(standInBytes: number): { onread: { buffer: () => Buffer; callback: (bytes: number, buf: Uint8Array) => void }; install(socket: net.Socket): void } {
+function slabReads(standInBytes: number, coalesce = false): { onread: { buffer: () => Buffer; callback: (bytes: number, buf: Uint8Array) => void }; install(socket: net.Socket): void } {
   // Until a reader attaches, reads go into exactly-sized buffers of
   // readExactly() requests (or a stand-in between requests), never
   // past what was asked for; the first slab is taken at the first slab read.
@@ -152,9 +154,25 @@ function slabReads(standInBytes: number): { onread: { buffer: () => Buffer; call
   const early: Buffer[] = [];
   let sink: ((chunk: Buffer) => void) | null = null;
   let socket: net.Socket | null = null;
+  /**
+   * `coalesce` (TLS): adjacent reads into the same slab go to the reader as
+   * one chunk, at the end of this turn of the event loop or once large:
+   * OpenSSL gives one 16 KiB record per read, and every chunk costs the
+   * reader and the loader (parts, releases) the same whatever its size.
+   */
+  let pending: { state: SlabState; start: number; end: number } | null = null;
+  let flushQueued = false;
+  const flush = () => {
+    flushQueued = false;
+    const p = pending;
+    if (!p) return;
+    pending = null;
+    sink!(p.state.slab.subarray(p.start, p.end));
+  };
   const nextBuffer = (): Buffer => {
     if (sink) {
       if (!current || SLAB_BYTES - current.filled < MIN_READ_BYTES) {
+        flush();
         if (current) {
           current.retired = true;
           recycleIfDone(current);
@@ -171,8 +189,22 @@ function slabReads(standInBytes: number): { onread: { buffer: () => Buffer; call
   const callback = (bytes: number, buf: Uint8Array) => {
     const g = given;
     if (g.kind === 'slab') {
+      const start = g.state.filled;
       g.state.filled += bytes;
-      sink!(Buffer.from(buf.buffer, buf.byteOffset, bytes));
+      if (!coalesce) {
+        sink!(Buffer.from(buf.buffer, buf.byteOffset, bytes));
+        return;
+      }
+      if (pending && pending.state === g.state && pending.end === start) pending.end += bytes;
+      else {
+        flush();
+        pending = { state: g.state, start, end: start + bytes };
+      }
+      if (pending.end - pending.start >= COALESCE_BYTES) flush();
+      else if (!flushQueued) {
+        flushQueued = true;
+        setImmediate(flush);
+      }
       return;
     }
     if (want) {
@@ -200,6 +232,9 @@ function slabReads(standInBytes: number): { onread: { buffer: () => Buffer; call
   };
   const install = (sock: net.Socket) => {
     socket = sock;
+    // What is held back goes before the end of the stream is seen (these run before the reader's listeners).
+    sock.prependListener('end', flush);
+    sock.prependListener('close', flush);
     // No reads until asked: a connection nobody reads yet (queued, or a
     // stray one) must not fill memory at the peer's pace.
     sock.pause();
@@ -454,7 +489,7 @@ function tlsWithSlabReads(raw: net.Socket, read: Buffer, cfg: TlsConfig): { sock
   } catch {
     return null;
   }
-  const reads = slabReads(16 << 10);
+  const reads = slabReads(16 << 10, true);
   let s: tls.TLSSocket | null = null;
   let handle: TlsHandle;
   try {
