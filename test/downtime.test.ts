@@ -192,23 +192,33 @@ const mlx5Like = (extra: Partial<MockProfileInput> = {}): Partial<MockProfileInp
   arcLatencyMs: { default: 2, ...(extra.arcLatencyMs as Record<string, number> | undefined) },
 });
 
+/** What a management app does with a stall: raise downtime-limit to the suggestion; keeps the first report. */
+function raiseOnStall() {
+  const seen: { first: { suggestedDowntimeLimitMs: number; message: string } | null; onSource: (src: MigrationSource) => void } = {
+    first: null,
+    onSource: (src) =>
+      src.on('MIGRATION_STALLED', (d) => {
+        seen.first ??= d;
+        src.setParameters({ 'downtime-limit': d.suggestedDowntimeLimitMs });
+      }),
+  };
+  return seen;
+}
+
 const isExceeded = (d: unknown) => (d as { data?: { kind?: string } }).data?.kind === 'downtime-exceeded';
 
 type PassData = { expectedDowntimeMs: number | null; expectedDowntime: { summary: string; unmeasured: { arc: string }[]; arcsByBasis: Record<string, number> } };
 
 test.serial('first contact, probed: a 350 ms P2P quiesce is measured before the stop; the stall suggests a limit that holds and the estimate is within 15%', async (t) => {
-  let stall: { suggestedDowntimeLimitMs: number; message: string } | null = null;
+  const stalls = raiseOnStall();
   const r = await migrate({
     mock: [['nic-vf', 1]],
     overrides: mlx5Like({ arcLatencyMs: { 'pre-copy>pre-copy-p2p': 350 }, stateBytes: '9MiB' }),
     capabilities: { 'x-probe-switchover-arcs': true },
     parameters: { 'downtime-limit': 300, 'stall-iterations': 4 },
-    onSource: (src) =>
-      src.on('MIGRATION_STALLED', (d) => {
-        stall ??= d;
-        src.setParameters({ 'downtime-limit': d.suggestedDowntimeLimitMs });
-      }),
+    onSource: stalls.onSource,
   });
+  const stall = stalls.first;
   t.is(r.info.status, 'completed', r.error?.message);
   const prepares = r.events.filter((e) => e.event === 'VFIO_MIGRATION' && (e.data as { state: string }).state === 'pre-copy-p2p-prepare');
   t.is(prepares.length, 2, 'one prepare event for the probe, one for the switchover');
@@ -228,17 +238,14 @@ test.serial('first contact, probed: a 350 ms P2P quiesce is measured before the 
 });
 
 test.serial('first contact, not probed: the estimate carries the assumed P2P arc, a warning names it, and a broken promise is reported', async (t) => {
-  let stall: { suggestedDowntimeLimitMs: number } | null = null;
+  const stalls = raiseOnStall();
   const r = await migrate({
     mock: [['nic-vf', 1]],
     overrides: mlx5Like({ arcLatencyMs: { 'pre-copy>pre-copy-p2p': 350 }, stateBytes: '10MiB' }),
     parameters: { 'downtime-limit': 300, 'stall-iterations': 4 },
-    onSource: (src) =>
-      src.on('MIGRATION_STALLED', (d) => {
-        stall ??= d;
-        src.setParameters({ 'downtime-limit': d.suggestedDowntimeLimitMs });
-      }),
+    onSource: stalls.onSource,
   });
+  const stall = stalls.first;
   t.is(r.info.status, 'completed', r.error?.message);
   const first = r.events.find((e) => e.event === 'MIGRATION_PASS' && (e.data as PassData).expectedDowntimeMs !== null)!.data as PassData;
   t.log(first.expectedDowntime.summary);
