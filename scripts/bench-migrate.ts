@@ -1,21 +1,26 @@
 // npm run bench:migrate: device-state throughput of the full stack (mock
 // device -> addon -> frames -> loopback TCP -> another process -> mock device)
 // against a plain Node socket pipe between two processes moving the same
-// bytes, and the switchover time of 1 vs 16 devices whose arcs take 50 ms.
+// bytes, the same full stack over TLS (mutual x509, certificates made with
+// openssl for the run) against it in clear, and the switchover time of 1 vs
+// 16 devices whose arcs take 50 ms.
 import { spawn } from 'node:child_process';
 import net from 'node:net';
 import { MigrationSource } from '../src/migration/source.js';
 import { deviceArgs, sourceSide, startDestination } from '../test/harness.js';
+import { type TlsFixtures, makeTlsFixtures } from '../test/tls-fixtures.js';
 
 const MiB = 1 << 20;
 const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
 const big = { stateBytes: '1GiB', chunkBytes: '64KiB', setupBytes: 0, stopCopyOnlyBytes: 0, dirtyBytesPerSec: 0, dirtyWorkingSetBytes: 0, loadInitialMs: 0, loadMsPerMiB: 0, arcLatencyMs: { default: 0 } };
 
-async function fullStack(): Promise<{ bytes: number; seconds: number }> {
+/** `tls`: both ends over mutual x509 TLS (tcp:127.0.0.1, which the destination's certificate names). */
+async function fullStack(tls?: TlsFixtures): Promise<{ bytes: number; seconds: number }> {
   const spec = { mock: [['gpu', 1]] as [string, number][], overrides: big };
-  const tcp = await startTcpDestination(spec);
+  const tcp = await startTcpDestination(spec, tls ? ['--tls-creds', tls.dest, '--tls-authz', tls.sourceDn] : []);
   const side = await sourceSide(spec);
-  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
+  // The mock's P2P quiesce is instant: assumed at the default 300 ms, it alone fills the default downtime-limit and the stream never switches over.
+  const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { 'x-assumed-p2p-arc-ms': 5 }, ...(tls ? { tls: { creds: tls.source } } : {}) });
   const info = await src.migrate(tcp.uri);
   await tcp.done;
   await side.close();
@@ -24,9 +29,9 @@ async function fullStack(): Promise<{ bytes: number; seconds: number }> {
 }
 
 /** The CLI's destination on loopback TCP (port chosen by the OS). */
-async function startTcpDestination(spec: Parameters<typeof deviceArgs>[0]): Promise<{ uri: string; done: Promise<void> }> {
+async function startTcpDestination(spec: Parameters<typeof deviceArgs>[0], extra: string[] = []): Promise<{ uri: string; done: Promise<void> }> {
   const { CLI } = await import('../test/harness.js');
-  const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', 'tcp:127.0.0.1:0', '--json', '--once', '--arc-history', 'none', ...deviceArgs(spec)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', 'tcp:127.0.0.1:0', '--json', '--once', '--arc-history', 'none', ...deviceArgs(spec), ...extra], { stdio: ['ignore', 'pipe', 'inherit'] });
   let buf = '';
   const uri = await new Promise<string>((resolve) =>
     proc.stdout.on('data', (d: Buffer) => {
@@ -100,6 +105,21 @@ for (let i = 0; i < rounds; i++) {
   bestOurs = Math.max(bestOurs, o);
   bestBase = Math.max(bestBase, b);
 }
+// The full stack over TLS against the same stack in clear, in one run: each round runs both, alternating which goes first.
+const tlsFixtures = await makeTlsFixtures();
+let bestClear = 0;
+let bestTls = 0;
+try {
+  for (let i = 0; i < rounds; i++) {
+    const pair = i % 2 === 0 ? [await fullStack(), await fullStack(tlsFixtures)] : [await fullStack(tlsFixtures), await fullStack()].reverse();
+    const [clear, secure] = pair.map((r) => r!.bytes / r!.seconds / 1e6) as [number, number];
+    console.log(`round ${i + 1}: full stack over TLS ${secure.toFixed(0)} MB/s, in clear ${clear.toFixed(0)} MB/s`);
+    bestClear = Math.max(bestClear, clear);
+    bestTls = Math.max(bestTls, secure);
+  }
+} finally {
+  await tlsFixtures.remove();
+}
 const one: number[] = [];
 const sixteen: number[] = [];
 for (let i = 0; i < rounds; i++) {
@@ -111,4 +131,6 @@ const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length
 const tputRatio = bestOurs / bestBase;
 const swRatio = median(sixteen) / median(one);
 console.log(`bench migrate-throughput: ${tputRatio.toFixed(2)}x plain socket pipe (${bestOurs.toFixed(0)} vs ${bestBase.toFixed(0)} MB/s) target 0.90x ${tputRatio >= 0.9 ? 'met' : 'missed'}`);
+const tlsRatio = bestTls / bestClear;
+console.log(`bench tls-throughput: ${tlsRatio.toFixed(2)}x plaintext (${bestTls.toFixed(0)} vs ${bestClear.toFixed(0)} MB/s, TLS 1.3 AES-128-GCM, mutual x509) target 0.70x ${tlsRatio >= 0.7 ? 'met' : 'missed'}`);
 console.log(`bench switchover-16-devices: ${swRatio.toFixed(2)}x one device (${median(sixteen).toFixed(0)} vs ${median(one).toFixed(0)} ms) target 1.50x ${swRatio <= 1.5 ? 'met' : 'missed'}`);

@@ -29,6 +29,7 @@ export type { VmControl } from './migration/vm.js';
 export { VfioHandler, exportArcHistory, importArcHistory } from './migration/vfio-handler.js';
 export { DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, type MigrationCapabilities, type MigrationParameters } from './migration/params.js';
 export { MigrationError, describeError, type MigrationErrorCode } from './migration/errors.js';
+export { MigrationTlsError, type TlsOptions, type TlsReason } from './migration/tls.js';
 export type {
   AnyMigrationEventRecord,
   MigrationEventListener,

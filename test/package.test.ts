@@ -19,6 +19,7 @@ const MAIN_NAMES = [
   'MigrationDestination',
   'MigrationError',
   'MigrationSource',
+  'MigrationTlsError',
   'VfioDevice',
   'VfioError',
   'VfioHandler',
