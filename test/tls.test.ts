@@ -8,6 +8,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import { syncBuiltinESMExports } from 'node:module';
 import { readFile } from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
 import { MigrationSource } from '../src/migration/source.js';
@@ -17,6 +18,7 @@ import type { MigrationParameters } from '../src/migration/params.js';
 import { type TlsOptions, MigrationTlsError, globMatch, parsePskKeys } from '../src/migration/tls.js';
 import { encodeFrame, FrameType, messagePayload } from '../src/migration/protocol/index.js';
 import { onJsonLines } from '../src/json-lines.js';
+import { parseUri } from '../src/migration/transport.js';
 import { CLI, deviceArgs, sourceSide, startPeer, type PeerProcess } from './harness.js';
 import { createNetns, openFdCount } from './helpers.js';
 import { type TlsFixtures, makeTlsFixtures } from './tls-fixtures.js';
@@ -301,6 +303,33 @@ test.serial('channel binding: a third party holding an authorized certificate an
   }
   t.is(d.events.filter(refused('channel-binding')).length, 2);
   t.is((await d.result)?.status, 'completed');
+});
+
+test.serial('a TLS destination serves strangers safely: an idle connection and a stalled TLS handshake are closed at the handshake deadline and leave nothing pending; a good source then migrates', async (t) => {
+  const dstSide = await sourceSide(spec);
+  dstSide.vm.running = false;
+  const dest = new MigrationDestination({ handlers: dstSide.handlers, vm: dstSide.vm, handshakeTimeoutMs: 500, tls: { creds: fx.dest, authz: [fx.sourceDn] } });
+  const refusals: { code: string; reason?: string }[] = [];
+  dest.on('CONNECTION_REFUSED', (e) => refusals.push(e));
+  const uri = await dest.listen('tcp:127.0.0.1:0');
+  t.teardown(async () => {
+    await dest.close();
+    await dstSide.close();
+  });
+  const { port } = parseUri(uri) as { port: number };
+  const idle = net.connect({ host: '127.0.0.1', port });
+  // The first bytes of a ClientHello, then nothing.
+  const stalled = net.connect({ host: '127.0.0.1', port }, () => stalled.write(Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00, 0x01])));
+  const closed = (s: net.Socket) => new Promise<void>((r) => (s.on('error', () => {}), s.once('close', () => r())));
+  await Promise.all([closed(idle), closed(stalled)]);
+  await new Promise((r) => setTimeout(r, 50));
+  t.is(dest.pendingConnections, 0);
+  t.deepEqual(refusals.map((r) => `${r.code} ${r.reason}`), ['ERR_MIGRATION_TLS handshake', 'ERR_MIGRATION_TLS handshake']);
+  const incoming = dest.incoming();
+  const { info, err } = await migrate(t, uri, { creds: fx.source });
+  t.is(err, null, err?.message);
+  t.true(info.digests!.every((x) => x.match === true));
+  t.is((await incoming).status, 'completed');
 });
 
 test('authz patterns: globs over the DN and SANs', (t) => {

@@ -82,6 +82,8 @@ interface Conn {
   /** The socket holding the connection (TLS: the TLS socket from the handshake on). */
   live: net.Socket;
   closed(): void;
+  /** The handshake deadline passed before the TLS handshake was through. */
+  expired?: boolean;
 }
 
 /** A connection that sent a valid first frame and waits to be taken into a migration. */
@@ -217,7 +219,10 @@ export class MigrationDestination extends MigrationEvents {
       },
     };
     const deadline = setTimeout(() => {
-      if (!conn.socket) return conn.live.destroy();
+      if (!conn.socket) {
+        conn.expired = true;
+        return conn.live.destroy();
+      }
       this.#unpark(conn.socket);
       this.#refuse(conn.socket, new MigrationError('ERR_MIGRATION_PROTOCOL', `no migration took this connection within the ${this.handshakeTimeoutMs} ms handshake deadline`));
     }, this.handshakeTimeoutMs);
@@ -267,7 +272,7 @@ export class MigrationDestination extends MigrationEvents {
       if (this.#tls && s === raw && !on) {
         // Nothing can be said on a failed handshake: closed, reported here.
         raw.destroy();
-        this.#reportRefusal(err);
+        this.#reportRefusal(conn.expired ? new MigrationTlsError('handshake', `no TLS handshake completed within the ${this.handshakeTimeoutMs} ms handshake deadline`) : err);
         return;
       }
       this.#refuse(on ?? s, this.#explainFirstFrameError(err, s !== raw));
