@@ -19,6 +19,7 @@ import { type TlsOptions, MigrationTlsError, globMatch, parsePskKeys } from '../
 import { encodeFrame, FrameType, messagePayload } from '../src/migration/protocol/index.js';
 import { onJsonLines } from '../src/json-lines.js';
 import { parseUri } from '../src/migration/transport.js';
+import { native } from '../src/vfio/native.js';
 import { CLI, deviceArgs, sourceSide, startPeer, type PeerProcess } from './harness.js';
 import { createNetns, openFdCount } from './helpers.js';
 import { type TlsFixtures, makeTlsFixtures } from './tls-fixtures.js';
@@ -330,6 +331,37 @@ test.serial('a TLS destination serves strangers safely: an idle connection and a
   t.is(err, null, err?.message);
   t.true(info.digests!.every((x) => x.match === true));
   t.is((await incoming).status, 'completed');
+});
+
+test.serial("without the accepted socket's fd (slab reads unavailable), TLS takes Node's stream path: a migration completes with digests equal and an intruder is still refused", async (t) => {
+  const original = native.dupSocketFd;
+  let asked = 0;
+  (native as { dupSocketFd: (fd: number) => number }).dupSocketFd = () => {
+    asked++;
+    throw Object.assign(new Error('unavailable in this test'), { code: 'ENOTSUP' });
+  };
+  t.teardown(() => {
+    (native as { dupSocketFd: (fd: number) => number }).dupSocketFd = original;
+  });
+  const dstSide = await sourceSide(spec);
+  dstSide.vm.running = false;
+  const dest = new MigrationDestination({ handlers: dstSide.handlers, vm: dstSide.vm, tls: { creds: fx.dest, authz: [fx.sourceDn] } });
+  const refusals: { reason?: string }[] = [];
+  dest.on('CONNECTION_REFUSED', (e) => refusals.push(e));
+  const uri = await dest.listen(`unix:/tmp/vfio-mig-tls-${process.pid}-${++sockets}.sock`);
+  t.teardown(async () => {
+    await dest.close();
+    await dstSide.close();
+  });
+  const { err: refused } = await migrate(t, uri, sourceTls({ creds: fx.sourceIntruder }));
+  t.is((refused as MigrationTlsError | null)?.reason, 'not-authorized', refused?.message);
+  const incoming = dest.incoming();
+  const { info, err } = await migrate(t, uri, sourceTls(), 3);
+  t.is(err, null, err?.message);
+  t.true(info.digests!.every((x) => x.match === true));
+  t.is((await incoming).status, 'completed');
+  t.true(refusals.some((r) => r.reason === 'not-authorized'));
+  t.true(asked >= 5, `every connection tried the slab path first (${asked})`);
 });
 
 test('authz patterns: globs over the DN and SANs', (t) => {

@@ -89,10 +89,12 @@ function releaseSlabBytes(part: Buffer): void {
  * The fd of a socket net.Server accepted, or null. Node 20 has no public way
  * to it: `net.Socket({ fd, onread })` is public, but an accepted socket's fd
  * is only on its private libuv handle (`_handle.fd`), and net.Server takes no
- * `onread`. This is the one place that reads a private Node field; it checks
+ * `onread`. This is where the accepted fd is read from a private Node field; it checks
  * what it finds (a non-negative integer, then a socket: see dupSocketFd), and
  * anything else (a Node that moved the field, a TLS socket) means no slab
- * reads: the connection works as Node gives it (the path TLS connections take).
+ * reads: the connection works as Node gives it. TLS connections read into
+ * slabs too, through this same fd, with more of Node's internals (see
+ * tlsWithSlabReads, which checks them likewise and falls back the same way).
  */
 function acceptedFd(accepted: net.Socket): number | null {
   const handle = (accepted as unknown as { _handle?: unknown })._handle;
