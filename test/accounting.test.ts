@@ -71,3 +71,28 @@ test('policy: hostile pending figures never give an absurd expected downtime or 
     if (d.suggestedDowntimeLimitMs !== null) t.true(Number.isFinite(d.suggestedDowntimeLimitMs) && d.suggestedDowntimeLimitMs > 0);
   }
 });
+
+test('policy: switchover steps are barriers: the slowest quiesce plus the slowest stop, not the slowest device', (t) => {
+  const device = (id: string, quiesceMs: number, stopMs: number) =>
+    ({
+      describe: () => ({ id, kind: 'vfio', compat: id }),
+      switchoverArcs: () => [
+        { arc: 'pre-copy>pre-copy-p2p', ms: quiesceMs, basis: 'measured' },
+        { arc: 'pre-copy-p2p>stop-copy', ms: stopMs, basis: 'learned' },
+      ],
+      resumeArcs: () => [
+        { arc: 'resuming>stop', ms: 1, basis: 'learned' },
+        { arc: 'stop>running-p2p', ms: stopMs / 10, basis: 'learned' },
+        { arc: 'running-p2p>running', ms: quiesceMs / 100, basis: 'assumed' },
+      ],
+    }) as unknown as StateHandler;
+  // A NIC VF (400 ms quiesce, 2 ms stop) beside a vGPU (80 ms quiesce, 120 ms stop): every device
+  // quiesces before any stops, so the source part is 400 + 120 ms, where the slowest device alone is 402.
+  const policy = new DowntimePolicy([device('nic', 400, 2), device('vgpu', 80, 120)]);
+  const d = policy.evaluate({ pending: [0, 1].map(() => ({ precopyBytes: 0, stopcopyBytes: 0, exact: true })), measuredBandwidthBytesPerSec: 1e9, params: DEFAULT_PARAMETERS, switchoverAckRequired: false, switchoverAcked: false, iteration: 1 });
+  t.is(d.split.sourceArcsMs, 520);
+  t.is(d.split.destinationArcsMs, 1 + 12 + 4);
+  t.is(d.split.arcsByBasis.measured, 400);
+  t.is(d.split.arcsByBasis.learned, 120 + 1 + 12);
+  t.deepEqual(d.split.unmeasured.map((a) => `${a.device} ${a.arc}`), ['nic running-p2p>running', 'vgpu running-p2p>running']);
+});

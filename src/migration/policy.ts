@@ -103,6 +103,19 @@ function resolveArcs(device: string, side: ResolvedArc['side'], arcs: ArcEstimat
   return arcs.map((a) => ({ device, side, arc: a.arc, basis: a.basis, ms: saneMs(a.ms ?? assumedArcMs(a.arc, params)) }));
 }
 
+/**
+ * Which barrier step of the switchover an arc belongs to. Source: 0 = the
+ * P2P quiesce (saveQuiesce), 1 = the stop (saveStop). Destination: 0 =
+ * leaving resuming (loadFinish), 1 = into running-p2p (loadResumeP2P), 2 =
+ * into running (loadResume).
+ */
+function switchoverStep(a: ResolvedArc): number {
+  const [from, to] = a.arc.split('>');
+  if (a.side === 'source') return to === 'running-p2p' || to === 'pre-copy-p2p' ? 0 : 1;
+  if (from === 'resuming') return 0;
+  return to === 'running-p2p' ? 1 : 2;
+}
+
 function sumMs(arcs: ResolvedArc[]): number {
   return saneMs(arcs.reduce((t, a) => t + a.ms, 0));
 }
@@ -197,22 +210,35 @@ export class DowntimePolicy {
     const devices = this.kind === 'classic' ? this.handlers.map(() => null) : this.deviceEstimates(input.pending, xferMs, params);
     // Source arcs, then the data (with any load that outlasts it), then the
     // destination's arcs; each phase waits for the slowest device.
-    let srcArcs = 0;
-    let dstArcs = 0;
+    // The switchover runs in steps that every device finishes before the next
+    // starts (all quiesce P2P, then all stop; at the destination all leave
+    // resuming, then all reach running-p2p, then running): each step costs
+    // its slowest device, and the steps add up.
+    const critical = new Map<string, { ms: number; arcs: ResolvedArc[] }>();
     let extraLoad = 0;
-    let srcCritical: DeviceEstimate | null = null;
-    let dstCritical: DeviceEstimate | null = null;
     const unmeasured: ResolvedArc[] = [];
     for (const d of devices) {
       if (!d) continue;
-      if (d.sourceArcsMs >= srcArcs) [srcArcs, srcCritical] = [d.sourceArcsMs, d];
-      if (d.destinationArcsMs >= dstArcs) [dstArcs, dstCritical] = [d.destinationArcsMs, d];
+      const steps = new Map<string, ResolvedArc[]>();
+      for (const a of d.arcs) {
+        const key = `${a.side}:${switchoverStep(a)}`;
+        steps.set(key, [...(steps.get(key) ?? []), a]);
+      }
+      for (const [key, arcs] of steps) {
+        const ms = sumMs(arcs);
+        if (ms >= (critical.get(key)?.ms ?? 0)) critical.set(key, { ms, arcs });
+      }
       extraLoad = Math.max(extraLoad, d.loadMs);
       unmeasured.push(...d.arcs.filter((a) => a.basis === 'assumed'));
     }
+    let srcArcs = 0;
+    let dstArcs = 0;
     const arcsByBasis: Partial<Record<EstimateBasis, number>> = {};
-    for (const a of [...(srcCritical?.arcs.filter((x) => x.side === 'source') ?? []), ...(dstCritical?.arcs.filter((x) => x.side === 'destination') ?? [])])
-      arcsByBasis[a.basis] = (arcsByBasis[a.basis] ?? 0) + a.ms;
+    for (const [key, step] of critical) {
+      if (key.startsWith('source')) srcArcs = saneMs(srcArcs + step.ms);
+      else dstArcs = saneMs(dstArcs + step.ms);
+      for (const a of step.arcs) arcsByBasis[a.basis] = (arcsByBasis[a.basis] ?? 0) + a.ms;
+    }
     // Data already at the destination but not yet loaded, at the slowest device load rate seen.
     const loadRate = Math.max(0, ...this.loadMsPerMiB.values());
     const backlogMs = classic ? 0 : saneMs(((input.awaitingLoadBytes ?? 0) / (1 << 20)) * loadRate);
