@@ -10,6 +10,9 @@ import { RamHandler } from '../src/migration/ram-handler.js';
 import { SyntheticVm } from '../src/migration/vm.js';
 import type { StateHandler } from '../src/migration/handler.js';
 import { onJsonLines } from '../src/json-lines.js';
+import type { ExecutionContext } from 'ava';
+import type { MigrationSource } from '../src/migration/source.js';
+import { openFdCount } from './helpers.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const CLI = path.resolve(here, '..', 'src', 'cli.js');
@@ -134,4 +137,48 @@ export function deviceArgs(opts: { mock: [string, number][]; overrides?: Partial
   if (opts.overrides) args.push('--mock-overrides', JSON.stringify(opts.overrides));
   if (opts.ram) args.push('--ram', String(opts.ram.sizeBytes));
   return args;
+}
+
+export type FaultPhase = 'setup' | 'precopy' | 'switchover' | 'stop-copy' | 'destination-load';
+
+/**
+ * Calls `fire` once the source reaches `phase` (destination-load: 150 ms after
+ * the last of three devices stopped, inside a destination whose
+ * resuming -> stop takes 400 ms).
+ */
+export function onPhase(src: MigrationSource, phase: FaultPhase, fire: () => void, lastDevice = 'nic-vf-2'): void {
+  src.on('event', (r) => {
+    const d = r.data as { status?: string; pass?: number; state?: string; device?: string };
+    if (phase === 'setup' && r.event === 'VFIO_MIGRATION' && d.state === 'pre-copy') fire();
+    if (phase === 'precopy' && r.event === 'MIGRATION_PASS' && d.pass === 1) setImmediate(fire);
+    if (phase === 'switchover' && r.event === 'MIGRATION' && d.status === 'device') fire();
+    if (phase === 'stop-copy' && r.event === 'VFIO_MIGRATION' && d.state === 'stop-copy') fire();
+    if (phase === 'destination-load' && r.event === 'VFIO_MIGRATION' && d.state === 'stop-copy' && d.device === lastDevice) setTimeout(fire, 150);
+  });
+}
+
+/**
+ * After a failed or cancelled migration: the source VM runs, its devices are
+ * RUNNING with their state intact, the destination (unless killed) failed
+ * without leaking an fd, and neither did this process.
+ */
+export async function assertRolledBack(
+  t: ExecutionContext,
+  o: { src: MigrationSource; err: Error | undefined; side: SourceSide; digestsBefore: string[]; fdsBefore: number; cancelled: boolean; destKilled: boolean; dest: { exitCode: Promise<number | null>; result: Promise<Record<string, unknown> | null> } },
+): Promise<void> {
+  t.is(o.src.status, o.cancelled ? 'cancelled' : 'failed', `status ${o.src.status}: ${o.err?.message}`);
+  t.truthy(o.src.query().error?.message);
+  t.true(o.side.vm.running, 'the source VM runs');
+  for (const d of o.side.devices) t.is(await d.getState(), 'running', d.id);
+  t.deepEqual(o.side.devices.map((d) => d.mockInfo().digest), o.digestsBefore, 'device state intact (nothing reset)');
+  await o.side.close();
+  if (o.destKilled) t.not(await o.dest.exitCode, 0);
+  else {
+    const r = await o.dest.result;
+    t.not(r?.status, 'completed');
+    t.is(r?.fdsAtEnd, r?.fdsAtStart, 'destination fds');
+    await o.dest.exitCode;
+  }
+  await new Promise((r) => setTimeout(r, 20));
+  t.is(openFdCount(), o.fdsBefore, 'source fds');
 }
