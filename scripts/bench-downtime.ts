@@ -19,7 +19,7 @@ import { clearArcHistory } from '../src/migration/vfio-handler.js';
 import type { MockProfileInput } from '../src/vfio/mock-profile.js';
 import { onJsonLines } from '../src/json-lines.js';
 import { deviceArgs, sourceSide } from '../test/harness.js';
-import { createNetnsLink, type NetnsLink } from './netns-link.js';
+import { createNetns, type Netns } from '../test/helpers.js';
 
 const MiB = 1 << 20;
 const fmt = (v: number | null | undefined) => (v === null || v === undefined ? '-' : v.toFixed(0));
@@ -65,10 +65,10 @@ interface Destination {
 let destinations = 0;
 
 /** The CLI's `incoming` in its own process, in the link's namespace when there is one. */
-async function startDestination(s: Scenario, link: NetnsLink | null, arcHistory: string): Promise<Destination> {
-  const uri = link ? `tcp:${link.remoteIp}:${4400 + (++destinations % 500)}` : `unix:${path.join(tmpdir(), `vfm-bench-${process.pid}-${++destinations}.sock`)}`;
+async function startDestination(s: Scenario, link: Netns | null, arcHistory: string): Promise<Destination> {
+  const uri = link ? `tcp:${link.nsIp}:${4400 + (++destinations % 500)}` : `unix:${path.join(tmpdir(), `vfm-bench-${process.pid}-${++destinations}.sock`)}`;
   const argv = [process.execPath, CLI, 'incoming', '--listen', uri, '--json', '--once', '--arc-history', arcHistory, ...deviceArgs(s)];
-  const cmd = link ? link.wrap(argv) : argv;
+  const cmd = link ? ['ip', 'netns', 'exec', link.name, ...argv] : argv;
   const proc = spawn(cmd[0]!, cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   proc.stderr!.on('data', (d) => (stderr += d));
@@ -100,7 +100,7 @@ interface Row {
   stalls: number;
 }
 
-async function run(s: Scenario, link: NetnsLink | null, policy: Policy, probe: boolean, history: Row['history'], destHistory: string): Promise<Row> {
+async function run(s: Scenario, link: Netns | null, policy: Policy, probe: boolean, history: Row['history'], destHistory: string): Promise<Row> {
   const dest = await startDestination(s, link, destHistory);
   const side = await sourceSide(s);
   const src = new MigrationSource({
@@ -143,7 +143,7 @@ const rows: Row[] = [];
 const work = await mkdtemp(path.join(tmpdir(), 'vfm-bench-downtime-'));
 try {
   for (const s of scenarios.filter((x) => !process.env.BENCH_ONLY || x.name.includes(process.env.BENCH_ONLY))) {
-    const link = s.linkMbit > 0 ? await createNetnsLink(s.linkMbit) : null;
+    const link = s.linkMbit > 0 ? createNetns({ rateMbit: s.linkMbit }) : null;
     try {
       const learnedFile = path.join(work, `${rows.length}-arc-history.json`);
       // First contact, without then with the probe; the probed run's arcs
@@ -157,7 +157,7 @@ try {
       rows.push(await run(s, link, 'classic', false, 'first contact', 'none'));
       rows.push(await run(s, link, 'classic', false, 'learned', learnedFile));
     } finally {
-      await link?.close();
+      link?.destroy();
     }
   }
 } finally {
