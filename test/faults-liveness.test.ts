@@ -252,10 +252,18 @@ test.serial('a destination stopped right after the commit: the source gives up w
   const { peer, uri } = await startDestinationPeer(t, { arcLatencyMs: { default: 2, 'stop>running-p2p': 500 } });
   const { side, src } = await newSource({ 'downtime-limit': 2000, 'peer-timeout': 1000 });
   let stoppedAt = 0;
-  src.on('MIGRATION_COMMITTED', () => {
-    peer.proc.kill('SIGSTOP');
-    stoppedAt = performance.now();
-  });
+  // Stopped once the destination is past the commit: its second running-p2p
+  // prepare event (the first is on its way into resuming; the second, into
+  // stop -> running-p2p, comes only after it read Commit). Stopped on the
+  // source's MIGRATION_COMMITTED it could still hold the Commit unread, and
+  // then rightly not run the VM (1 run in 3 of the suite failed that way).
+  const isPrepare = (o: Record<string, unknown>) => o.event === 'VFIO_MIGRATION' && (o.data as { state?: string } | undefined)?.state === 'running-p2p-prepare';
+  void peer
+    .waitFor((o) => isPrepare(o) && peer.lines.filter(isPrepare).length >= 2, 20_000)
+    .then(() => {
+      peer.proc.kill('SIGSTOP');
+      stoppedAt = performance.now();
+    });
   const err = await t.throwsAsync(src.migrate(uri), { instanceOf: MigrationError });
   const detectedMs = performance.now() - stoppedAt;
   t.is(err?.code, 'ERR_MIGRATION_OUTCOME_UNKNOWN', err?.message);
