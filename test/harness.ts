@@ -142,11 +142,17 @@ export function deviceArgs(opts: { mock: [string, number][]; overrides?: Partial
 export type FaultPhase = 'setup' | 'precopy' | 'switchover' | 'stop-copy' | 'destination-load';
 
 /**
- * Calls `fire` once the source reaches `phase` (destination-load: 150 ms after
- * the last of three devices stopped, inside a destination whose
- * resuming -> stop takes 400 ms).
+ * Runs `fault` once, when the source reaches `phase` (destination-load: 150 ms
+ * after the last of three devices stopped, inside a destination whose
+ * resuming -> stop takes 400 ms). Returns whether it ran.
  */
-export function onPhase(src: MigrationSource, phase: FaultPhase, fire: () => void, lastDevice = 'nic-vf-2'): void {
+export function onPhase(src: MigrationSource, phase: FaultPhase, fault: () => void, lastDevice = 'nic-vf-2'): () => boolean {
+  let fired = false;
+  const fire = () => {
+    if (fired) return;
+    fired = true;
+    fault();
+  };
   src.on('event', (r) => {
     const d = r.data as { status?: string; pass?: number; state?: string; device?: string };
     if (phase === 'setup' && r.event === 'VFIO_MIGRATION' && d.state === 'pre-copy') fire();
@@ -155,6 +161,7 @@ export function onPhase(src: MigrationSource, phase: FaultPhase, fire: () => voi
     if (phase === 'stop-copy' && r.event === 'VFIO_MIGRATION' && d.state === 'stop-copy') fire();
     if (phase === 'destination-load' && r.event === 'VFIO_MIGRATION' && d.state === 'stop-copy' && d.device === lastDevice) setTimeout(fire, 150);
   });
+  return () => fired;
 }
 
 /**

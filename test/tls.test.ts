@@ -437,16 +437,9 @@ for (const how of ['cancel', 'kill'] as const) {
       const side = await sourceSide(pspec);
       const digestsBefore = side.devices.map((d) => d.mockInfo().digest);
       const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { 'x-assumed-p2p-arc-ms': 5, 'downtime-limit': 2000 }, tls: sourceTls() });
-      let fired = false;
-      const fire = () => {
-        if (fired) return;
-        fired = true;
-        if (how === 'cancel') src.cancel(`test cancel in ${phase}`);
-        else dest.proc.kill('SIGKILL');
-      };
-      onPhase(src, phase, fire);
+      const fired = onPhase(src, phase, () => (how === 'cancel' ? src.cancel(`test cancel in ${phase}`) : dest.proc.kill('SIGKILL')));
       const err = await t.throwsAsync(src.migrate(dest.uri, { channels: 2 }));
-      t.true(fired, 'the phase was reached');
+      t.true(fired(), 'the phase was reached');
       await assertRolledBack(t, { src, err, side, digestsBefore, fdsBefore, cancelled: how === 'cancel', destKilled: how === 'kill', dest });
     });
   }

@@ -12,10 +12,9 @@ import { type Channel, PeerWatch, makeChannel, settleAll, withTimeout } from './
 import { type Frame, FrameType, WIRE_VERSION, encodeFrame, readFirstFrame, verifyFrame } from './wire.js';
 import { type MigrationServer, formatUri, listen, parseUri, secureAccept } from './transport.js';
 import { type TlsConfig, type TlsOptions, MigrationTlsError, checkChannelBinding, checkTlsOptions, loadTlsConfig, tlsNotConfigured } from './tls.js';
-import { type ChannelHelloMessage, type DestinationPhase, type HelloMessage, type LoadReportMessage, type RunningMessage, destinationMeaning, messagePayload, parseMessage } from './protocol/index.js';
+import { type ChannelHelloMessage, type DestinationPhase, type HelloMessage, type LoadReportMessage, type RunningMessage, destinationMeaning, isSendableArcEstimate, messagePayload, parseMessage } from './protocol/index.js';
 import type { MigrationState } from '../vfio/states.js';
 import { DEFAULT_PARAMETERS } from './params.js';
-import { validArcEstimate } from './policy.js';
 
 /** Section loads one channel may have queued on the devices at once. */
 const MAX_INFLIGHT_LOADS = 4;
@@ -639,7 +638,7 @@ export class MigrationDestination extends MigrationEvents {
       if (!h.resumeArcs) return;
       // Only what the message may carry: a handler's glitch must not fail the migration here.
       const loadMsPerMiB = h.loadMsPerMiB?.() ?? null;
-      const arcs = h.resumeArcs().filter(validArcEstimate).slice(0, 64);
+      const arcs = h.resumeArcs().filter(isSendableArcEstimate).slice(0, 64);
       sections.push({ section, arcs, loadMsPerMiB: loadMsPerMiB !== null && Number.isFinite(loadMsPerMiB) && loadMsPerMiB >= 0 ? loadMsPerMiB : null });
     });
     // Arrived counts what sits in this side's buffers too: it has crossed the link.

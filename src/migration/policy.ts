@@ -90,15 +90,6 @@ export function assumedArcMs(arc: string, params: MigrationParameters): number {
   return isP2pQuiesceArc(arc) ? params['x-assumed-p2p-arc-ms'] : params['x-assumed-arc-ms'];
 }
 
-const BASES: readonly string[] = ['measured', 'probed', 'learned', 'assumed'];
-
-/** A peer-reported arc estimate that can be counted (anything else is dropped). */
-export function validArcEstimate(a: unknown): a is ArcEstimate {
-  if (typeof a !== 'object' || a === null) return false;
-  const { arc, ms, basis } = a as Record<string, unknown>;
-  return typeof arc === 'string' && arc.length <= 64 && BASES.includes(basis as string) && (ms === null || (typeof ms === 'number' && Number.isFinite(ms) && ms >= 0));
-}
-
 function resolveArcs(device: string, side: ResolvedArc['side'], arcs: ArcEstimate[], params: MigrationParameters): ResolvedArc[] {
   return arcs.map((a) => ({ device, side, arc: a.arc, basis: a.basis, ms: saneMs(a.ms ?? assumedArcMs(a.arc, params)) }));
 }

@@ -16,7 +16,7 @@ import { type HelloMessage, type RunningMessage, type SourcePhase, messagePayloa
 import { connect, parseUri } from './transport.js';
 import { type TlsOptions, channelBinding, checkTlsOptions, loadTlsConfig, tlsErrorFromPeer } from './tls.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
-import { type DowntimeSplit, DowntimePolicy, type PolicyKind, isP2pQuiesceArc, validArcEstimate } from './policy.js';
+import { type DowntimeSplit, DowntimePolicy, type PolicyKind, isP2pQuiesceArc } from './policy.js';
 import type { MigrationState } from '../vfio/states.js';
 
 /** Bytes sent but not arrived above which the path counts as saturated (its arrival rate is its capacity). */
@@ -726,7 +726,7 @@ export class MigrationSource extends MigrationEvents {
             this.#recordArrival();
             for (const r of m.sections) {
               if (r.section >= this.handlers.length) continue;
-              this.policy.recordDestinationArcs(r.section, r.arcs.filter(validArcEstimate));
+              this.policy.recordDestinationArcs(r.section, r.arcs); // validated with the message
               if (r.loadMsPerMiB !== null) this.policy.recordLoadRate(r.section, r.loadMsPerMiB);
             }
             break;

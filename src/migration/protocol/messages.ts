@@ -44,6 +44,16 @@ const arcEstimate = object({
   basis: oneOf(['measured', 'probed', 'learned', 'assumed'] as const),
 });
 
+/** Whether an arc estimate may go into a LoadReport (a handler's glitch is left out rather than failing the migration). */
+export function isSendableArcEstimate(a: unknown): boolean {
+  try {
+    arcEstimate.parse(a, 'arc');
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** An empty payload: the frame type says it all. */
 const empty: Schema<Record<string, never>> = {
   expected: 'no payload',
