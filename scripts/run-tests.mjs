@@ -17,6 +17,8 @@ const patterns = [
 ];
 let ticks = 0;
 let crosses = 0;
+// The failed tests' lines, repeated next to the summary: CI keeps only the tail of a log.
+const failedLines = [];
 function scan(stream, out) {
   let buffer = '';
   stream.on('data', (chunk) => {
@@ -27,7 +29,10 @@ function scan(stream, out) {
       const line = buffer.slice(0, nl);
       buffer = buffer.slice(nl + 1);
       if (/^\s*✔/.test(line)) ticks++;
-      else if (/^\s*✘/.test(line)) crosses++;
+      else if (/^\s*✘/.test(line)) {
+        crosses++;
+        failedLines.push(line.trim());
+      }
       for (const [re, key] of patterns) {
         const m = re.exec(line);
         if (m) summary[key] = Number(m[1]);
@@ -43,6 +48,7 @@ child.on('close', (code) => {
   let failed = summary.failed + summary.pending + summary.uncaught + summary.unhandled + summary.knownFailures;
   if (failed === 0) failed = crosses;
   if (code !== 0 && failed === 0) failed = 1; // a crash or an uncaught error counts as a failure
+  for (const line of failedLines) console.log(`failed: ${line}`);
   console.log(`${passed} passed, ${failed} failed`);
   process.exit(code ?? 1);
 });
