@@ -18,8 +18,13 @@ const FIRST_READ_BYTES = 1 << 20;
 const MIN_READ_BYTES = 256 << 10;
 const MAX_READ_BYTES = 4 << 20;
 const READ_TARGET_MS = 20;
-/** Full reads whose rate sizes the next ones (the fastest counts). */
-const READ_RATE_SAMPLES = 4;
+/**
+ * Full reads whose rate sizes the next ones (the fastest counts): the device's
+ * capability is its best recent read, and a busy host can preempt the data
+ * thread for several reads in a row (four 4 MiB reads of 20-40 ms each, seen
+ * on a loaded 2-core CI machine, against 1-3 ms when idle).
+ */
+const READ_RATE_SAMPLES = 8;
 /** Reads kept queued on the device's data thread, so it produces while the event loop sends. */
 const READS_AHEAD = 3;
 /** Precopy data smaller than this is gathered before it goes out as a frame. */
