@@ -32,6 +32,7 @@ export { MigrationError, describeError, type MigrationErrorCode } from './migrat
 export { MigrationTlsError, type TlsOptions, type TlsReason } from './migration/tls.js';
 export type {
   AnyMigrationEventRecord,
+  HandlerEventName,
   MigrationEventListener,
   MigrationEventMap,
   MigrationEventName,

@@ -13,7 +13,6 @@ import { type Frame, FrameType, WIRE_VERSION, encodeFrame, readFirstFrame, verif
 import { type MigrationServer, formatUri, listen, parseUri, secureAccept } from './transport.js';
 import { type TlsConfig, type TlsOptions, MigrationTlsError, checkChannelBinding, checkTlsOptions, loadTlsConfig, tlsNotConfigured } from './tls.js';
 import { type ChannelHelloMessage, type DestinationPhase, type HelloMessage, type LoadReportMessage, type RunningMessage, destinationMeaning, isSendableArcEstimate, messagePayload, parseMessage } from './protocol/index.js';
-import type { MigrationState } from '../vfio/states.js';
 import { DEFAULT_PARAMETERS } from './params.js';
 
 /** Section loads one channel may have queued on the devices at once. */
@@ -182,8 +181,7 @@ export class MigrationDestination extends MigrationEvents {
   #context(): HandlerContext {
     return {
       signal: new AbortController().signal,
-      prepare: (device, state) => this.emitEvent('VFIO_MIGRATION', { device, state: `${state}-prepare` as `${MigrationState}-prepare` }),
-      deviceState: (device, state, arcMs) => this.emitEvent('VFIO_MIGRATION', { device, state, arcMs }),
+      emit: (event, data) => this.emitEvent(event, data),
       warn: (message, data) => this.emitEvent('MIGRATION_WARNING', data ? { message, data } : { message }),
     };
   }

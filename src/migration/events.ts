@@ -41,6 +41,9 @@ export interface MigrationEventMap {
 
 export type MigrationEventName = keyof MigrationEventMap;
 
+/** The events state handlers emit themselves (HandlerContext.emit); every other event is the core's. */
+export type HandlerEventName = 'VFIO_MIGRATION';
+
 export interface MigrationEventRecord<K extends MigrationEventName = MigrationEventName> {
   event: K;
   data: MigrationEventMap[K];

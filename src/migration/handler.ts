@@ -3,6 +3,7 @@
 // analogue of QEMU's SaveVMHandlers. The orchestrator drives them through the
 // phases; they never talk to the network themselves.
 import type { MigrationState } from '../vfio/states.js';
+import type { HandlerEventName, MigrationEventMap } from './events.js';
 
 /** What an expected time rests on: seen in this migration, seen when probed before the stop, learned from earlier migrations of the same model, or assumed (never seen). */
 export type EstimateBasis = 'measured' | 'probed' | 'learned' | 'assumed';
@@ -48,12 +49,17 @@ export interface SectionOutput {
 }
 
 export interface HandlerContext {
+  /**
+   * Aborted when the migration fails or is cancelled while it can still roll
+   * back: a hook's pending work (a walk of device arcs, a wait) stops there.
+   * The hooks that roll back or finish (saveCleanup, loadCleanup, and the
+   * destination's loadResumeP2P/loadResume past the commit) get a context
+   * whose signal stays live: what they do must finish.
+   */
   signal: AbortSignal;
-  /** Before a transition into a P2P state (the `<state>-prepare` event). */
-  prepare(device: string, state: MigrationState): void;
-  /** After each device state change. */
-  deviceState(device: string, state: MigrationState, arcMs: number): void;
-  /** Observed single-arc durations, for the downtime estimate. */
+  /** Emits a handler's own event (its device's state changes) on the migration's emitter: the core names no device kind. */
+  emit<K extends HandlerEventName>(event: K, data: MigrationEventMap[K]): void;
+  /** A MIGRATION_WARNING (and, at the source, an entry of the result's warnings). */
   warn(message: string, data?: Record<string, unknown>): void;
 }
 

@@ -17,7 +17,6 @@ import { connect, parseUri } from './transport.js';
 import { type TlsOptions, channelBinding, checkTlsOptions, loadTlsConfig, tlsErrorFromPeer } from './tls.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
 import { type DowntimeSplit, DowntimePolicy, type PolicyKind, isP2pQuiesceArc } from './policy.js';
-import type { MigrationState } from '../vfio/states.js';
 
 /** Bytes sent but not arrived above which the path counts as saturated (its arrival rate is its capacity). */
 const SATURATED_QUEUE_BYTES = 1 << 20;
@@ -212,8 +211,7 @@ export class MigrationSource extends MigrationEvents {
   #context(): HandlerContext {
     return {
       signal: this.#ac.signal,
-      prepare: (device, state) => this.emitEvent('VFIO_MIGRATION', { device, state: `${state}-prepare` as `${MigrationState}-prepare` }),
-      deviceState: (device, state, arcMs) => this.emitEvent('VFIO_MIGRATION', { device, state, arcMs }),
+      emit: (event, data) => this.emitEvent(event, data),
       warn: (message, data) => this.#warn(message, data),
     };
   }

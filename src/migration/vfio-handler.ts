@@ -99,14 +99,15 @@ export class VfioHandler implements StateHandler {
   async #step(target: MigrationState, ctx: HandlerContext, probe = false): Promise<DataSession | null> {
     return this.device.stepTo(target, {
       onBeforeArc: (arc: Arc) => {
-        if (P2P_QUIESCED_STATES.includes(arc.to)) ctx.prepare(this.device.id, arc.to);
+        // The `<state>-prepare` event: a slow P2P quiesce arc is about to start.
+        if (P2P_QUIESCED_STATES.includes(arc.to)) ctx.emit('VFIO_MIGRATION', { device: this.device.id, state: `${arc.to}-prepare` });
       },
       onArc: (arc: Arc, ms: number) => {
         (probe ? this.probedArcMs : this.arcMs).set(`${arc.from}>${arc.to}`, ms);
         const model = this.describe().compat;
         if (!arcHistory.has(model)) arcHistory.set(model, new Map());
         arcHistory.get(model)!.set(`${arc.from}>${arc.to}`, ms);
-        ctx.deviceState(this.device.id, arc.to, ms);
+        ctx.emit('VFIO_MIGRATION', { device: this.device.id, state: arc.to, arcMs: ms });
       },
     });
   }
@@ -427,7 +428,7 @@ export class VfioHandler implements StateHandler {
     }
     ctx.warn(`${this.device.id}: device in ${state}; resetting it (its state is lost)`, { device: this.device.id });
     await this.device.reset();
-    ctx.deviceState(this.device.id, 'running', 0);
+    ctx.emit('VFIO_MIGRATION', { device: this.device.id, state: 'running', arcMs: 0 });
   }
 
   // ---- destination ----
@@ -486,7 +487,7 @@ export class VfioHandler implements StateHandler {
     await this.#closeSession();
     if (outcome === 'failed') {
       await this.device.reset();
-      ctx.deviceState(this.device.id, 'running', 0);
+      ctx.emit('VFIO_MIGRATION', { device: this.device.id, state: 'running', arcMs: 0 });
     }
   }
 
