@@ -7,16 +7,17 @@ import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MigrationEvents, type MigrationEventMap, type MigrationEventName, type MigrationStatus } from './events.js';
 import { MigrationError, describeError } from './errors.js';
-import type { DeviceInfo, HandlerContext, PendingBytes, StateHandler } from './handler.js';
+import type { DeviceInfo, HandlerContext, PendingBytes, SectionOutput, StateHandler } from './handler.js';
+import { AbortGuard } from './abort-guard.js';
 import type { VmControl } from './vm.js';
 import { type MigrationCapabilities, type MigrationParameters, DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './params.js';
 import { type Channel, PeerWatch, RateLimiter, makeChannel, sectionOutput, settleAll, withTimeout } from './channels.js';
 import { FrameType, WIRE_VERSION, encodeFrame } from './wire.js';
 import { type HelloMessage, type RunningMessage, type SourcePhase, messagePayload, parseMessage, sourceMeaning } from './protocol/index.js';
-import { connect, parseUri } from './transport.js';
+import { type MigrationUri, connect, parseUri } from './transport.js';
 import { type TlsOptions, channelBinding, checkTlsOptions, loadTlsConfig, tlsErrorFromPeer } from './tls.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
-import { type DowntimeSplit, DowntimePolicy, type PolicyKind, isP2pQuiesceArc } from './policy.js';
+import { type DowntimeSplit, DowntimePolicy, type PolicyDecision, type PolicyKind, isP2pQuiesceArc } from './policy.js';
 
 /** Bytes sent but not arrived above which the path counts as saturated (its arrival rate is its capacity). */
 const SATURATED_QUEUE_BYTES = 1 << 20;
@@ -96,6 +97,19 @@ export interface SourceOptions {
   tls?: TlsOptions;
 }
 
+/** One migration's working set, handed from phase to phase. */
+interface SourceRun {
+  /** The handlers' context on the way forward: its signal is the abort guard's. */
+  ctx: HandlerContext;
+  /** The context of the hooks that finish or roll back (saveCleanup): its signal stays live. */
+  finishCtx: HandlerContext;
+  /** saveSetup was called: a rollback brings every handler back. */
+  setupStarted: boolean;
+  /** max-bandwidth, shared by every section's output. */
+  limiter: RateLimiter;
+  outputs: SectionOutput[];
+}
+
 export class MigrationSource extends MigrationEvents {
   /** The TLS options (credentials are read by migrate()); null: plaintext. */
   readonly tls: TlsOptions | null;
@@ -104,8 +118,6 @@ export class MigrationSource extends MigrationEvents {
   #caps: MigrationCapabilities;
   #params: MigrationParameters;
   #status: MigrationStatus = 'none';
-  #ac = new AbortController();
-  #failure: Error | null = null;
   #channels: Channel[] = [];
   #t0 = 0;
   #setupDoneAt = 0;
@@ -208,9 +220,10 @@ export class MigrationSource extends MigrationEvents {
     this.emitEvent('MIGRATION_WARNING', data ? { message, data } : { message });
   }
 
-  #context(): HandlerContext {
+  /** A handler context: `signal` is the abort guard's on the way forward, a live one where hooks finish or roll back. */
+  #context(signal: AbortSignal): HandlerContext {
     return {
-      signal: this.#ac.signal,
+      signal,
       emit: (event, data) => this.emitEvent(event, data),
       warn: (message, data) => this.#warn(message, data),
     };
@@ -227,10 +240,15 @@ export class MigrationSource extends MigrationEvents {
     this.#fail(new MigrationError('ERR_MIGRATION_CANCELLED', reason));
   }
 
+  /** The abort guard: its first failure ends every phase (see #teardown) and aborts the handlers' ctx.signal. */
+  readonly #guard = new AbortGuard((err) => this.#teardown(err));
+
   #fail(err: Error): void {
-    if (this.#failure) return;
-    this.#failure = err;
-    this.#ac.abort(err);
+    this.#guard.fail(err);
+  }
+
+  /** At the first failure: every wait and every send ends at once, and the destination is told why. */
+  #teardown(err: Error): void {
     this.#running?.reject(err);
     this.#readyToRun?.reject(err);
     this.#watch?.stop();
@@ -266,16 +284,14 @@ export class MigrationSource extends MigrationEvents {
     for (const ch of this.#channels) if (ch.socket !== this.#lingering) ch.socket.destroy();
   }
 
-  /** The main channel, closing after a Cancel (see #fail), and its close. */
+  /** The main channel, closing after a Cancel (see #teardown), and its close. */
   #lingering: Socket | null = null;
   #lingerDone: Promise<void> | null = null;
 
   /** The destination's liveness (heartbeats on the return path), from its handshake answer to the end. */
   #watch: PeerWatch | null = null;
 
-  #check(): void {
-    if (this.#failure) throw this.#failure;
-  }
+  // ---- the migration, phase by phase ----
 
   async migrate(uri: string, options: MigrateOptions = {}): Promise<MigrationInfo> {
     if (this.#status !== 'none') throw new MigrationError('ERR_MIGRATION_STATE', `migrate() was already called (status ${this.#status})`);
@@ -287,276 +303,24 @@ export class MigrationSource extends MigrationEvents {
     if (options.signal?.aborted) this.#fail(new MigrationError('ERR_MIGRATION_CANCELLED', 'aborted before start'));
     this.#t0 = performance.now();
     this.#setStatus('setup');
-    const ctx = this.#context();
-    let setupStarted = false;
+    const run: SourceRun = {
+      ctx: this.#context(this.#guard.signal),
+      finishCtx: this.#context(new AbortController().signal),
+      setupStarted: false,
+      limiter: new RateLimiter(0),
+      outputs: [],
+    };
     try {
-      this.#check();
-      // Connect every channel and shake hands before any device changes state.
-      const migrationId = randomUUID();
-      const secure = this.tls ? await loadTlsConfig(this.tls, 'source') : null;
-      const main = makeChannel(0, await connect(target, this.#ac.signal, secure));
-      this.#channels.push(main);
-      this.#check();
-      const hello: HelloMessage = {
-        wireVersion: WIRE_VERSION,
-        migrationId,
-        channels: channelCount,
-        sections: this.handlers.map((h) => {
-          const { id, kind, compat } = h.describe();
-          return { id, kind, compat };
-        }),
-        capabilities: this.#caps,
-        parameters: this.#params,
-      };
-      await main.writer.writeMessage(FrameType.Hello, hello);
-      for (let i = 1; i < channelCount; i++) {
-        const ch = makeChannel(i, await connect(target, this.#ac.signal, secure));
-        this.#channels.push(ch);
-        // Over TLS, proof that this channel comes from the main channel's source.
-        const binding = channelBinding(main.socket, ch.socket, i);
-        await ch.writer.writeMessage(FrameType.ChannelHello, { migrationId, index: i, ...(binding ? { binding } : {}) });
-      }
-      const answer = await withTimeout(main.reader.next(), options.handshakeTimeoutMs ?? 10_000, 'the destination did not answer the handshake');
-      if (!answer) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection during the handshake');
-      if (sourceMeaning(this.#phase, answer.type) === 'refused') {
-        const e = parseMessage(FrameType.Error, answer);
-        if (e.code === 'ERR_MIGRATION_TLS') throw tlsErrorFromPeer(e, 'destination refused');
-        const code = e.code === 'ERR_MIGRATION_INCOMPATIBLE' || e.code === 'ERR_MIGRATION_BUSY' ? e.code : 'ERR_MIGRATION_DESTINATION';
-        throw new MigrationError(code, `destination refused: ${e.message}`);
-      }
-      const ack = parseMessage(FrameType.HelloAck, answer);
-      if (ack.wireVersion !== WIRE_VERSION) throw new MigrationError('ERR_MIGRATION_INCOMPATIBLE', `the destination acknowledged wire version ${ack.wireVersion}, this side speaks ${WIRE_VERSION}`);
-      this.#phase = 'precopy';
-      this.#returnPathDone = this.#returnPath(main);
-      // Liveness both ways from here: heartbeats on the main channel, and a
-      // destination silent for peer-timeout (stopped, cut off) fails the migration.
-      const peerTimeoutMs = this.#params['peer-timeout'];
-      this.#watch = new PeerWatch({
-        timeoutMs: peerTimeoutMs,
-        readers: () => [main.reader],
-        writer: main.writer,
-        onSilent: (silentMs) =>
-          this.#fail(new MigrationError('ERR_MIGRATION_PEER_TIMEOUT', `the destination sent nothing for ${silentMs.toFixed(0)} ms (peer-timeout ${peerTimeoutMs} ms): it is stopped or cut off`)),
-      });
-      this.#watch.start();
-
-      setupStarted = true;
-      await settleAll(this.handlers.map((h) => h.saveSetup(ctx)));
-      this.#check();
-      this.#setupDoneAt = performance.now();
-      this.#setStatus('active');
-
-      const limiter = new RateLimiter(this.#params['max-bandwidth']);
-      const outputs = this.handlers.map((h, i) => {
-        const ch = this.#channelFor(h, i);
-        const kind = h.describe().kind;
-        return sectionOutput(ch, i, limiter, this.#ac.signal, (n) => {
-          this.#transferred += n;
-          this.#bytesByKind[kind] = (this.#bytesByKind[kind] ?? 0) + n;
-        }, () => {
-          // The ACK in hand no longer covers this section's initial load;
-          // switchover waits for one that counts this renewal.
-          this.#initialRenewals++;
-          this.#switchoverAcked = false;
-          this.emitEvent('INITIAL_RENEWED', { device: h.describe().id, section: i, renewals: this.#initialRenewals, afterMs: performance.now() - this.#t0 });
-        });
-      });
-
-      // Precopy iterations.
-      const probing = new Set(this.#caps['x-probe-switchover-arcs'] ? this.handlers.filter((h) => h.probeSwitchover) : []);
-      for (;;) {
-        this.#check();
-        limiter.bytesPerSec = this.#params['max-bandwidth'];
-        this.#iterations++;
-        // The probe walks each device's reversible switchover arcs once its
-        // initial bytes are out, all devices at once as at the switchover.
-        if (probing.size > 0) {
-          const done = await settleAll([...probing].map((h) => h.probeSwitchover!(ctx)));
-          [...probing].forEach((h, i) => done[i] && probing.delete(h));
-          this.#check();
-        }
-        this.#pending = await settleAll(this.handlers.map((h) => h.pending(true)));
-        const decision = this.policy.evaluate({
-          nowMs: performance.now(),
-          pending: this.#pending,
-          measuredBandwidthBytesPerSec: this.#switchoverBandwidth(),
-          params: this.#params,
-          switchoverAckRequired: this.#caps['switchover-ack'],
-          // A handler that saw a REINIT it has not announced yet withdraws the ACK already.
-          switchoverAcked: this.#switchoverAcked && !this.handlers.some((h) => h.initialRenewPending),
-          iteration: this.#iterations,
-          inTransitBytes: subtractBytes(this.#transferred, Math.max(this.#destReceivedBytes, this.#destLoadedBytes)),
-          awaitingLoadBytes: subtractBytes(this.#destReceivedBytes, this.#destLoadedBytes),
-        });
-        this.#expectedDowntimeMs = decision.expectedDowntimeMs;
-        // Arcs a pending probe will measure are not warned of yet.
-        for (const a of probing.size ? [] : decision.split.unmeasured) {
-          const key = `${a.device} ${a.side} ${a.arc}`;
-          if (this.#assumedWarned.has(key)) continue;
-          this.#assumedWarned.add(key);
-          const param = isP2pQuiesceArc(a.arc) ? 'x-assumed-p2p-arc-ms' : 'x-assumed-arc-ms';
-          this.#warn(`${a.device}: arc ${a.arc} (${a.side}) was never measured, probed or learned; the expected downtime assumes ${a.ms.toFixed(0)} ms (${param})`, { device: a.device, arc: a.arc, side: a.side, assumedMs: a.ms, parameter: param });
-        }
-        this.emitEvent('MIGRATION_PASS', {
-          pass: this.#iterations,
-          remainingBytes: decision.remainingBytes,
-          stopcopyBytes: decision.stopcopyBytes,
-          expectedDowntimeMs: decision.expectedDowntimeMs,
-          bandwidthBytesPerSec: decision.bandwidthBytesPerSec,
-          expectedDowntime: decision.split,
-          downtimeLimitMs: decision.limitInForceMs,
-        });
-        if (decision.stalledNow) {
-          const ceiling = this.#params['x-downtime-limit-ceiling'];
-          const suggested = decision.suggestedDowntimeLimitMs!;
-          const message =
-            decision.limitRaisedTo !== null
-              ? `stalled: ${decision.split.summary}; the dynamic limit in force rises to ${decision.limitRaisedTo} ms (ceiling ${ceiling} ms)`
-              : ceiling > 0 && decision.limitInForceMs >= ceiling
-                ? `stalled at the dynamic limit's ceiling: ${decision.split.summary}; raise x-downtime-limit-ceiling to ${suggested} ms to converge`
-                : `stalled: ${decision.split.summary}; raise downtime-limit to ${suggested} ms to converge`;
-          this.emitEvent('MIGRATION_STALLED', { pass: this.#iterations, remainingBytes: decision.remainingBytes, suggestedDowntimeLimitMs: suggested, downtimeLimitMs: decision.limitInForceMs, expectedDowntime: decision.split, message });
-        }
-        // With the probe on, the switchover waits for it (as for the ACK): its figures are what the promise rests on.
-        if (decision.switchover && probing.size === 0) {
-          this.#promise = { expectedMs: decision.expectedDowntimeMs, limitMs: decision.limitInForceMs, split: decision.split };
-          break;
-        }
-        const budget = decision.iterationBudgetBytes;
-        const t = performance.now();
-        const groups = this.#groupsByChannel();
-        const sent = await settleAll(
-          groups.map(async (idx) => {
-            let n = 0;
-            for (const i of idx) n += await this.handlers[i]!.savePrecopy(budget, outputs[i]!);
-            return n;
-          }),
-        );
-        const bytes = sumBytes(sent);
-        const ms = performance.now() - t;
-        // Only sends that filled the pipe say something about the link.
-        if (bytes >= 256 * 1024) this.#bandwidth.record(bytes, ms);
-        // A pass that found (almost) nothing waits out its window for dirty
-        // data to build up, instead of spinning through thousands of passes.
-        if (bytes < 256 * 1024 && ms < decision.idleWaitMs) await sleep(decision.idleWaitMs - ms, undefined, { signal: this.#ac.signal }).catch(() => {});
-      }
-
-      // Switchover: stop the VM; every device reaches a P2P state before any
-      // device stops (the P2P rule); then stop-copy for all, in parallel.
-      this.#check();
-      this.#setStatus('device');
-      this.#stoppedAt = performance.now();
-      this.#phase = 'switchover';
-      await this.vm.stop();
-      this.#vmStoppedByUs = true;
-      // Armed before anything is sent: a send stuck on a silent peer must not delay the bound.
-      const abortTimer = this.#armSwitchoverAbort();
-      try {
-        // Durations on this host's monotonic clock: the destination's wall clock may differ from ours.
-        await main.writer.writeMessage(FrameType.Switchover, { abortAfterMs: this.#abortAfterMs(), sentAfterStopMs: performance.now() - this.#stoppedAt });
-        await settleAll(this.handlers.map((h) => h.saveQuiesce?.(ctx)));
-        this.#check();
-        await settleAll(this.handlers.map((h) => h.saveStop(ctx)));
-        this.#check();
-        this.#marks.stopped = performance.now();
-        const bytesAtStop = this.#transferred;
-        const groups = this.#groupsByChannel();
-        await settleAll(
-          groups.map(async (idx) => {
-            for (const i of idx) await this.handlers[i]!.saveComplete(outputs[i]!);
-          }),
-        );
-        await settleAll(this.#channels.map((ch) => ch.writer.write(FrameType.EndOfStream, 0)));
-        this.#marks.streamed = performance.now();
-        this.#switchoverBytes = this.#transferred - bytesAtStop;
-        // Two-phase end: the destination loads and stops every device, says it
-        // is ready, and runs nothing until this side commits. Before the
-        // commit a failure rolls back here; after it, this side never resumes
-        // the VM by itself, so a lost connection cannot leave it running twice.
-        await withTimeout(
-          new Promise<void>((resolve, reject) => {
-            this.#readyToRun = { resolve, reject };
-            if (this.#failure) reject(this.#failure);
-          }),
-          READY_TIMEOUT_MS,
-          `the destination did not report ready within ${READY_TIMEOUT_MS} ms of the end of the stream`,
-        );
-        this.#check();
-        this.#marks.ready = performance.now();
-        if (abortTimer) clearTimeout(abortTimer);
-        // Committed from the moment the frame may leave: it can reach the
-        // destination even if the write then fails here.
-        this.#committed = true;
-        this.#phase = 'committed';
-        this.#marks.committed = performance.now();
-        await main.writer.write(FrameType.Commit, 0);
-        this.#emitSafely('MIGRATION_COMMITTED', { afterStopMs: performance.now() - this.#stoppedAt });
-        const running = await withTimeout(
-          new Promise<RunningMessage>((resolve, reject) => {
-            this.#running = { resolve, reject };
-            if (this.#failure) reject(this.#failure);
-          }),
-          RUNNING_TIMEOUT_MS,
-          `the destination did not report running within ${RUNNING_TIMEOUT_MS} ms of the commit`,
-        );
-        this.#runningThere = true;
-        this.#phase = 'done';
-        this.#downtimeMs = performance.now() - this.#stoppedAt;
-        this.#digests = this.handlers.map((h, i) => {
-          const src = h.digest?.('saved') ?? null;
-          const dst = running.digests[i] ?? null;
-          return { section: h.describe().id, source: src, destination: dst, match: src && dst ? src === dst : null };
-        });
-      } finally {
-        if (abortTimer) clearTimeout(abortTimer);
-      }
-      this.#checkPromise();
-      // The VM runs on the destination: what fails from here on is only a warning.
-      const cleanup = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('completed', ctx)));
-      for (const r of cleanup) if (r.status === 'rejected') this.#warn(`cleanup after completion: ${describeError(r.reason).message}`);
-      this.#endAt = performance.now();
-      this.#setStatus('completed');
-      return this.query();
+      this.#guard.check();
+      const main = await this.#handshake(target, channelCount, options.handshakeTimeoutMs ?? 10_000);
+      await this.#setup(run);
+      await this.#precopy(run);
+      await this.#switchover(run, main);
+      await this.#commit(main);
+      return await this.#complete(run);
     } catch (err) {
-      if (this.#runningThere) {
-        // Only a listener or a digest can throw here: the migration itself completed.
-        this.#warn(`after completion: ${describeError(err).message}`);
-        if (!this.#endAt) this.#endAt = performance.now();
-        if ((this.#status as MigrationStatus) !== 'completed') this.#setStatus('completed');
-        return this.query();
-      }
-      this.#fail(this.#failure ?? (err as Error));
-      // A failure seen here first (a broken pipe) is often the echo of one the
-      // destination reports on the return path: give that report a moment
-      // (not past the switchover-abort bound, and not when the reason is known).
-      const failedCode = (this.#failure as MigrationError | null)?.code;
-      const known = this.#destinationError || failedCode === 'ERR_MIGRATION_SWITCHOVER_ABORTED' || failedCode === 'ERR_MIGRATION_PEER_TIMEOUT' || failedCode === 'ERR_MIGRATION_CANCELLED';
-      const abortAfter = this.#vmStoppedByUs ? this.#abortAfterMs() : 0;
-      const waitMs = abortAfter > 0 ? Math.min(250, Math.max(0, this.#stoppedAt + abortAfter - performance.now())) : 250;
-      if (this.#returnPathDone && !known && waitMs > 0) await Promise.race([this.#returnPathDone, sleep(waitMs)]);
-      let cause = this.#destinationError ?? this.#failure ?? (err as Error);
-      if (this.#committed && !this.#destinationNotRunning) {
-        // The destination may be running the VM: resuming here could run it twice.
-        cause = new MigrationError('ERR_MIGRATION_OUTCOME_UNKNOWN', `the migration failed after the source committed the VM to the destination (${describeError(cause).message}): the VM may be running there, so it stays stopped here; call resumeOnSource() once the destination is known not to run it`, { cause });
-        this.#error = describeError(cause);
-        this.#awaitingResume = { ctx };
-        this.#endAt = performance.now();
-        this.#setStatus('failed', this.#error);
-        throw cause;
-      }
-      this.#error = describeError(cause);
-      // Roll back: devices to RUNNING (reset from ERROR), then the VM.
-      if (setupStarted) {
-        const results = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('failed', ctx)));
-        for (const r of results) if (r.status === 'rejected') this.#warn(`rollback: ${describeError(r.reason).message}`);
-      }
-      if (this.#vmStoppedByUs && !this.vm.running) {
-        await this.vm.resume();
-        this.#resumedAfterMs = performance.now() - this.#stoppedAt;
-      }
-      this.#endAt = performance.now();
-      this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', this.#error);
-      throw cause;
+      if (this.#runningThere) return this.#completedDespite(err);
+      throw await this.#rollback(run, err as Error);
     } finally {
       this.#watch?.stop();
       options.signal?.removeEventListener('abort', onAbort);
@@ -565,6 +329,316 @@ export class MigrationSource extends MigrationEvents {
       // the result once the destination has read the Cancel (at most CANCEL_LINGER_MS).
       if (this.#lingerDone) await this.#lingerDone;
     }
+  }
+
+  /** Handshake: every channel connected and the destination's answer read, before any device changes state. */
+  async #handshake(target: MigrationUri, channelCount: number, answerTimeoutMs: number): Promise<Channel> {
+    const migrationId = randomUUID();
+    const secure = this.tls ? await loadTlsConfig(this.tls, 'source') : null;
+    const main = makeChannel(0, await connect(target, this.#guard.signal, secure));
+    this.#channels.push(main);
+    this.#guard.check();
+    const hello: HelloMessage = {
+      wireVersion: WIRE_VERSION,
+      migrationId,
+      channels: channelCount,
+      sections: this.handlers.map((h) => {
+        const { id, kind, compat } = h.describe();
+        return { id, kind, compat };
+      }),
+      capabilities: this.#caps,
+      parameters: this.#params,
+    };
+    await main.writer.writeMessage(FrameType.Hello, hello);
+    for (let i = 1; i < channelCount; i++) {
+      const ch = makeChannel(i, await connect(target, this.#guard.signal, secure));
+      this.#channels.push(ch);
+      // Over TLS, proof that this channel comes from the main channel's source.
+      const binding = channelBinding(main.socket, ch.socket, i);
+      await ch.writer.writeMessage(FrameType.ChannelHello, { migrationId, index: i, ...(binding ? { binding } : {}) });
+    }
+    const answer = await withTimeout(main.reader.next(), answerTimeoutMs, 'the destination did not answer the handshake');
+    if (!answer) throw new MigrationError('ERR_MIGRATION_CONNECTION', 'the destination closed the connection during the handshake');
+    if (sourceMeaning(this.#phase, answer.type) === 'refused') {
+      const e = parseMessage(FrameType.Error, answer);
+      if (e.code === 'ERR_MIGRATION_TLS') throw tlsErrorFromPeer(e, 'destination refused');
+      const code = e.code === 'ERR_MIGRATION_INCOMPATIBLE' || e.code === 'ERR_MIGRATION_BUSY' ? e.code : 'ERR_MIGRATION_DESTINATION';
+      throw new MigrationError(code, `destination refused: ${e.message}`);
+    }
+    const ack = parseMessage(FrameType.HelloAck, answer);
+    if (ack.wireVersion !== WIRE_VERSION) throw new MigrationError('ERR_MIGRATION_INCOMPATIBLE', `the destination acknowledged wire version ${ack.wireVersion}, this side speaks ${WIRE_VERSION}`);
+    this.#phase = 'precopy';
+    this.#returnPathDone = this.#returnPath(main);
+    this.#watchDestination(main);
+    return main;
+  }
+
+  /** Liveness both ways from here: heartbeats on the main channel, and a destination silent for peer-timeout (stopped, cut off) fails the migration. */
+  #watchDestination(main: Channel): void {
+    const peerTimeoutMs = this.#params['peer-timeout'];
+    this.#watch = new PeerWatch({
+      timeoutMs: peerTimeoutMs,
+      readers: () => [main.reader],
+      writer: main.writer,
+      onSilent: (silentMs) =>
+        this.#fail(new MigrationError('ERR_MIGRATION_PEER_TIMEOUT', `the destination sent nothing for ${silentMs.toFixed(0)} ms (peer-timeout ${peerTimeoutMs} ms): it is stopped or cut off`)),
+    });
+    this.#watch.start();
+  }
+
+  /** Setup: every handler's saveSetup, then each section's output on its channel. */
+  async #setup(run: SourceRun): Promise<void> {
+    run.setupStarted = true;
+    await settleAll(this.handlers.map((h) => h.saveSetup(run.ctx)));
+    this.#guard.check();
+    this.#setupDoneAt = performance.now();
+    this.#setStatus('active');
+    run.limiter = new RateLimiter(this.#params['max-bandwidth']);
+    run.outputs = this.handlers.map((h, i) => {
+      const ch = this.#channelFor(h, i);
+      const kind = h.describe().kind;
+      return sectionOutput(ch, i, run.limiter, this.#guard.signal, (n) => {
+        this.#transferred += n;
+        this.#bytesByKind[kind] = (this.#bytesByKind[kind] ?? 0) + n;
+      }, () => {
+        // The ACK in hand no longer covers this section's initial load;
+        // switchover waits for one that counts this renewal.
+        this.#initialRenewals++;
+        this.#switchoverAcked = false;
+        this.emitEvent('INITIAL_RENEWED', { device: h.describe().id, section: i, renewals: this.#initialRenewals, afterMs: performance.now() - this.#t0 });
+      });
+    });
+  }
+
+  /** Precopy: passes while the VM runs, until the policy says the switchover fits the limit in force. */
+  async #precopy(run: SourceRun): Promise<void> {
+    const probing = new Set(this.#caps['x-probe-switchover-arcs'] ? this.handlers.filter((h) => h.probeSwitchover) : []);
+    for (;;) {
+      this.#guard.check();
+      run.limiter.bytesPerSec = this.#params['max-bandwidth'];
+      this.#iterations++;
+      // The probe walks each device's reversible switchover arcs once its
+      // initial bytes are out, all devices at once as at the switchover.
+      if (probing.size > 0) {
+        const done = await settleAll([...probing].map((h) => h.probeSwitchover!(run.ctx)));
+        [...probing].forEach((h, i) => done[i] && probing.delete(h));
+        this.#guard.check();
+      }
+      const decision = await this.#decide(probing.size > 0);
+      // With the probe on, the switchover waits for it (as for the ACK): its figures are what the promise rests on.
+      if (decision.switchover && probing.size === 0) {
+        this.#promise = { expectedMs: decision.expectedDowntimeMs, limitMs: decision.limitInForceMs, split: decision.split };
+        return;
+      }
+      await this.#sendPass(run, decision);
+    }
+  }
+
+  /** One pass's switchover decision, said in MIGRATION_PASS (and MIGRATION_STALLED, and a warning per assumed arc). */
+  async #decide(probePending: boolean): Promise<PolicyDecision> {
+    this.#pending = await settleAll(this.handlers.map((h) => h.pending(true)));
+    const decision = this.policy.evaluate({
+      nowMs: performance.now(),
+      pending: this.#pending,
+      measuredBandwidthBytesPerSec: this.#switchoverBandwidth(),
+      params: this.#params,
+      switchoverAckRequired: this.#caps['switchover-ack'],
+      // A handler that saw a REINIT it has not announced yet withdraws the ACK already.
+      switchoverAcked: this.#switchoverAcked && !this.handlers.some((h) => h.initialRenewPending),
+      iteration: this.#iterations,
+      inTransitBytes: subtractBytes(this.#transferred, Math.max(this.#destReceivedBytes, this.#destLoadedBytes)),
+      awaitingLoadBytes: subtractBytes(this.#destReceivedBytes, this.#destLoadedBytes),
+    });
+    this.#expectedDowntimeMs = decision.expectedDowntimeMs;
+    // Arcs a pending probe will measure are not warned of yet.
+    for (const a of probePending ? [] : decision.split.unmeasured) {
+      const key = `${a.device} ${a.side} ${a.arc}`;
+      if (this.#assumedWarned.has(key)) continue;
+      this.#assumedWarned.add(key);
+      const param = isP2pQuiesceArc(a.arc) ? 'x-assumed-p2p-arc-ms' : 'x-assumed-arc-ms';
+      this.#warn(`${a.device}: arc ${a.arc} (${a.side}) was never measured, probed or learned; the expected downtime assumes ${a.ms.toFixed(0)} ms (${param})`, { device: a.device, arc: a.arc, side: a.side, assumedMs: a.ms, parameter: param });
+    }
+    this.emitEvent('MIGRATION_PASS', {
+      pass: this.#iterations,
+      remainingBytes: decision.remainingBytes,
+      stopcopyBytes: decision.stopcopyBytes,
+      expectedDowntimeMs: decision.expectedDowntimeMs,
+      bandwidthBytesPerSec: decision.bandwidthBytesPerSec,
+      expectedDowntime: decision.split,
+      downtimeLimitMs: decision.limitInForceMs,
+    });
+    if (decision.stalledNow) {
+      const ceiling = this.#params['x-downtime-limit-ceiling'];
+      const suggested = decision.suggestedDowntimeLimitMs!;
+      const message =
+        decision.limitRaisedTo !== null
+          ? `stalled: ${decision.split.summary}; the dynamic limit in force rises to ${decision.limitRaisedTo} ms (ceiling ${ceiling} ms)`
+          : ceiling > 0 && decision.limitInForceMs >= ceiling
+            ? `stalled at the dynamic limit's ceiling: ${decision.split.summary}; raise x-downtime-limit-ceiling to ${suggested} ms to converge`
+            : `stalled: ${decision.split.summary}; raise downtime-limit to ${suggested} ms to converge`;
+      this.emitEvent('MIGRATION_STALLED', { pass: this.#iterations, remainingBytes: decision.remainingBytes, suggestedDowntimeLimitMs: suggested, downtimeLimitMs: decision.limitInForceMs, expectedDowntime: decision.split, message });
+    }
+    return decision;
+  }
+
+  /** One precopy pass: each channel's sections send up to the pass's budget, the channels in parallel. */
+  async #sendPass(run: SourceRun, decision: PolicyDecision): Promise<void> {
+    const budget = decision.iterationBudgetBytes;
+    const t = performance.now();
+    const groups = this.#groupsByChannel();
+    const sent = await settleAll(
+      groups.map(async (idx) => {
+        let n = 0;
+        for (const i of idx) n += await this.handlers[i]!.savePrecopy(budget, run.outputs[i]!);
+        return n;
+      }),
+    );
+    const bytes = sumBytes(sent);
+    const ms = performance.now() - t;
+    // Only sends that filled the pipe say something about the link.
+    if (bytes >= 256 * 1024) this.#bandwidth.record(bytes, ms);
+    // A pass that found (almost) nothing waits out its window for dirty
+    // data to build up, instead of spinning through thousands of passes.
+    if (bytes < 256 * 1024 && ms < decision.idleWaitMs) await sleep(decision.idleWaitMs - ms, undefined, { signal: this.#guard.signal }).catch(() => {});
+  }
+
+  /**
+   * Switchover: stop the VM; every device reaches a P2P state before any
+   * device stops (the P2P rule); then stop-copy for all, in parallel, until
+   * the destination says it has loaded and stopped every device. The abort
+   * guard bounds it (switchover-abort), from the VM's stop on.
+   */
+  async #switchover(run: SourceRun, main: Channel): Promise<void> {
+    this.#guard.check();
+    this.#setStatus('device');
+    this.#stoppedAt = performance.now();
+    this.#phase = 'switchover';
+    await this.vm.stop();
+    this.#vmStoppedByUs = true;
+    // Armed before anything is sent: a send stuck on a silent peer must not delay the bound.
+    this.#armSwitchoverAbort();
+    try {
+      // Durations on this host's monotonic clock: the destination's wall clock may differ from ours.
+      await main.writer.writeMessage(FrameType.Switchover, { abortAfterMs: this.#abortAfterMs(), sentAfterStopMs: performance.now() - this.#stoppedAt });
+      await settleAll(this.handlers.map((h) => h.saveQuiesce?.(run.ctx)));
+      this.#guard.check();
+      await settleAll(this.handlers.map((h) => h.saveStop(run.ctx)));
+      this.#guard.check();
+      this.#marks.stopped = performance.now();
+      const bytesAtStop = this.#transferred;
+      const groups = this.#groupsByChannel();
+      await settleAll(
+        groups.map(async (idx) => {
+          for (const i of idx) await this.handlers[i]!.saveComplete(run.outputs[i]!);
+        }),
+      );
+      await settleAll(this.#channels.map((ch) => ch.writer.write(FrameType.EndOfStream, 0)));
+      this.#marks.streamed = performance.now();
+      this.#switchoverBytes = this.#transferred - bytesAtStop;
+      // Two-phase end: the destination loads and stops every device, says it
+      // is ready, and runs nothing until this side commits. Before the
+      // commit a failure rolls back here; after it, this side never resumes
+      // the VM by itself, so a lost connection cannot leave it running twice.
+      await withTimeout(
+        new Promise<void>((resolve, reject) => {
+          this.#readyToRun = { resolve, reject };
+          if (this.#guard.failure) reject(this.#guard.failure);
+        }),
+        READY_TIMEOUT_MS,
+        `the destination did not report ready within ${READY_TIMEOUT_MS} ms of the end of the stream`,
+      );
+      this.#guard.check();
+      this.#marks.ready = performance.now();
+    } finally {
+      this.#guard.disarm();
+    }
+  }
+
+  /**
+   * Commit: the VM belongs to the destination from the moment the Commit
+   * may leave (it can arrive even if the write then fails here), unless the
+   * destination says it does not run it; then its Running, with its digests.
+   */
+  async #commit(main: Channel): Promise<void> {
+    this.#committed = true;
+    this.#phase = 'committed';
+    this.#marks.committed = performance.now();
+    await main.writer.write(FrameType.Commit, 0);
+    this.#emitSafely('MIGRATION_COMMITTED', { afterStopMs: performance.now() - this.#stoppedAt });
+    const running = await withTimeout(
+      new Promise<RunningMessage>((resolve, reject) => {
+        this.#running = { resolve, reject };
+        if (this.#guard.failure) reject(this.#guard.failure);
+      }),
+      RUNNING_TIMEOUT_MS,
+      `the destination did not report running within ${RUNNING_TIMEOUT_MS} ms of the commit`,
+    );
+    this.#runningThere = true;
+    this.#phase = 'done';
+    this.#downtimeMs = performance.now() - this.#stoppedAt;
+    this.#digests = this.handlers.map((h, i) => {
+      const src = h.digest?.('saved') ?? null;
+      const dst = running.digests[i] ?? null;
+      return { section: h.describe().id, source: src, destination: dst, match: src && dst ? src === dst : null };
+    });
+  }
+
+  /** The VM runs on the destination: what fails from here on is only a warning. */
+  async #complete(run: SourceRun): Promise<MigrationInfo> {
+    this.#checkPromise();
+    const cleanup = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('completed', run.finishCtx)));
+    for (const r of cleanup) if (r.status === 'rejected') this.#warn(`cleanup after completion: ${describeError(r.reason).message}`);
+    this.#endAt = performance.now();
+    this.#setStatus('completed');
+    return this.query();
+  }
+
+  /** A throw after the destination said the VM runs (only a listener or a digest can): the migration completed all the same. */
+  #completedDespite(err: unknown): MigrationInfo {
+    this.#warn(`after completion: ${describeError(err).message}`);
+    if (!this.#endAt) this.#endAt = performance.now();
+    if (this.#status !== 'completed') this.#setStatus('completed');
+    return this.query();
+  }
+
+  /**
+   * Rollback, the one place a failed migration ends: devices back to
+   * RUNNING (reset from ERROR), then the VM resumes here; past the commit
+   * (unless the destination said it runs nothing) the VM stays stopped and
+   * the outcome is unknown. Returns the error migrate() rejects with.
+   */
+  async #rollback(run: SourceRun, err: Error): Promise<Error> {
+    this.#fail(this.#guard.failure ?? err);
+    // A failure seen here first (a broken pipe) is often the echo of one the
+    // destination reports on the return path: give that report a moment
+    // (not past the switchover-abort bound, and not when the reason is known).
+    const failedCode = (this.#guard.failure as MigrationError | null)?.code;
+    const known = this.#destinationError || failedCode === 'ERR_MIGRATION_SWITCHOVER_ABORTED' || failedCode === 'ERR_MIGRATION_PEER_TIMEOUT' || failedCode === 'ERR_MIGRATION_CANCELLED';
+    const abortAfter = this.#vmStoppedByUs ? this.#abortAfterMs() : 0;
+    const waitMs = abortAfter > 0 ? Math.min(250, Math.max(0, this.#stoppedAt + abortAfter - performance.now())) : 250;
+    if (this.#returnPathDone && !known && waitMs > 0) await Promise.race([this.#returnPathDone, sleep(waitMs)]);
+    let cause = this.#destinationError ?? this.#guard.failure ?? err;
+    if (this.#committed && !this.#destinationNotRunning) {
+      // The destination may be running the VM: resuming here could run it twice.
+      cause = new MigrationError('ERR_MIGRATION_OUTCOME_UNKNOWN', `the migration failed after the source committed the VM to the destination (${describeError(cause).message}): the VM may be running there, so it stays stopped here; call resumeOnSource() once the destination is known not to run it`, { cause });
+      this.#error = describeError(cause);
+      this.#awaitingResume = { ctx: run.finishCtx };
+      this.#endAt = performance.now();
+      this.#setStatus('failed', this.#error);
+      return cause;
+    }
+    this.#error = describeError(cause);
+    if (run.setupStarted) {
+      const results = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('failed', run.finishCtx)));
+      for (const r of results) if (r.status === 'rejected') this.#warn(`rollback: ${describeError(r.reason).message}`);
+    }
+    if (this.#vmStoppedByUs && !this.vm.running) {
+      await this.vm.resume();
+      this.#resumedAfterMs = performance.now() - this.#stoppedAt;
+    }
+    this.#endAt = performance.now();
+    this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', this.#error);
+    return cause;
   }
 
   /**
@@ -593,14 +667,13 @@ export class MigrationSource extends MigrationEvents {
     return this.#caps['switchover-abort'] ? this.#params['downtime-limit'] + this.#params['switchover-limit'] : 0;
   }
 
-  #armSwitchoverAbort(): NodeJS.Timeout | null {
+  /** The switchover bound on this host's monotonic clock, from the VM's stop. */
+  #armSwitchoverAbort(): void {
     const after = this.#abortAfterMs();
-    if (!(after > 0)) return null;
-    return setTimeout(() => {
-      const measured = performance.now() - this.#stoppedAt;
+    this.#guard.armBound(this.#stoppedAt, after, (measured) => {
       this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs: after, side: 'source' });
       this.#fail(new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted: downtime reached ${measured.toFixed(0)} ms, past downtime-limit + switchover-limit (${after} ms); the VM resumes on the source`));
-    }, after);
+    });
   }
 
   /**
@@ -765,7 +838,7 @@ export class MigrationSource extends MigrationEvents {
         frame.release();
       }
     } catch (err) {
-      if (!this.#failure && this.#status !== 'completed') this.#fail(err as Error);
+      if (!this.#guard.failure && this.#status !== 'completed') this.#fail(err as Error);
     }
   }
 
