@@ -7,6 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { MigrationEvents, type MigrationStatus } from './events.js';
 import { MigrationError, describeError } from './errors.js';
 import type { HandlerContext, StateHandler } from './handler.js';
+import { AbortGuard } from './abort-guard.js';
 import type { VmControl } from './vm.js';
 import { type Channel, PeerWatch, makeChannel, settleAll, withTimeout } from './channels.js';
 import { type Frame, FrameType, WIRE_VERSION, encodeFrame, readFirstFrame, verifyFrame } from './wire.js';
@@ -94,6 +95,49 @@ interface Offer {
   take(): void;
 }
 
+/** One incoming migration's state, made fresh by each incoming(): nothing of one migration reaches the next. */
+class IncomingRun {
+  readonly t0 = performance.now();
+  /** The abort guard: its first failure ends every phase, lets go of the channels and aborts ctx.signal. */
+  readonly guard: AbortGuard;
+  /** The handlers' context before the commit: its signal is the guard's. */
+  readonly ctx: HandlerContext;
+  /** The context of the hooks that finish or roll back (loadResume*, loadCleanup): its signal stays live. */
+  readonly finishCtx: HandlerContext;
+  channels: Channel[] = [];
+  /** The source's liveness, from the handshake's answer to the commit. */
+  watch: PeerWatch | null = null;
+  /** Where this migration is, for what the source's frames mean (protocol/end.ts). */
+  phase: DestinationPhase = 'loading';
+  /** loadSetup was called: a rollback resets every handler. */
+  setupStarted = false;
+  /** The source committed: this side runs the VM whatever happens to the connection. */
+  committed = false;
+  /** Sections whose initial bytes have not loaded yet (switchover-ack waits for them). */
+  initialPending = new Set<number>();
+  acked = false;
+  /** InitialRenewed frames taken (sections whose initial bytes started over); each ACK says how many it covers. */
+  initialRenewals = 0;
+  /** Half the shortest round trip measured on the main channel (null: none measured). */
+  oneWayMs: number | null = null;
+  /** Pings sent and not answered yet: seq -> performance.now() at the send. */
+  pings = new Map<number, number>();
+  /** Section payload bytes received, per section (filled once data flows). */
+  sectionBytes: number[] = [];
+  /** Section bytes the devices have finished loading (the source subtracts them from what it sent). */
+  loadedBytes = 0;
+  /** The source's VM stop on this host's monotonic clock, from the Switchover frame (0 before it). */
+  sourceStoppedAt = 0;
+  loadStart = 0;
+  loadEnd = 0;
+
+  constructor(context: (signal: AbortSignal) => HandlerContext, teardown: (run: IncomingRun, err: Error) => void) {
+    this.guard = new AbortGuard((err) => teardown(this, err));
+    this.ctx = context(this.guard.signal);
+    this.finishCtx = context(new AbortController().signal);
+  }
+}
+
 export class MigrationDestination extends MigrationEvents {
   readonly handlers: StateHandler[];
   readonly vm: VmControl;
@@ -101,8 +145,6 @@ export class MigrationDestination extends MigrationEvents {
   readonly maxPendingConnections: number;
   #server: MigrationServer | null = null;
   #status: MigrationStatus = 'none';
-  #failure: Error | null = null;
-  #channels: Channel[] = [];
   #sockets = new Set<net.Socket>();
   /** Connections not yet taken into a migration (reading their first frame, or parked). */
   #pendingConnections = 0;
@@ -115,18 +157,8 @@ export class MigrationDestination extends MigrationEvents {
   #parkedChannels: Offer[] = [];
   #helloWaiter: ((o: Offer) => void) | null = null;
   /** The migration being set up or run; its extra channels are matched against it. */
-  #session: { migrationId: string; offer: ((o: Offer) => void) | null } | null = null;
+  #session: { migrationId: string; offer: ((o: Offer) => void) | null; run: IncomingRun } | null = null;
   #running = false;
-  #watch: PeerWatch | null = null;
-  #switchoverLimitMs = 0;
-  #sourceStoppedAt = 0;
-  #abortTimer: NodeJS.Timeout | null = null;
-  #initialPending = new Set<number>();
-  #acked = false;
-  /** InitialRenewed frames taken (sections whose initial bytes started over); each ACK says how many it covers. */
-  #initialRenewals = 0;
-  /** The source committed: this side runs the VM whatever happens to the connection. */
-  #committed = false;
   uri: string | null = null;
 
   /** The TLS options (credentials are read by listen()); null: plaintext. */
@@ -176,14 +208,6 @@ export class MigrationDestination extends MigrationEvents {
   #setStatus(status: MigrationStatus, reason?: { code: string; message: string }): void {
     this.#status = status;
     this.emitEvent('MIGRATION', reason ? { status, reason } : { status });
-  }
-
-  #context(): HandlerContext {
-    return {
-      signal: new AbortController().signal,
-      emit: (event, data) => this.emitEvent(event, data),
-      warn: (message, data) => this.emitEvent('MIGRATION_WARNING', data ? { message, data } : { message }),
-    };
   }
 
   // ---- connections before a migration takes them ----
@@ -335,7 +359,7 @@ export class MigrationDestination extends MigrationEvents {
     const session = this.#session;
     if (session && session.migrationId === m.migrationId) {
       if (session.offer) return session.offer(o);
-      return this.#refuse(o.socket, this.#unbound(o) ?? new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} takes no more channels`));
+      return this.#refuse(o.socket, this.#unbound(o, session.run.channels[0]) ?? new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} takes no more channels`));
     }
     // Its Hello may still be on its way: kept (paused, within the pending
     // cap) until a migration with its id takes it or its deadline passes.
@@ -372,13 +396,21 @@ export class MigrationDestination extends MigrationEvents {
 
   // ---- one migration ----
 
-  #fail(err: Error): void {
-    if (this.#failure) return;
-    this.#failure = err;
-    this.#watch?.stop();
+  /** A handler context: `signal` is the abort guard's before the commit, a live one where hooks finish or roll back. */
+  #context(signal: AbortSignal): HandlerContext {
+    return {
+      signal,
+      emit: (event, data) => this.emitEvent(event, data),
+      warn: (message, data) => this.emitEvent('MIGRATION_WARNING', data ? { message, data } : { message }),
+    };
+  }
+
+  /** At a migration's first failure (its abort guard's teardown): every channel let go. */
+  #teardown(run: IncomingRun, err: Error): void {
+    run.watch?.stop();
     // A silent source gets no linger: nothing it sends will arrive.
     const silent = (err as MigrationError).code === 'ERR_MIGRATION_PEER_TIMEOUT';
-    for (const ch of this.#channels) if (ch) this.#release(ch, silent);
+    for (const ch of run.channels) if (ch) this.#release(ch, silent);
   }
 
   /** Done with a channel: dropped at once, or (after what was said last) kept open, unread, until the source closes it. */
@@ -419,27 +451,11 @@ export class MigrationDestination extends MigrationEvents {
     // A destination serves migration after migration: its event history is
     // this migration's (kept whole, it would grow with every one served).
     this.history.length = 0;
-    this.#failure = null;
-    this.#channels = [];
-    this.#switchoverLimitMs = 0;
-    this.#sourceStoppedAt = 0;
-    this.#abortTimer = null;
-    this.#initialPending = new Set();
-    this.#acked = false;
-    this.#initialRenewals = 0;
-    this.#committed = false;
-    this.#phase = 'loading';
-    this.#oneWayMs = null;
-    this.#pings = new Map();
-    this.#sectionBytes = [];
-    this.#loadedBytes = 0;
     this.#status = 'none';
     try {
       const offer = await this.#nextHello(options.signal);
       return await this.#run(offer, options);
     } finally {
-      this.#watch?.stop();
-      this.#watch = null;
       this.#session = null;
       this.#running = false;
     }
@@ -463,67 +479,92 @@ export class MigrationDestination extends MigrationEvents {
     }
   }
 
+  /** One migration, phase by phase; a failure ends in #rollback. */
   async #run(offer: Offer, options: IncomingOptions): Promise<IncomingResult> {
-    const t0 = performance.now();
-    let loadStart = 0;
-    let loadEnd = 0;
-    const ctx = this.#context();
-    const onAbort = () => this.#fail(new MigrationError('ERR_MIGRATION_CANCELLED', String(options.signal?.reason ?? 'aborted')));
+    const run = new IncomingRun((signal) => this.#context(signal), (r, err) => this.#teardown(r, err));
+    const onAbort = () => run.guard.fail(new MigrationError('ERR_MIGRATION_CANCELLED', String(options.signal?.reason ?? 'aborted')));
     options.signal?.addEventListener('abort', onAbort, { once: true });
-    let setupStarted = false;
-    let main: Channel | null = null;
-    let reporter: NodeJS.Timeout | undefined;
     try {
       offer.take();
       const hello = offer.message as HelloMessage;
-      this.#session = { migrationId: hello.migrationId, offer: null };
-      main = makeChannel(0, offer.socket, { deferDataChecksums: true });
-      this.#channels[0] = main;
-      this.#setStatus('setup');
-      const mismatch = this.#compatibility(hello);
-      if (mismatch) throw new MigrationError('ERR_MIGRATION_INCOMPATIBLE', mismatch);
-      await this.#acceptChannels(hello, options.channelTimeoutMs ?? 10_000);
-      setupStarted = true;
-      await settleAll(this.handlers.map((h) => h.loadSetup(ctx)));
-      if (this.#failure) throw this.#failure;
-      // Every device with initial bytes must load them before the source may switch over.
-      this.handlers.forEach((h, i) => {
-        if (h.hasInitialData?.()) this.#initialPending.add(i);
-      });
-      await main.writer.writeMessage(FrameType.HelloAck, { wireVersion: WIRE_VERSION });
-      // Round trips on the main channel while it is still quiet: half the
-      // shortest is the one-way delay the switchover-abort clock takes off.
-      this.#pingMain(main);
-      // From here the source sends heartbeats too: a silent one is stopped or cut off.
-      const peerTimeoutMs = hello.parameters['peer-timeout'] ?? DEFAULT_PARAMETERS['peer-timeout'];
-      this.#watch = new PeerWatch({
-        timeoutMs: peerTimeoutMs,
-        readers: () => this.#channels.map((ch) => ch?.reader),
-        writer: main.writer,
-        onSilent: (silentMs) => {
-          if (this.#committed) return;
-          this.#fail(new MigrationError('ERR_MIGRATION_PEER_TIMEOUT', `the source sent nothing for ${silentMs.toFixed(0)} ms (peer-timeout ${peerTimeoutMs} ms): it is stopped or cut off; the VM stays with the source`));
-        },
-      });
-      this.#watch.start();
-      await this.#sendLoadReport(main);
-      this.#setStatus('active');
-      if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
-      loadStart = performance.now();
-      // Tell the source how far arrival and loading got, every 10 ms while
-      // either moves: also while a slow load holds everything up (arrivals
-      // still count), and no more often (per-MiB reports cost a fast link dearly).
-      let reported = { received: -1, loaded: -1 };
-      reporter = setInterval(() => {
-        const received = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
-        if (received === reported.received && this.#loadedBytes === reported.loaded) return;
-        reported = { received, loaded: this.#loadedBytes };
-        void this.#sendLoadReport(main!).catch(() => {});
-      }, LOAD_REPORT_INTERVAL_MS);
+      const main = await this.#handshake(run, offer, hello, options.channelTimeoutMs ?? 10_000);
+      await this.#setup(run, main, hello);
+      await this.#load(run, main, hello);
+      await this.#switchover(run, main);
+      await this.#commit(run);
+      // The VM runs here now: nothing after this may stop it (the source gave
+      // it up), so what still fails is only a warning.
+      return await this.#complete(run, main);
+    } catch (err) {
+      throw await this.#rollback(run, err as Error);
+    } finally {
+      run.watch?.stop();
+      options.signal?.removeEventListener('abort', onAbort);
+      // Closed once the source has read what was said last (or after LINGER_MS).
+      for (const ch of run.channels) if (ch) this.#release(ch, false);
+    }
+  }
+
+  /** Handshake: the Hello checked against this side's handlers, and every channel of the migration taken. */
+  async #handshake(run: IncomingRun, offer: Offer, hello: HelloMessage, channelTimeoutMs: number): Promise<Channel> {
+    this.#session = { migrationId: hello.migrationId, offer: null, run };
+    const main = makeChannel(0, offer.socket, { deferDataChecksums: true });
+    run.channels[0] = main;
+    this.#setStatus('setup');
+    const mismatch = this.#compatibility(hello);
+    if (mismatch) throw new MigrationError('ERR_MIGRATION_INCOMPATIBLE', mismatch);
+    await this.#acceptChannels(run, hello, channelTimeoutMs);
+    return main;
+  }
+
+  /** Setup: every device to resuming, then the handshake's answer, the round trips and the liveness watch. */
+  async #setup(run: IncomingRun, main: Channel, hello: HelloMessage): Promise<void> {
+    run.setupStarted = true;
+    await settleAll(this.handlers.map((h) => h.loadSetup(run.ctx)));
+    run.guard.check();
+    // Every device with initial bytes must load them before the source may switch over.
+    this.handlers.forEach((h, i) => {
+      if (h.hasInitialData?.()) run.initialPending.add(i);
+    });
+    await main.writer.writeMessage(FrameType.HelloAck, { wireVersion: WIRE_VERSION });
+    // Round trips on the main channel while it is still quiet: half the
+    // shortest is the one-way delay the switchover-abort clock takes off.
+    this.#pingMain(run, main);
+    // From here the source sends heartbeats too: a silent one is stopped or cut off.
+    const peerTimeoutMs = hello.parameters['peer-timeout'] ?? DEFAULT_PARAMETERS['peer-timeout'];
+    run.watch = new PeerWatch({
+      timeoutMs: peerTimeoutMs,
+      readers: () => run.channels.map((ch) => ch?.reader),
+      writer: main.writer,
+      onSilent: (silentMs) => {
+        if (run.committed) return;
+        run.guard.fail(new MigrationError('ERR_MIGRATION_PEER_TIMEOUT', `the source sent nothing for ${silentMs.toFixed(0)} ms (peer-timeout ${peerTimeoutMs} ms): it is stopped or cut off; the VM stays with the source`));
+      },
+    });
+    run.watch.start();
+    await this.#sendLoadReport(run, main);
+    this.#setStatus('active');
+    if (hello.capabilities['switchover-ack'] && run.initialPending.size === 0) await this.#sendAck(run, main);
+  }
+
+  /** Load: every channel's sections loaded as they arrive, up to each channel's end of stream (the Switchover frame comes on the way). */
+  async #load(run: IncomingRun, main: Channel, hello: HelloMessage): Promise<void> {
+    run.loadStart = performance.now();
+    // Tell the source how far arrival and loading got, every 10 ms while
+    // either moves: also while a slow load holds everything up (arrivals
+    // still count), and no more often (per-MiB reports cost a fast link dearly).
+    let reported = { received: -1, loaded: -1 };
+    const reporter = setInterval(() => {
+      const received = run.channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
+      if (received === reported.received && run.loadedBytes === reported.loaded) return;
+      reported = { received, loaded: run.loadedBytes };
+      void this.#sendLoadReport(run, main).catch(() => {});
+    }, LOAD_REPORT_INTERVAL_MS);
+    try {
       // One channel's failure (a corrupt frame) fails the migration at once:
       // the main channel's loop would otherwise wait for frames that a source
       // held up by the switchover ACK never sends (its heartbeats keep it alive).
-      const loops = this.#channels.map((ch) => this.#channelLoop(ch, hello));
+      const loops = run.channels.map((ch) => this.#channelLoop(run, ch, hello));
       await settleAll(
         loops.map((loop, i) =>
           loop.catch(async (err: Error) => {
@@ -531,71 +572,80 @@ export class MigrationDestination extends MigrationEvents {
             // cancels with data in flight closes them at once and queues its
             // Cancel on the main channel, so its word is waited for (briefly)
             // before the connection is blamed.
-            if (i > 0 && (err as MigrationError).code === 'ERR_MIGRATION_CONNECTION' && !this.#failure) {
+            if (i > 0 && (err as MigrationError).code === 'ERR_MIGRATION_CONNECTION' && !run.guard.failure) {
               const said = await Promise.race([loops[0]!.then(() => null, (e: Error) => e), sleep(REASON_GRACE_MS, null, { ref: false })]);
               const code = (said as MigrationError | null)?.code;
               if (code === 'ERR_MIGRATION_CANCELLED' || code === 'ERR_MIGRATION_SWITCHOVER_ABORTED') err = said!;
             }
-            this.#fail(err);
+            run.guard.fail(err);
             throw err;
           }),
         ),
       );
-      clearInterval(reporter);
-      loadEnd = performance.now();
-      if (this.#failure) throw this.#failure;
-
-      // Everything arrived: validate and stop all devices; then wait for the
-      // source's commit (until then the source may still resume the VM
-      // itself); then RUNNING_P2P for all before any device runs (the P2P
-      // rule), then the VM.
-      await settleAll(this.handlers.map((h) => h.loadFinish(ctx)));
-      if (this.#failure) throw this.#failure;
-      await this.#awaitCommit(main);
-      this.#watch.stop();
-      await settleAll(this.handlers.map((h) => h.loadResumeP2P?.(ctx)));
-      await settleAll(this.handlers.map((h) => h.loadResume?.(ctx)));
-      await this.vm.resume();
-      // The VM runs here now: nothing after this may stop it (the source gave
-      // it up), so what still fails is only a warning.
-      return await this.#finishRunning(main, ctx, { t0, loadStart, loadEnd });
-    } catch (err) {
-      const cause = this.#failure ?? (err as Error);
-      if (this.#abortTimer) clearTimeout(this.#abortTimer);
-      // `notRunning`: the source may resume the VM. True before this side's
-      // commit (nothing ever ran here, even if this crosses the source's
-      // Commit); after it, only once the VM is stopped and the devices reset.
-      const tellSource = async () => {
-        if (main && !main.socket.destroyed) await main.writer.writeMessage(FrameType.Error, errorMessage(cause)).catch(() => {});
-        this.#fail(cause);
-      };
-      const stopHere = async () => {
-        if (this.vm.running) await this.vm.stop();
-        await Promise.allSettled(this.handlers.map((h) => h.loadCleanup?.('failed', ctx)));
-      };
-      if (this.#committed) {
-        await stopHere();
-        await tellSource();
-      } else {
-        // Tell the source why before the connections go.
-        await tellSource();
-        if (setupStarted) await stopHere();
-      }
-      const error = describeError(cause);
-      this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', error);
-      const e = cause as Error & { result?: IncomingResult };
-      e.result = { status: this.#status, totalTimeMs: performance.now() - t0, loadMs: loadEnd ? loadEnd - loadStart : 0, downtimeMs: null, digests: [], sectionBytes: this.#sectionBytes, error };
-      throw cause;
     } finally {
       clearInterval(reporter);
-      options.signal?.removeEventListener('abort', onAbort);
-      // Closed once the source has read what was said last (or after LINGER_MS).
-      for (const ch of this.#channels) if (ch) this.#release(ch, false);
     }
+    run.loadEnd = performance.now();
+    run.guard.check();
+  }
+
+  /**
+   * Switchover: everything arrived; every device validated and stopped,
+   * then ReadyToRun and the source's Commit (until then the source may
+   * still resume the VM itself, and the abort guard's bound stops here).
+   */
+  async #switchover(run: IncomingRun, main: Channel): Promise<void> {
+    await settleAll(this.handlers.map((h) => h.loadFinish(run.ctx)));
+    run.guard.check();
+    await this.#awaitCommit(run, main);
+    run.watch?.stop();
+  }
+
+  /** Commit: RUNNING_P2P for all before any device runs (the P2P rule), then the VM. Nothing cancels it. */
+  async #commit(run: IncomingRun): Promise<void> {
+    await settleAll(this.handlers.map((h) => h.loadResumeP2P?.(run.finishCtx)));
+    await settleAll(this.handlers.map((h) => h.loadResume?.(run.finishCtx)));
+    await this.vm.resume();
+  }
+
+  /**
+   * Rollback, the one place a failed migration ends: the source is told why
+   * (before the connections go) and the devices reset; past the commit the
+   * VM is stopped first, so that the source may resume it. Returns the error
+   * incoming() rejects with, its `result` attached.
+   */
+  async #rollback(run: IncomingRun, err: Error): Promise<Error> {
+    const cause = run.guard.failure ?? err;
+    run.guard.disarm();
+    const main = run.channels[0];
+    // `notRunning`: the source may resume the VM. True before this side's
+    // commit (nothing ever ran here, even if this crosses the source's
+    // Commit); after it, only once the VM is stopped and the devices reset.
+    const tellSource = async () => {
+      if (main && !main.socket.destroyed) await main.writer.writeMessage(FrameType.Error, errorMessage(cause)).catch(() => {});
+      run.guard.fail(cause);
+    };
+    const stopHere = async () => {
+      if (this.vm.running) await this.vm.stop();
+      await Promise.allSettled(this.handlers.map((h) => h.loadCleanup?.('failed', run.finishCtx)));
+    };
+    if (run.committed) {
+      await stopHere();
+      await tellSource();
+    } else {
+      // Tell the source why before the connections go.
+      await tellSource();
+      if (run.setupStarted) await stopHere();
+    }
+    const error = describeError(cause);
+    this.#setStatus((cause as MigrationError).code === 'ERR_MIGRATION_CANCELLED' ? 'cancelled' : 'failed', error);
+    const e = cause as Error & { result?: IncomingResult };
+    e.result = { status: this.#status, totalTimeMs: performance.now() - run.t0, loadMs: run.loadEnd ? run.loadEnd - run.loadStart : 0, downtimeMs: null, digests: [], sectionBytes: run.sectionBytes, error };
+    return cause;
   }
 
   /** After the VM resumed here: report, clean up; failures are warnings (the VM keeps running). */
-  async #finishRunning(main: Channel, ctx: HandlerContext, times: { t0: number; loadStart: number; loadEnd: number }): Promise<IncomingResult> {
+  async #complete(run: IncomingRun, main: Channel): Promise<IncomingResult> {
     const warn = (what: string, err: unknown) => {
       try {
         this.emitEvent('MIGRATION_WARNING', { message: `${what} after the VM started here: ${describeError(err).message}` });
@@ -603,7 +653,7 @@ export class MigrationDestination extends MigrationEvents {
         // A throwing listener changes nothing here.
       }
     };
-    const downtimeMs = this.#sourceStoppedAt ? performance.now() - this.#sourceStoppedAt : null;
+    const downtimeMs = run.sourceStoppedAt ? performance.now() - run.sourceStoppedAt : null;
     const digests = this.handlers.map((h) => {
       try {
         return h.digest?.('loaded') ?? null;
@@ -612,7 +662,7 @@ export class MigrationDestination extends MigrationEvents {
         return null;
       }
     });
-    const running: RunningMessage = { digests, loadMs: times.loadEnd - times.loadStart, resumeMs: performance.now() - times.loadEnd };
+    const running: RunningMessage = { digests, loadMs: run.loadEnd - run.loadStart, resumeMs: performance.now() - run.loadEnd };
     // Whether or not the source hears of it.
     await main.writer.writeMessage(FrameType.Running, running).catch(() => {});
     try {
@@ -620,17 +670,13 @@ export class MigrationDestination extends MigrationEvents {
     } catch (err) {
       warn('a MIGRATION listener', err);
     }
-    const cleanup = await Promise.allSettled(this.handlers.map((h) => h.loadCleanup?.('completed', ctx)));
+    const cleanup = await Promise.allSettled(this.handlers.map((h) => h.loadCleanup?.('completed', run.finishCtx)));
     for (const r of cleanup) if (r.status === 'rejected') warn('cleanup', r.reason);
-    return { status: 'completed', totalTimeMs: performance.now() - times.t0, loadMs: times.loadEnd - times.loadStart, downtimeMs, digests, sectionBytes: this.#sectionBytes };
+    return { status: 'completed', totalTimeMs: performance.now() - run.t0, loadMs: run.loadEnd - run.loadStart, downtimeMs, digests, sectionBytes: run.sectionBytes };
   }
 
-  #sectionBytes: number[] = [];
-  /** Section bytes the devices have finished loading (the source subtracts them from what it sent). */
-  #loadedBytes = 0;
-
   /** Tells the source what this side's devices need at switchover (for its downtime estimate). */
-  async #sendLoadReport(main: Channel): Promise<void> {
+  async #sendLoadReport(run: IncomingRun, main: Channel): Promise<void> {
     const sections: LoadReportMessage['sections'] = [];
     this.handlers.forEach((h, section) => {
       if (!h.resumeArcs) return;
@@ -640,69 +686,62 @@ export class MigrationDestination extends MigrationEvents {
       sections.push({ section, arcs, loadMsPerMiB: loadMsPerMiB !== null && Number.isFinite(loadMsPerMiB) && loadMsPerMiB >= 0 ? loadMsPerMiB : null });
     });
     // Arrived counts what sits in this side's buffers too: it has crossed the link.
-    const receivedBytes = this.#channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
-    await main.writer.writeMessage(FrameType.LoadReport, { sections, receivedBytes, loadedBytes: this.#loadedBytes });
+    const receivedBytes = run.channels.reduce((n, ch) => n + (ch ? ch.reader.bytesArrived : 0), 0);
+    await main.writer.writeMessage(FrameType.LoadReport, { sections, receivedBytes, loadedBytes: run.loadedBytes });
   }
 
   /** Says every device is loaded and stopped, and waits for the source's Commit. */
-  async #awaitCommit(main: Channel): Promise<void> {
+  async #awaitCommit(run: IncomingRun, main: Channel): Promise<void> {
     // From here the source decides: it aborts (and says so) or commits.
-    if (this.#abortTimer) clearTimeout(this.#abortTimer);
-    this.#phase = 'ready';
+    run.guard.disarm();
+    run.phase = 'ready';
     await main.writer.write(FrameType.ReadyToRun, 0);
     // A source that never answers (gone without a FIN) must not keep this side waiting forever.
     const nextControl = async () => {
       for (;;) {
         const f = await main.reader.next();
         if (!f) return f;
-        const meaning = destinationMeaning(this.#phase, f.type);
+        const meaning = destinationMeaning(run.phase, f.type);
         if (meaning === 'commit') {
           parseMessage(FrameType.Commit, f);
           return meaning;
         }
         if (meaning === 'cancelled') throw sourceGaveUp(f);
-        if (meaning === 'pong') this.#onPong(parseMessage(FrameType.Pong, f).seq);
+        if (meaning === 'pong') this.#onPong(run, parseMessage(FrameType.Pong, f).seq);
         else parseMessage(FrameType.Heartbeat, f);
         f.release();
       }
     };
     const answer = await withTimeout(nextControl(), COMMIT_TIMEOUT_MS, `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`);
-    if (!answer) throw this.#failure ?? new MigrationError('ERR_MIGRATION_CONNECTION', 'the source went away before committing: the VM stays with the source');
-    this.#committed = true;
-    this.#phase = 'committed';
+    if (!answer) throw run.guard.failure ?? new MigrationError('ERR_MIGRATION_CONNECTION', 'the source went away before committing: the VM stays with the source');
+    run.committed = true;
+    run.phase = 'committed';
   }
 
-  /** Where this migration is, for what the source's frames mean (protocol/end.ts). */
-  #phase: DestinationPhase = 'loading';
-  /** Half the shortest round trip measured on the main channel (null: none measured). */
-  #oneWayMs: number | null = null;
-  /** Pings sent and not answered yet: seq -> performance.now() at the send. */
-  #pings = new Map<number, number>();
-
   /** A few pings, spaced so that each goes out alone; answers go to #onPong. */
-  #pingMain(main: Channel): void {
+  #pingMain(run: IncomingRun, main: Channel): void {
     for (let seq = 0; seq < PINGS; seq++) {
       const timer = setTimeout(() => {
-        if (main.socket.destroyed || this.#phase !== 'loading') return;
-        this.#pings.set(seq, performance.now());
+        if (main.socket.destroyed || run.phase !== 'loading') return;
+        run.pings.set(seq, performance.now());
         void main.writer.writeMessage(FrameType.Ping, { seq }).catch(() => {});
       }, seq * PING_SPACING_MS);
       timer.unref();
     }
   }
 
-  #onPong(seq: number): void {
-    const sentAt = this.#pings.get(seq);
+  #onPong(run: IncomingRun, seq: number): void {
+    const sentAt = run.pings.get(seq);
     if (sentAt === undefined) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a Pong for ping ${seq}, which was not sent or was answered already`);
-    this.#pings.delete(seq);
+    run.pings.delete(seq);
     const oneWayMs = (performance.now() - sentAt) / 2;
-    this.#oneWayMs = this.#oneWayMs === null ? oneWayMs : Math.min(this.#oneWayMs, oneWayMs);
+    run.oneWayMs = run.oneWayMs === null ? oneWayMs : Math.min(run.oneWayMs, oneWayMs);
   }
 
-  async #sendAck(main: Channel): Promise<void> {
-    if (this.#acked) return;
-    this.#acked = true;
-    await main.writer.writeMessage(FrameType.SwitchoverAck, { renewals: this.#initialRenewals });
+  async #sendAck(run: IncomingRun, main: Channel): Promise<void> {
+    if (run.acked) return;
+    run.acked = true;
+    await main.writer.writeMessage(FrameType.SwitchoverAck, { renewals: run.initialRenewals });
   }
 
   #compatibility(hello: HelloMessage): string | null {
@@ -724,28 +763,27 @@ export class MigrationDestination extends MigrationEvents {
    * main channel (channel binding): the migration id it names is no secret
    * from another authorized client. null when it does (or without TLS).
    */
-  #unbound(o: Offer): MigrationTlsError | null {
-    const main = this.#channels[0];
+  #unbound(o: Offer, main: Channel | undefined): MigrationTlsError | null {
     if (!this.#tls || !main) return null;
     const m = o.message as ChannelHelloMessage & { binding?: string };
     return checkChannelBinding(main.socket, o.socket, m.index, m.binding);
   }
 
   /** Takes the extra channels of this migration (ChannelHellos with its id, each index once) until all are in. */
-  async #acceptChannels(hello: HelloMessage, timeoutMs: number): Promise<void> {
+  async #acceptChannels(run: IncomingRun, hello: HelloMessage, timeoutMs: number): Promise<void> {
     const session = this.#session!;
     let missing = hello.channels - 1;
     let done: (() => void) | null = null;
     const adopt = (o: Offer) => {
       const m = o.message as ChannelHelloMessage;
-      const unbound = this.#unbound(o);
+      const unbound = this.#unbound(o, run.channels[0]);
       if (unbound) return this.#refuse(o.socket, unbound);
-      if (m.index >= hello.channels || this.#channels[m.index]) {
+      if (m.index >= hello.channels || run.channels[m.index]) {
         this.#refuse(o.socket, new MigrationError('ERR_MIGRATION_PROTOCOL', `migration ${m.migrationId} has no free channel ${m.index} (it has ${hello.channels})`));
         return;
       }
       o.take();
-      this.#channels[m.index] = makeChannel(m.index, o.socket, { deferDataChecksums: true });
+      run.channels[m.index] = makeChannel(m.index, o.socket, { deferDataChecksums: true });
       if (--missing === 0) done?.();
     };
     session.offer = adopt;
@@ -766,9 +804,9 @@ export class MigrationDestination extends MigrationEvents {
     }
   }
 
-  async #channelLoop(ch: Channel, hello: HelloMessage): Promise<void> {
-    const main = this.#channels[0]!;
-    this.#sectionBytes = this.#sectionBytes.length ? this.#sectionBytes : this.handlers.map(() => 0);
+  async #channelLoop(run: IncomingRun, ch: Channel, hello: HelloMessage): Promise<void> {
+    const main = run.channels[0]!;
+    run.sectionBytes = run.sectionBytes.length ? run.sectionBytes : this.handlers.map(() => 0);
     // Loads are issued without waiting for the previous one: the device's data
     // thread runs them in order while this loop checks the next frames.
     const inflight: Promise<void>[] = [];
@@ -778,19 +816,19 @@ export class MigrationDestination extends MigrationEvents {
     // A frame taken while gathering data that turned out to be something else.
     let carried: Frame | null = null;
     for (;;) {
-      if (this.#failure) throw this.#failure;
+      run.guard.check();
       const frame = carried ?? (await ch.reader.next());
       carried = null;
       if (!frame) throw new MigrationError('ERR_MIGRATION_CONNECTION', `the source closed channel ${ch.index} before the end of the stream`);
       const handler = this.handlers[frame.section];
-      const meaning = destinationMeaning(this.#phase, frame.type);
+      const meaning = destinationMeaning(run.phase, frame.type);
       // The Switchover, Commit and Pong frames belong on the main channel.
       if ((meaning === 'switchover' || meaning === 'pong') && ch !== main) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a ${FrameType[frame.type]} frame on data channel ${ch.index}`);
       switch (meaning) {
         case 'data': {
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `data for unknown section ${frame.section}`);
           // Data frames of this section that are already here go to the
-            // device in one write: fewer, larger loads.
+          // device in one write: fewer, larger loads.
           const parts = [...frame.parts];
           const frames = [frame];
           let gathered = frame.length;
@@ -819,13 +857,13 @@ export class MigrationDestination extends MigrationEvents {
           // Once the device has them, the bytes' memory can take new reads.
           void loading.finally(() => frames.forEach((f) => f.release())).catch(() => {});
           const load = loading.then(() => {
-            this.#loadedBytes += gathered;
+            run.loadedBytes += gathered;
           });
           load.catch(() => {}); // awaited below; this only keeps it from counting as unhandled meanwhile
           inflight.push(load);
           if (inflight.length >= MAX_INFLIGHT_LOADS) await inflight.shift();
           ch.dataBytes += gathered;
-          this.#sectionBytes[frame.section]! += gathered;
+          run.sectionBytes[frame.section]! += gathered;
           break;
         }
         case 'initial-sent': {
@@ -835,9 +873,9 @@ export class MigrationDestination extends MigrationEvents {
           await settleLoads();
           await handler.loadInitialDone?.();
           await main.writer.writeMessage(FrameType.InitialLoaded, { section: frame.section });
-          await this.#sendLoadReport(main);
-          this.#initialPending.delete(frame.section);
-          if (hello.capabilities['switchover-ack'] && this.#initialPending.size === 0) await this.#sendAck(main);
+          await this.#sendLoadReport(run, main);
+          run.initialPending.delete(frame.section);
+          if (hello.capabilities['switchover-ack'] && run.initialPending.size === 0) await this.#sendAck(run, main);
           break;
         }
         case 'initial-renewed': {
@@ -845,28 +883,26 @@ export class MigrationDestination extends MigrationEvents {
           if (!handler?.hasInitialData?.()) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `initial-data renewal for section ${frame.section}, which has no initial data`);
           // The section's new initial bytes follow: its initial load is
           // pending again, and so is the ACK (reusable, as QEMU 11.1's).
-          this.#initialRenewals++;
-          this.#initialPending.add(frame.section);
-          this.#acked = false;
+          run.initialRenewals++;
+          run.initialPending.add(frame.section);
+          run.acked = false;
           break;
         }
         case 'switchover': {
           const m = parseMessage(FrameType.Switchover, frame);
-          this.#phase = 'switchover';
+          run.phase = 'switchover';
           // On this host's monotonic clock: the source's stop is this frame's
           // arrival less its time on the source and on the way (half the
           // handshake's round trip). The hosts' wall clocks never meet.
-          const elapsedMs = m.sentAfterStopMs + (this.#oneWayMs ?? 0);
-          this.#sourceStoppedAt = performance.now() - elapsedMs;
-          this.#switchoverLimitMs = m.abortAfterMs;
-          this.#armAbort(elapsedMs);
+          run.sourceStoppedAt = performance.now() - (m.sentAfterStopMs + (run.oneWayMs ?? 0));
+          this.#armSwitchoverAbort(run, m.abortAfterMs);
           break;
         }
         case 'alive':
           parseMessage(FrameType.Heartbeat, frame);
           break;
         case 'pong':
-          this.#onPong(parseMessage(FrameType.Pong, frame).seq);
+          this.#onPong(run, parseMessage(FrameType.Pong, frame).seq);
           break;
         case 'end-of-stream':
           parseMessage(FrameType.EndOfStream, frame);
@@ -884,22 +920,20 @@ export class MigrationDestination extends MigrationEvents {
   }
 
   /**
-   * The destination measures too: past the source's threshold it aborts,
-   * tells the source, and cleans up. `elapsedMs`: the time since the source
-   * stopped the VM as this side estimates it when the Switchover frame
-   * arrives (monotonic clocks only, so a skewed wall clock shifts nothing).
+   * The destination measures too, on its own monotonic clock from the
+   * source's stop as estimated when the Switchover frame arrived (a skewed
+   * wall clock shifts nothing): past the source's threshold it aborts,
+   * tells the source, and cleans up.
    */
-  #armAbort(elapsedMs: number): void {
-    if (!(this.#switchoverLimitMs > 0)) return;
-    this.#abortTimer = setTimeout(() => {
+  #armSwitchoverAbort(run: IncomingRun, abortAfterMs: number): void {
+    run.guard.armBound(run.sourceStoppedAt, abortAfterMs, (measured) => {
       if (this.#status === 'completed') return;
-      const measured = performance.now() - this.#sourceStoppedAt;
-      this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs: this.#switchoverLimitMs, side: 'destination' });
-      const err = new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past downtime-limit + switchover-limit (${this.#switchoverLimitMs} ms)`);
-      const main = this.#channels[0];
+      this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs, side: 'destination' });
+      const err = new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past downtime-limit + switchover-limit (${abortAfterMs} ms)`);
+      const main = run.channels[0];
       const tell = main && !main.socket.destroyed ? main.writer.writeMessage(FrameType.Error, errorMessage(err)).catch(() => {}) : Promise.resolve();
-      void tell.then(() => this.#fail(err));
-    }, Math.max(0, this.#switchoverLimitMs - elapsedMs));
+      void tell.then(() => run.guard.fail(err));
+    });
   }
 
   /**
