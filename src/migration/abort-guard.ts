@@ -32,6 +32,26 @@ export class AbortGuard {
     this.#teardown(err);
   }
 
+  /**
+   * Waits for a phase's parallel hooks. The first to fail fails the
+   * migration at once, so that the others' pending work aborts through the
+   * signal; its error is thrown once every hook has settled (a rollback never
+   * races a hook still running).
+   */
+  async settle<T>(promises: (Promise<T> | T)[]): Promise<T[]> {
+    const results = await Promise.allSettled(
+      promises.map((p) =>
+        Promise.resolve(p).catch((err: unknown) => {
+          this.fail(err instanceof Error ? err : new Error(String(err)));
+          throw err;
+        }),
+      ),
+    );
+    const failed = results.find((r) => r.status === 'rejected');
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+    return results.map((r) => (r as PromiseFulfilledResult<T>).value);
+  }
+
   /** Throws the failure, if any: a phase calls it between steps. */
   check(): void {
     if (this.#failure) throw this.#failure;

@@ -520,7 +520,7 @@ export class MigrationDestination extends MigrationEvents {
   /** Setup: every device to resuming, then the handshake's answer, the round trips and the liveness watch. */
   async #setup(run: IncomingRun, main: Channel, hello: HelloMessage): Promise<void> {
     run.setupStarted = true;
-    await settleAll(this.handlers.map((h) => h.loadSetup(run.ctx)));
+    await run.guard.settle(this.handlers.map((h) => h.loadSetup(run.ctx)));
     run.guard.check();
     // Every device with initial bytes must load them before the source may switch over.
     this.handlers.forEach((h, i) => {
@@ -595,7 +595,7 @@ export class MigrationDestination extends MigrationEvents {
    * still resume the VM itself, and the abort guard's bound stops here).
    */
   async #switchover(run: IncomingRun, main: Channel): Promise<void> {
-    await settleAll(this.handlers.map((h) => h.loadFinish(run.ctx)));
+    await run.guard.settle(this.handlers.map((h) => h.loadFinish(run.ctx)));
     run.guard.check();
     await this.#awaitCommit(run, main);
     run.watch?.stop();

@@ -11,7 +11,7 @@ import type { DeviceInfo, HandlerContext, PendingBytes, SectionOutput, StateHand
 import { AbortGuard } from './abort-guard.js';
 import type { VmControl } from './vm.js';
 import { type MigrationCapabilities, type MigrationParameters, DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, mergeCapabilities, mergeParameters } from './params.js';
-import { type Channel, PeerWatch, RateLimiter, makeChannel, sectionOutput, settleAll, withTimeout } from './channels.js';
+import { type Channel, PeerWatch, RateLimiter, makeChannel, sectionOutput, withTimeout } from './channels.js';
 import { FrameType, WIRE_VERSION, encodeFrame } from './wire.js';
 import { type HelloMessage, type RunningMessage, type SourcePhase, messagePayload, parseMessage, sourceMeaning } from './protocol/index.js';
 import { type MigrationUri, connect, parseUri } from './transport.js';
@@ -389,7 +389,7 @@ export class MigrationSource extends MigrationEvents {
   /** Setup: every handler's saveSetup, then each section's output on its channel. */
   async #setup(run: SourceRun): Promise<void> {
     run.setupStarted = true;
-    await settleAll(this.handlers.map((h) => h.saveSetup(run.ctx)));
+    await this.#guard.settle(this.handlers.map((h) => h.saveSetup(run.ctx)));
     this.#guard.check();
     this.#setupDoneAt = performance.now();
     this.#setStatus('active');
@@ -420,7 +420,7 @@ export class MigrationSource extends MigrationEvents {
       // The probe walks each device's reversible switchover arcs once its
       // initial bytes are out, all devices at once as at the switchover.
       if (probing.size > 0) {
-        const done = await settleAll([...probing].map((h) => h.probeSwitchover!(run.ctx)));
+        const done = await this.#guard.settle([...probing].map((h) => h.probeSwitchover!(run.ctx)));
         [...probing].forEach((h, i) => done[i] && probing.delete(h));
         this.#guard.check();
       }
@@ -436,7 +436,7 @@ export class MigrationSource extends MigrationEvents {
 
   /** One pass's switchover decision, said in MIGRATION_PASS (and MIGRATION_STALLED, and a warning per assumed arc). */
   async #decide(probePending: boolean): Promise<PolicyDecision> {
-    this.#pending = await settleAll(this.handlers.map((h) => h.pending(true)));
+    this.#pending = await this.#guard.settle(this.handlers.map((h) => h.pending(true)));
     const decision = this.policy.evaluate({
       nowMs: performance.now(),
       pending: this.#pending,
@@ -486,7 +486,7 @@ export class MigrationSource extends MigrationEvents {
     const budget = decision.iterationBudgetBytes;
     const t = performance.now();
     const groups = this.#groupsByChannel();
-    const sent = await settleAll(
+    const sent = await this.#guard.settle(
       groups.map(async (idx) => {
         let n = 0;
         for (const i of idx) n += await this.handlers[i]!.savePrecopy(budget, run.outputs[i]!);
@@ -520,19 +520,19 @@ export class MigrationSource extends MigrationEvents {
     try {
       // Durations on this host's monotonic clock: the destination's wall clock may differ from ours.
       await main.writer.writeMessage(FrameType.Switchover, { abortAfterMs: this.#abortAfterMs(), sentAfterStopMs: performance.now() - this.#stoppedAt });
-      await settleAll(this.handlers.map((h) => h.saveQuiesce?.(run.ctx)));
+      await this.#guard.settle(this.handlers.map((h) => h.saveQuiesce?.(run.ctx)));
       this.#guard.check();
-      await settleAll(this.handlers.map((h) => h.saveStop(run.ctx)));
+      await this.#guard.settle(this.handlers.map((h) => h.saveStop(run.ctx)));
       this.#guard.check();
       this.#marks.stopped = performance.now();
       const bytesAtStop = this.#transferred;
       const groups = this.#groupsByChannel();
-      await settleAll(
+      await this.#guard.settle(
         groups.map(async (idx) => {
           for (const i of idx) await this.handlers[i]!.saveComplete(run.outputs[i]!);
         }),
       );
-      await settleAll(this.#channels.map((ch) => ch.writer.write(FrameType.EndOfStream, 0)));
+      await this.#guard.settle(this.#channels.map((ch) => ch.writer.write(FrameType.EndOfStream, 0)));
       this.#marks.streamed = performance.now();
       this.#switchoverBytes = this.#transferred - bytesAtStop;
       // Two-phase end: the destination loads and stops every device, says it

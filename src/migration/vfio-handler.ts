@@ -98,6 +98,8 @@ export class VfioHandler implements StateHandler {
   /** `probe`: a walk before the stop to measure arcs (kept apart from what the migration itself observed). */
   async #step(target: MigrationState, ctx: HandlerContext, probe = false): Promise<DataSession | null> {
     return this.device.stepTo(target, {
+      // A failed or cancelled migration stops the walk at the next arc (the rollback's own walk has a live signal).
+      signal: ctx.signal,
       onBeforeArc: (arc: Arc) => {
         // The `<state>-prepare` event: a slow P2P quiesce arc is about to start.
         if (P2P_QUIESCED_STATES.includes(arc.to)) ctx.emit('VFIO_MIGRATION', { device: this.device.id, state: `${arc.to}-prepare` });
