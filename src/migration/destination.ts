@@ -807,8 +807,7 @@ export class MigrationDestination extends MigrationEvents {
   async #channelLoop(run: IncomingRun, ch: Channel, hello: HelloMessage): Promise<void> {
     const main = run.channels[0]!;
     run.sectionBytes = run.sectionBytes.length ? run.sectionBytes : this.handlers.map(() => 0);
-    // Loads are issued without waiting for the previous one: the device's data
-    // thread runs them in order while this loop checks the next frames.
+    // Loads in flight on the devices' data threads (see #loadData).
     const inflight: Promise<void>[] = [];
     const settleLoads = async () => {
       while (inflight.length) await inflight.shift();
@@ -825,47 +824,10 @@ export class MigrationDestination extends MigrationEvents {
       // The Switchover, Commit and Pong frames belong on the main channel.
       if ((meaning === 'switchover' || meaning === 'pong') && ch !== main) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `a ${FrameType[frame.type]} frame on data channel ${ch.index}`);
       switch (meaning) {
-        case 'data': {
+        case 'data':
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `data for unknown section ${frame.section}`);
-          // Data frames of this section that are already here go to the
-          // device in one write: fewer, larger loads.
-          const parts = [...frame.parts];
-          const frames = [frame];
-          let gathered = frame.length;
-          while (handler.byteStream && gathered < COALESCE_BYTES) {
-            const next = ch.reader.nextIfBuffered();
-            if (!next) break;
-            if (next.type !== FrameType.SectionData || next.section !== frame.section) {
-              carried = next;
-              break;
-            }
-            parts.push(...next.parts);
-            frames.push(next);
-            gathered += next.length;
-          }
-          // Checked where the bytes are loaded (off the event loop) if the handler can; else here.
-          let loading: Promise<void>;
-          if (handler.loadChecked) {
-            // An empty frame has no bytes to check on the device's thread: check it here.
-            frames.filter((f) => f.parts.length === 0).forEach(verifyFrame);
-            const checksums = frames.filter((f) => f.parts.length > 0).map((f) => ({ parts: f.parts.length, crc32c: f.checksum }));
-            loading = handler.loadChecked(parts, checksums);
-          } else {
-            frames.forEach(verifyFrame);
-            loading = handler.load(parts);
-          }
-          // Once the device has them, the bytes' memory can take new reads.
-          void loading.finally(() => frames.forEach((f) => f.release())).catch(() => {});
-          const load = loading.then(() => {
-            run.loadedBytes += gathered;
-          });
-          load.catch(() => {}); // awaited below; this only keeps it from counting as unhandled meanwhile
-          inflight.push(load);
-          if (inflight.length >= MAX_INFLIGHT_LOADS) await inflight.shift();
-          ch.dataBytes += gathered;
-          run.sectionBytes[frame.section]! += gathered;
+          carried = await this.#loadData(run, ch, handler, frame, inflight);
           break;
-        }
         case 'initial-sent': {
           parseMessage(FrameType.InitialSent, frame);
           if (!handler) throw new MigrationError('ERR_MIGRATION_PROTOCOL', `initial marker for unknown section ${frame.section}`);
@@ -917,6 +879,53 @@ export class MigrationDestination extends MigrationEvents {
       // Control frames are parsed by now (data frames go once loaded, above).
       if (frame.type !== FrameType.SectionData) frame.release();
     }
+  }
+
+  /**
+   * A section's data to its device: the data frames of this section already
+   * here go in one write (fewer, larger loads), issued without waiting for
+   * the previous one (the device's data thread runs them in order); at most
+   * MAX_INFLIGHT_LOADS queued. Returns a frame taken while gathering that
+   * turned out to be something else.
+   */
+  async #loadData(run: IncomingRun, ch: Channel, handler: StateHandler, frame: Frame, inflight: Promise<void>[]): Promise<Frame | null> {
+    let carried: Frame | null = null;
+    const parts = [...frame.parts];
+    const frames = [frame];
+    let gathered = frame.length;
+    while (handler.byteStream && gathered < COALESCE_BYTES) {
+      const next = ch.reader.nextIfBuffered();
+      if (!next) break;
+      if (next.type !== FrameType.SectionData || next.section !== frame.section) {
+        carried = next;
+        break;
+      }
+      parts.push(...next.parts);
+      frames.push(next);
+      gathered += next.length;
+    }
+    // Checked where the bytes are loaded (off the event loop) if the handler can; else here.
+    let loading: Promise<void>;
+    if (handler.loadChecked) {
+      // An empty frame has no bytes to check on the device's thread: check it here.
+      frames.filter((f) => f.parts.length === 0).forEach(verifyFrame);
+      const checksums = frames.filter((f) => f.parts.length > 0).map((f) => ({ parts: f.parts.length, crc32c: f.checksum }));
+      loading = handler.loadChecked(parts, checksums);
+    } else {
+      frames.forEach(verifyFrame);
+      loading = handler.load(parts);
+    }
+    // Once the device has them, the bytes' memory can take new reads.
+    void loading.finally(() => frames.forEach((f) => f.release())).catch(() => {});
+    const load = loading.then(() => {
+      run.loadedBytes += gathered;
+    });
+    load.catch(() => {}); // awaited by the channel loop; this only keeps it from counting as unhandled meanwhile
+    inflight.push(load);
+    if (inflight.length >= MAX_INFLIGHT_LOADS) await inflight.shift();
+    ch.dataBytes += gathered;
+    run.sectionBytes[frame.section]! += gathered;
+    return carried;
   }
 
   /**
