@@ -293,6 +293,11 @@ export class MigrationSource extends MigrationEvents {
 
   // ---- the migration, phase by phase ----
 
+  /**
+   * Migrates to `uri`: handshake, setup, precopy, switchover, commit, in that
+   * order. A failure before the commit ends in #rollback (the VM runs here
+   * again); past it, the outcome is unknown unless the destination says.
+   */
   async migrate(uri: string, options: MigrateOptions = {}): Promise<MigrationInfo> {
     if (this.#status !== 'none') throw new MigrationError('ERR_MIGRATION_STATE', `migrate() was already called (status ${this.#status})`);
     const target = parseUri(uri);
@@ -307,7 +312,7 @@ export class MigrationSource extends MigrationEvents {
       ctx: this.#context(this.#guard.signal),
       finishCtx: this.#context(new AbortController().signal),
       setupStarted: false,
-      limiter: new RateLimiter(0),
+      limiter: new RateLimiter(0), // made by #setup, with the outputs
       outputs: [],
     };
     try {
