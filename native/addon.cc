@@ -1011,6 +1011,54 @@ Napi::Object UapiNumbers(Napi::Env env) {
   return o;
 }
 
+// The state machine as data (uapi.h's tables): what src/vfio/states.ts and
+// the arc planner derive their helpers from, so nothing restates it.
+Napi::Object StateFacts(Napi::Env env) {
+  using namespace vfio_uapi;
+  Napi::Object o = Napi::Object::New(env);
+  Napi::Array states = Napi::Array::New(env, kNumStates);
+  for (uint32_t i = 0; i < kNumStates; i++) {
+    const StateFact& f = kStateFacts[i];
+    Napi::Object s = Napi::Object::New(env);
+    s.Set("value", Napi::Number::New(env, f.state));
+    s.Set("name", Napi::String::New(env, f.name));
+    // ERROR's "all bits" does not fit a number exactly: null = never requestable.
+    s.Set("needs", f.needs == ~0ull ? env.Null() : Napi::Value(Napi::Number::New(env, double(f.needs))));
+    s.Set("always", Napi::Boolean::New(env, f.always));
+    s.Set("saving", Napi::Boolean::New(env, f.saving));
+    s.Set("precopy", Napi::Boolean::New(env, f.precopy));
+    s.Set("p2pQuiesced", Napi::Boolean::New(env, f.p2p_quiesced));
+    states.Set(i, s);
+  }
+  o.Set("states", states);
+  Napi::Array flags = Napi::Array::New(env);
+  for (const FlagFact& f : kFlagFacts) {
+    Napi::Object x = Napi::Object::New(env);
+    x.Set("key", Napi::String::New(env, f.key));
+    x.Set("name", Napi::String::New(env, f.name));
+    x.Set("bit", Napi::Number::New(env, double(f.bit)));
+    flags.Set(flags.Length(), x);
+  }
+  o.Set("flags", flags);
+  Napi::Array next = Napi::Array::New(env, kNumStates);
+  for (uint32_t from = 0; from < kNumStates; from++) {
+    Napi::Array row = Napi::Array::New(env, kNumStates);
+    for (uint32_t to = 0; to < kNumStates; to++) row.Set(to, Napi::Number::New(env, kNextStateTable[from][to]));
+    next.Set(from, row);
+  }
+  o.Set("next", next);
+  Napi::Array arcs = Napi::Array::New(env);
+  for (const DataFdArc& a : kDataFdArcs) {
+    Napi::Object x = Napi::Object::New(env);
+    x.Set("from", Napi::Number::New(env, a.from));
+    x.Set("to", Napi::Number::New(env, a.to));
+    x.Set("direction", Napi::String::New(env, a.save ? "save" : "resume"));
+    arcs.Set(arcs.Length(), x);
+  }
+  o.Set("dataFdArcs", arcs);
+  return o;
+}
+
 // dupSocketFd(fd) -> a close-on-exec duplicate of a socket fd: lets the
 // migration layer re-wrap an accepted connection in a net.Socket that reads
 // into its own large buffers (net.Server cannot). fcntl does not block.
@@ -1055,6 +1103,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("nextState", Napi::Function::New(env, Guarded<NextStateJs>));
   exports.Set("dupSocketFd", Napi::Function::New(env, Guarded<DupSocketFdJs>));
   exports.Set("uapi", UapiNumbers(env));
+  exports.Set("stateFacts", StateFacts(env));
 #if defined(__linux__)
   exports.Set("kernelBackend", Napi::Boolean::New(env, true));
 #else

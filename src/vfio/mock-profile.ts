@@ -6,7 +6,7 @@ import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VfioError } from './errors.js';
-import { MIGRATION_FLAG_BITS, type MigrationFlagName, type MigrationState, isMigrationState, stateToKernel } from './states.js';
+import { MIGRATION_FLAG_NAMES, type MigrationState, flagsToBits, isMigrationState, stateToKernel } from './states.js';
 import type { NativeMockProfile } from './native.js';
 
 /** A byte count: a number, or a string with a binary unit ("64KiB", "2GiB"). */
@@ -178,9 +178,8 @@ export function validateProfile(input: unknown): MockProfile {
 
   if (!Array.isArray(o.flags)) fail(name, 'flags', 'must be an array of "stop-copy", "p2p", "pre-copy"');
   const flags = { stopCopy: false, p2p: false, preCopy: false };
-  const flagNames: Record<string, MigrationFlagName> = { 'stop-copy': 'stopCopy', p2p: 'p2p', 'pre-copy': 'preCopy' };
   for (const f of o.flags) {
-    const key = typeof f === 'string' ? flagNames[f] : undefined;
+    const key = typeof f === 'string' && Object.hasOwn(MIGRATION_FLAG_NAMES, f) ? MIGRATION_FLAG_NAMES[f] : undefined;
     if (!key) fail(name, 'flags', `has an unknown flag ${JSON.stringify(f)}`);
     flags[key] = true;
   }
@@ -347,7 +346,7 @@ export function profileHash(p: MockProfile): bigint {
 export function toNativeProfile(p: MockProfile): NativeMockProfile {
   return {
     name: p.name,
-    flags: (p.flags.stopCopy ? MIGRATION_FLAG_BITS.stopCopy : 0) | (p.flags.p2p ? MIGRATION_FLAG_BITS.p2p : 0) | (p.flags.preCopy ? MIGRATION_FLAG_BITS.preCopy : 0),
+    flags: flagsToBits(p.flags),
     stateBytes: p.stateBytes,
     chunkBytes: p.chunkBytes,
     setupBytes: p.setupBytes,

@@ -67,7 +67,28 @@ export interface NativeDeviceHandle {
   close(): Promise<void>;
 }
 
+/** native/uapi.h's state machine as data (the addon's `stateFacts`). */
+export interface NativeStateFacts {
+  /** Indexed by the kernel's enum value. */
+  states: {
+    value: number;
+    name: string;
+    /** VFIO_MIGRATION_* bits the state needs to exist; null: never requestable (ERROR). */
+    needs: number | null;
+    /** Exists on every migration-capable device (RUNNING, ERROR). */
+    always: boolean;
+    saving: boolean;
+    precopy: boolean;
+    p2pQuiesced: boolean;
+  }[];
+  flags: { key: string; name: string; bit: number }[];
+  /** [from][to]: the kernel's first single arc toward `to` (0 = ERROR: refused), before skipping states the device lacks. */
+  next: number[][];
+  dataFdArcs: { from: number; to: number; direction: 'save' | 'resume' }[];
+}
+
 export interface NativeAddon {
+  stateFacts: NativeStateFacts;
   NativeDevice: new () => NativeDeviceHandle;
   nextState(current: number, target: number, flags: number): number | null;
   uapi: Record<string, number>;
