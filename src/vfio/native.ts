@@ -67,6 +67,32 @@ export interface NativeDeviceHandle {
   close(): Promise<void>;
 }
 
+/** The mock profile's fields (mock-device/mock_device.h VFIO_MOCK_PROFILE_FIELDS) and limits. */
+export interface NativeMockProfileSchema {
+  fields: {
+    /** The normalised name (MockProfile, NativeMockProfile). */
+    name: string;
+    /** Where it is in a profile's JSON: "field" or "group.key"; "" = computed, not an input. */
+    input: string;
+    kind: 'bytes' | 'rate' | 'ms' | 'bool' | 'offset' | 'u64';
+    required: boolean;
+    /** null: no default (u64 fields: absent = not set). */
+    default: number | boolean | null;
+    min: number | null;
+    max: number | null;
+  }[];
+  limits: {
+    maxStateBytes: number;
+    maxChunks: number;
+    minChunkBytes: number;
+    maxChunkBytes: number;
+    maxDelayMs: number;
+    maxLoadMsPerMiB: number;
+    minMaxBytesPerSec: number;
+    maxFaults: number;
+  };
+}
+
 /** native/uapi.h's state machine as data (the addon's `stateFacts`). */
 export interface NativeStateFacts {
   /** Indexed by the kernel's enum value. */
@@ -88,6 +114,9 @@ export interface NativeStateFacts {
 }
 
 export interface NativeAddon {
+  mockProfileSchema: NativeMockProfileSchema;
+  /** Throws (ERR_VFIO_PROFILE, ERR_VFIO_BAD_ARGUMENT) what openMock would for this profile. */
+  checkMockProfile(profile: NativeMockProfile): void;
   stateFacts: NativeStateFacts;
   NativeDevice: new () => NativeDeviceHandle;
   nextState(current: number, target: number, flags: number): number | null;
