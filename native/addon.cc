@@ -24,9 +24,6 @@
 #include <string>
 #include <vector>
 
-#include "../mock-device/mock_device.h"
-#include "../mock-device/mtty_mock.h"
-#include "../mock-device/profile_napi.h"
 #include "backend.h"
 #include "crc32c.h"
 #include "kernel_backend.h"
@@ -115,7 +112,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     return DefineClass(env, "NativeDevice",
                        {
                            M<&NativeDevice::OpenKernel>("openKernel"),
-                           M<&NativeDevice::OpenMock>("openMock"),
+                           M<&NativeDevice::OpenBackend>("openBackend"),
                            M<&NativeDevice::Info>("info"),
                            M<&NativeDevice::MigrationFlags>("migrationFlags"),
                            M<&NativeDevice::GetState>("getState"),
@@ -130,7 +127,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                            M<&NativeDevice::ReadData>("readData"),
                            M<&NativeDevice::WriteData>("writeData"),
                            M<&NativeDevice::CloseSession>("closeSession"),
-                           M<&NativeDevice::MockInfoJs>("mockInfo"),
                            M<&NativeDevice::OpenDataFds>("openDataFds"),
                            M<&NativeDevice::Close>("close"),
                        });
@@ -303,8 +299,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
   // a while to build; a kernel open makes blocking syscalls).
   struct Opened {
     std::shared_ptr<DeviceBackend> backend;
-    std::shared_ptr<MockDevice> mock;
-    std::shared_ptr<MttyMockDevice> mtty;
   };
   Napi::Value OpenOn(Napi::Env env, std::function<void(Opened&, Result&)> open,
                      std::function<Napi::Value(Napi::Env)> resolve) {
@@ -320,8 +314,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
           if (out->backend) {
             backend_ = out->backend;
             sessions_ = std::make_shared<SessionTable>(backend_);
-            mock_ = out->mock;
-            mtty_ = out->mtty;
           }
           try {
             if (!res->code.empty()) deferred->Reject(Coded(env, res->code.c_str(), res->message, Kind::kError, res->err, res->op).Value());
@@ -335,17 +327,29 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     return deferred->Promise();
   }
 
-  Napi::Value OpenMock(const Napi::CallbackInfo& info) {
+  // openBackend(carrier): a device whose backend another addon builds (the
+  // mock's, mock-device/mock_addon.cc; see BackendFactory in backend.h). The
+  // factory runs on this device's control thread.
+  Napi::Value OpenBackend(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (control_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "openMock: device already open");
-    if (!info[0].IsObject()) throw BadType(env, "openMock(profile, seed): profile must be an object");
-    auto p = std::make_shared<MockProfile>(ParseMockProfile(info[0].As<Napi::Object>()));
-    uint64_t seed = U64(info[1], "openMock(profile, seed): seed");
+    if (control_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "openBackend: device already open");
+    const char* what = "openBackend(backend): backend must be a backend object made by this build's backend addon";
+    if (!info[0].IsObject()) throw BadType(env, what);
+    Napi::Object carrier = info[0].As<Napi::Object>();
+    const napi_type_tag tag{kBackendCarrierTagLower, kBackendCarrierTagUpper};
+    if (!carrier.CheckTypeTag(&tag)) throw BadType(env, what);
+    Napi::Value f = carrier.Get("factory");
+    if (!f.IsExternal()) throw BadType(env, what);
+    std::shared_ptr<BackendFactory> factory = *f.As<Napi::External<std::shared_ptr<BackendFactory>>>().Data();
+    if (!factory) throw BadType(env, what);
     return OpenOn(
         env,
-        [p, seed](Opened& o, Result&) {
-          if (p->driver == "mtty") o.backend = o.mtty = std::make_shared<MttyMockDevice>(p->ports, seed);
-          else o.backend = o.mock = std::make_shared<MockDevice>(std::move(*p), seed);
+        [factory](Opened& o, Result& r) {
+          o.backend = factory->Make(&r.err, &r.op);
+          if (!o.backend && !r.err) {
+            r.err = EINVAL;
+            r.op = "openBackend: the backend addon built no device";
+          }
         },
         [](Napi::Env env) { return env.Undefined(); });
   }
@@ -713,23 +717,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     return a;
   }
 
-  Napi::Value MockInfoJs(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    if (!mock_ && !mtty_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "mockInfo() is only available on open mock devices");
-    MockInfo m = mtty_ ? mtty_->Info() : mock_->Info();
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("seed", Napi::BigInt::New(env, m.seed));
-    o.Set("digest", m.digest);
-    o.Set("savedDigest", m.saved_digest);
-    o.Set("loadedDigest", m.loaded_digest);
-    o.Set("bytesRead", Napi::Number::New(env, double(m.bytes_read)));
-    o.Set("bytesWritten", Napi::Number::New(env, double(m.bytes_written)));
-    o.Set("dirtiedChunks", Napi::Number::New(env, double(m.dirtied_chunks)));
-    o.Set("arcsTaken", Napi::Number::New(env, double(m.arcs_taken)));
-    o.Set("loadBusyMs", Napi::Number::New(env, m.load_busy_ms));
-    return o;
-  }
-
   // close(): wakes calls sleeping in the device (a mock's arc latency or rate
   // cap), lets the calls queued before it finish, ends every data session,
   // then closes the device. Idempotent; calls after it are ERR_VFIO_CLOSED.
@@ -777,8 +764,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
   std::shared_ptr<EnvState> env_state_;
   std::shared_ptr<DeviceBackend> backend_;
   std::shared_ptr<SessionTable> sessions_;
-  std::shared_ptr<MockDevice> mock_;
-  std::shared_ptr<MttyMockDevice> mtty_;
   std::shared_ptr<Worker> control_, data_;
   std::shared_ptr<Napi::Reference<Napi::Promise>> close_promise_;
   bool closing_ = false;
@@ -900,13 +885,6 @@ Napi::Value DupSocketFdJs(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, copy);
 }
 
-// checkMockProfile(profile): throws what openMock would for this profile.
-Napi::Value CheckMockProfileJs(const Napi::CallbackInfo& info) {
-  if (!info[0].IsObject()) throw BadType(info.Env(), "checkMockProfile(profile): profile must be an object");
-  ParseMockProfile(info[0].As<Napi::Object>());
-  return info.Env().Undefined();
-}
-
 template <Napi::Value (*Fn)(const Napi::CallbackInfo&)>
 Napi::Value Guarded(const Napi::CallbackInfo& info) {
   return Guard(info.Env(), "vfio addon", [&] { return Fn(info); });
@@ -935,8 +913,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("dupSocketFd", Napi::Function::New(env, Guarded<DupSocketFdJs>));
   exports.Set("uapi", UapiNumbers(env));
   exports.Set("stateFacts", StateFacts(env));
-  exports.Set("mockProfileSchema", MockProfileSchema(env));
-  exports.Set("checkMockProfile", Napi::Function::New(env, Guarded<CheckMockProfileJs>));
 #if defined(__linux__)
   exports.Set("kernelBackend", Napi::Boolean::New(env, true));
 #else

@@ -1,6 +1,6 @@
 import test from 'ava';
 import { PROFILE_LIMITS, listProfiles, loadProfile, validateProfile, type MockProfileInput, type MockProfileScalars } from '../src/vfio/mock-profile.js';
-import { native } from '../src/vfio/native.js';
+import { mockNative } from '../src/vfio/mock-native.js';
 import { VfioError } from '../src/vfio/errors.js';
 
 const base = { name: 'x', flags: ['stop-copy'], stateBytes: '64KiB' };
@@ -76,11 +76,11 @@ test('the profile field table: the typed interfaces name exactly its fields', (t
     loadInitialMs: true, loadMsPerMiB: true, maxBytesPerSec: true, resumeFailureIntoError: true, dmaLogging: true, corruptSaveAtByte: true, bogusInitialBytes: true,
     bogusDirtyBytes: true, bogusStopCopyBytes: true, precopyInfoV2: true, reinitAfterPrecopyMs: true, reinitInitialBytes: true,
   };
-  const fields = native.mockProfileSchema.fields.filter((f) => f.input);
+  const fields = mockNative().mockProfileSchema.fields.filter((f) => f.input);
   t.deepEqual(fields.map((f) => f.name).sort(), Object.keys(scalarKeys).sort());
   const structured = ['name', 'description', 'flags', 'arcLatencyMs', 'faults', 'driver', 'ports'];
   t.deepEqual([...new Set([...structured, ...fields.map((f) => f.input.split('.')[0]!)])].sort(), Object.keys(inputKeys).sort());
-  t.is(PROFILE_LIMITS.maxChunks, native.mockProfileSchema.limits.maxChunks);
+  t.is(PROFILE_LIMITS.maxChunks, mockNative().mockProfileSchema.limits.maxChunks);
 });
 
 /** A valid profile with `value` at a field's input path (its group's other members filled in). */
@@ -88,14 +88,14 @@ function withField(input: string, value: unknown): Record<string, unknown> {
   const [group, key] = input.split('.');
   const p: Record<string, unknown> = { ...base, flags: ['stop-copy', 'pre-copy'] };
   if (key === undefined) return { ...p, [group!]: value };
-  const siblings = native.mockProfileSchema.fields.filter((f) => f.input.startsWith(`${group}.`) && f.required);
+  const siblings = mockNative().mockProfileSchema.fields.filter((f) => f.input.startsWith(`${group}.`) && f.required);
   const g: Record<string, unknown> = Object.fromEntries(siblings.map((f) => [f.input.split('.')[1]!, 0]));
   return { ...p, [group!]: { ...g, [key]: value } };
 }
 
 test('every field of the table: absent takes its default, past its bounds is ERR_VFIO_PROFILE naming it, its bounds hold', (t) => {
   const defaults = validateProfile({ ...base, stateBytes: '64KiB' }) as unknown as Record<string, unknown>;
-  for (const f of native.mockProfileSchema.fields.filter((x) => x.input)) {
+  for (const f of mockNative().mockProfileSchema.fields.filter((x) => x.input)) {
     if (f.default !== null && !f.required && f.name !== 'dirtyWorkingSetBytes') t.is(defaults[f.name], f.default, `${f.name} default`);
     if (f.kind === 'bool') {
       t.is((validateProfile(withField(f.input, !f.default)) as unknown as Record<string, unknown>)[f.name], !f.default, f.input);

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VfioError } from './errors.js';
 import { MIGRATION_FLAG_NAMES, type MigrationState, flagsToBits, isMigrationState, stateToKernel } from './states.js';
-import { native, type NativeMockProfile, type NativeMockProfileSchema } from './native.js';
+import { mockNative, type NativeMockProfile, type NativeMockProfileSchema } from './mock-native.js';
 
 /** A byte count: a number, or a string with a binary unit ("64KiB", "2GiB"). */
 export type ByteSize = number | string;
@@ -95,25 +95,48 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 /** The shipped profiles: mock-device/profiles/ in the package. */
 export const PROFILES_DIR = path.resolve(here, '..', '..', '..', 'mock-device', 'profiles');
 
-/** The addon's description of the profile (mock-device/mock_device.h, VFIO_MOCK_PROFILE_FIELDS): every scalar field and the limits. */
-const SCHEMA: NativeMockProfileSchema = native.mockProfileSchema;
+/**
+ * The mock addon's description of the profile (mock-device/mock_device.h,
+ * VFIO_MOCK_PROFILE_FIELDS): every scalar field and the limits. Read on
+ * first use, so that importing this module (the CLI does, for byte sizes)
+ * loads no mock code.
+ */
+interface Schema {
+  fields: NativeMockProfileSchema['fields'];
+  limits: NativeMockProfileSchema['limits'];
+  /** Top-level input fields. */
+  known: Set<string>;
+  /** Input objects whose keys are table fields ("reinit": { afterPrecopyMs, initialBytes }). */
+  groups: Map<string, NativeMockProfileSchema['fields']>;
+}
 /** Input fields that are not scalars of the table: read by the code below. */
 const STRUCTURED_FIELDS = ['name', 'description', 'flags', 'arcLatencyMs', 'faults', 'driver', 'ports'];
-const KNOWN_FIELDS = new Set([...STRUCTURED_FIELDS, ...SCHEMA.fields.filter((f) => f.input).map((f) => f.input.split('.')[0]!)]);
-/** Input objects whose keys are table fields ("reinit": { afterPrecopyMs, initialBytes }). */
-const GROUPS = new Map<string, NativeMockProfileSchema['fields']>();
-for (const f of SCHEMA.fields) {
-  const [group, key] = f.input.split('.');
-  if (key === undefined || group === 'arcLatencyMs') continue;
-  GROUPS.set(group!, [...(GROUPS.get(group!) ?? []), f]);
+let schemaCache: Schema | undefined;
+function schema(): Schema {
+  if (schemaCache) return schemaCache;
+  const { fields, limits } = mockNative().mockProfileSchema;
+  const groups = new Map<string, NativeMockProfileSchema['fields']>();
+  for (const f of fields) {
+    const [group, key] = f.input.split('.');
+    if (key === undefined || group === 'arcLatencyMs') continue;
+    groups.set(group!, [...(groups.get(group!) ?? []), f]);
+  }
+  const known = new Set([...STRUCTURED_FIELDS, ...fields.filter((f) => f.input).map((f) => f.input.split('.')[0]!)]);
+  return (schemaCache = { fields, limits, known, groups });
 }
+
 /**
  * Limits that keep any valid profile's memory and open time small (the mock
  * keeps ~5 bytes per chunk, twice while resuming: ~40 MiB at the chunk cap)
- * and every call's sleep short (close() also interrupts them): the addon's
- * (mock-device/mock_device.h), which enforces them.
+ * and every call's sleep short (close() also interrupts them): the mock
+ * addon's (mock-device/mock_device.h), which enforces them.
  */
-export const PROFILE_LIMITS: Readonly<NativeMockProfileSchema['limits']> = Object.freeze({ ...SCHEMA.limits });
+export const PROFILE_LIMITS: Readonly<NativeMockProfileSchema['limits']> = new Proxy({} as NativeMockProfileSchema['limits'], {
+  get: (_, key) => schema().limits[key as keyof NativeMockProfileSchema['limits']],
+  has: (_, key) => key in schema().limits,
+  ownKeys: () => Reflect.ownKeys(schema().limits),
+  getOwnPropertyDescriptor: (_, key) => ({ ...Reflect.getOwnPropertyDescriptor(schema().limits, key), configurable: true }),
+});
 const UNITS: Record<string, number> = { '': 1, B: 1, KiB: 2 ** 10, MiB: 2 ** 20, GiB: 2 ** 30, TiB: 2 ** 40 };
 
 function fail(profile: string, field: string, problem: string): never {
@@ -166,7 +189,7 @@ export function validateProfile(input: unknown): MockProfile {
   const o = input as Record<string, unknown>;
   const name = o.name;
   if (typeof name !== 'string' || !/^[a-z0-9][a-z0-9._-]*$/.test(name)) throw new VfioError('ERR_VFIO_PROFILE', `mock profile: name must be a lowercase identifier, got ${JSON.stringify(name)}`);
-  for (const key of Object.keys(o)) if (!KNOWN_FIELDS.has(key)) fail(name, key, 'is not a profile field (see mock-device/README.md)');
+  for (const key of Object.keys(o)) if (!schema().known.has(key)) fail(name, key, 'is not a profile field (see mock-device/README.md)');
   if (o.driver !== undefined && o.driver !== 'generic') return validateMttyProfile(name, o);
   if (o.ports !== undefined) fail(name, 'ports', 'is only used by the "mtty" driver personality');
 
@@ -210,7 +233,7 @@ export function validateProfile(input: unknown): MockProfile {
   }
 
   // Every scalar field of the table: its input read and parsed by kind, or its default.
-  for (const [group, members] of GROUPS) {
+  for (const [group, members] of schema().groups) {
     const g = o[group];
     if (g === undefined) continue;
     const keys = members.map((f) => f.input.split('.')[1]!);
@@ -220,7 +243,7 @@ export function validateProfile(input: unknown): MockProfile {
   }
   if (o.reinit !== undefined && !flags.preCopy) fail(name, 'reinit', 'needs the "pre-copy" flag (a REINIT happens during PRE_COPY)');
   const scalars: Record<string, unknown> = {};
-  for (const f of SCHEMA.fields) {
+  for (const f of schema().fields) {
     if (!f.input) continue;
     const [group, key] = f.input.split('.');
     const raw = f.input === 'arcLatencyMs.default' ? defaultArcLatencyMs : key === undefined ? o[group!] : (o[group!] as Record<string, unknown> | undefined)?.[key];
@@ -241,12 +264,12 @@ export function validateProfile(input: unknown): MockProfile {
   } as MockProfile;
   // The limits and the rules between fields: the addon's, which the device enforces.
   try {
-    native.checkMockProfile(toNativeProfile(profile));
+    mockNative().checkMockProfile(toNativeProfile(profile));
   } catch (err) {
     const e = err as { code?: string; message?: string };
     if (e.code !== 'ERR_VFIO_PROFILE' && e.code !== 'ERR_VFIO_BAD_ARGUMENT') throw err;
     // Named as the profile's JSON names it (reinitAfterPrecopyMs is reinit.afterPrecopyMs).
-    const message = String(e.message).replace(/^mock profile: /, '').replace(/^\w+/, (n) => SCHEMA.fields.find((f) => f.name === n && f.input)?.input ?? n);
+    const message = String(e.message).replace(/^mock profile: /, '').replace(/^\w+/, (n) => schema().fields.find((f) => f.name === n && f.input)?.input ?? n);
     throw new VfioError('ERR_VFIO_PROFILE', `mock profile "${name}": ${message}`, { cause: err });
   }
   // 0 means the whole state.
@@ -283,7 +306,7 @@ function validateMttyProfile(name: string, o: Record<string, unknown>): MockProf
   if (ports !== 1 && ports !== 2) fail(name, 'ports', `must be 1 or 2, got ${JSON.stringify(ports)}`);
   if (o.flags !== undefined && (!Array.isArray(o.flags) || [...o.flags].sort().join(',') !== 'p2p,pre-copy,stop-copy'))
     fail(name, 'flags', 'must be ["stop-copy", "p2p", "pre-copy"] for the "mtty" driver personality (its flags are fixed)');
-  const defaults = Object.fromEntries(SCHEMA.fields.filter((f) => f.input && f.default !== null).map((f) => [f.name, f.default]));
+  const defaults = Object.fromEntries(schema().fields.filter((f) => f.input && f.default !== null).map((f) => [f.name, f.default]));
   return {
     ...defaults,
     name, description: typeof o.description === 'string' ? o.description : '', flags: { stopCopy: true, p2p: true, preCopy: true },
@@ -333,7 +356,7 @@ export function profileHash(p: MockProfile): bigint {
 }
 
 export function toNativeProfile(p: MockProfile): NativeMockProfile {
-  const scalars = Object.fromEntries(SCHEMA.fields.filter((f) => f.input).map((f) => [f.name, (p as unknown as Record<string, unknown>)[f.name]]));
+  const scalars = Object.fromEntries(schema().fields.filter((f) => f.input).map((f) => [f.name, (p as unknown as Record<string, unknown>)[f.name]]));
   return {
     ...scalars,
     name: p.name,

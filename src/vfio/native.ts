@@ -2,27 +2,14 @@
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
-import type { MockProfileScalars } from './mock-profile.js';
 
-/** A validated profile in the addon's terms: states and errnos as kernel numbers. */
-export interface NativeMockProfile extends MockProfileScalars {
-  name: string;
-  flags: number;
-  arcLatencies: { from: number; to: number; ms: number }[];
-  faults: { from: number; to: number; errno: number; intoError: boolean; times: number }[];
-  profileHash: bigint;
-}
-
-export interface NativeMockInfo {
-  seed: bigint;
-  digest: string;
-  savedDigest: string;
-  loadedDigest: string;
-  bytesRead: number;
-  bytesWritten: number;
-  dirtiedChunks: number;
-  arcsTaken: number;
-  loadBusyMs: number;
+/**
+ * A device backend built by another addon, for NativeDevice.openBackend():
+ * a type-tagged object holding the backend's factory (native/backend.h).
+ * Only the addons can make one.
+ */
+export interface NativeBackendCarrier {
+  readonly factory: unknown;
 }
 
 /** A data session a SET opened: `id` names it in every later call; `fd` is informational only (no call takes an fd). */
@@ -39,8 +26,8 @@ export interface NativeSessionRef {
  */
 export interface NativeDeviceHandle {
   openKernel(path: string, via: string): Promise<string>;
-  /** Builds the mock on the device's control thread. */
-  openMock(profile: NativeMockProfile, seed: bigint): Promise<void>;
+  /** Opens a device whose backend another addon built (the mock addon's MockHandle); the backend is built on the device's control thread. */
+  openBackend(backend: NativeBackendCarrier): Promise<void>;
   info(): { kind: string | null; openPath: string | null; closed: boolean };
   migrationFlags(): Promise<number>;
   getState(): Promise<number>;
@@ -63,34 +50,7 @@ export interface NativeDeviceHandle {
   closeSession(session: number): Promise<void>;
   /** Data fds not closed yet (for leak checks). */
   openDataFds(): number[];
-  mockInfo(): NativeMockInfo;
   close(): Promise<void>;
-}
-
-/** The mock profile's fields (mock-device/mock_device.h VFIO_MOCK_PROFILE_FIELDS) and limits. */
-export interface NativeMockProfileSchema {
-  fields: {
-    /** The normalised name (MockProfile, NativeMockProfile). */
-    name: string;
-    /** Where it is in a profile's JSON: "field" or "group.key"; "" = computed, not an input. */
-    input: string;
-    kind: 'bytes' | 'rate' | 'ms' | 'bool' | 'offset' | 'u64';
-    required: boolean;
-    /** null: no default (u64 fields: absent = not set). */
-    default: number | boolean | null;
-    min: number | null;
-    max: number | null;
-  }[];
-  limits: {
-    maxStateBytes: number;
-    maxChunks: number;
-    minChunkBytes: number;
-    maxChunkBytes: number;
-    maxDelayMs: number;
-    maxLoadMsPerMiB: number;
-    minMaxBytesPerSec: number;
-    maxFaults: number;
-  };
 }
 
 /** native/uapi.h's state machine as data (the addon's `stateFacts`). */
@@ -114,9 +74,6 @@ export interface NativeStateFacts {
 }
 
 export interface NativeAddon {
-  mockProfileSchema: NativeMockProfileSchema;
-  /** Throws (ERR_VFIO_PROFILE, ERR_VFIO_BAD_ARGUMENT) what openMock would for this profile. */
-  checkMockProfile(profile: NativeMockProfile): void;
   stateFacts: NativeStateFacts;
   NativeDevice: new () => NativeDeviceHandle;
   nextState(current: number, target: number, flags: number): number | null;
