@@ -280,3 +280,33 @@ test('close() interrupts a device sleeping through the longest valid arc latency
   t.is(await settlesWithin(slow.close(), 10_000), 'settled');
   t.is(await settlesWithin(read, 1000), 'settled');
 });
+
+test('openBackend takes only a carrier the mock addon made, once: look-alikes, a tampered factory and a second open are typed errors', async (t) => {
+  const { MockHandle } = mockNative();
+  const profile = toNativeProfile(await loadProfile('minimal'));
+  const fresh = () => new native.NativeDevice();
+  // Look-alikes: no type tag, so never read as a factory.
+  for (const fake of [undefined, null, 42, {}, { factory: {} }, Object.create(new MockHandle(profile, 1n))]) {
+    const h = fresh();
+    t.is(await codeOf(() => h.openBackend(fake as never)), 'ERR_VFIO_BAD_ARGUMENT', String(fake));
+    await h.close();
+  }
+  // The factory cannot be swapped for another value (read-only, not configurable).
+  const carrier = new MockHandle(profile, 1n);
+  const original = carrier.factory;
+  t.throws(() => Object.defineProperty(carrier, 'factory', { value: {} }), { instanceOf: TypeError });
+  t.is(carrier.factory, original);
+  // mockInfo() before the open is a typed error; one device per carrier.
+  t.is(await codeOf(() => carrier.info()), 'ERR_VFIO_BAD_ARGUMENT');
+  const a = fresh();
+  await a.openBackend(carrier);
+  t.is(await a.getState(), 2 /* running */);
+  const b = fresh();
+  t.is(await codeOf(() => b.openBackend(carrier)), 'EBUSY');
+  await b.close();
+  t.is(typeof carrier.info().digest, 'string');
+  await a.close();
+  // A bad profile is refused where the carrier is made, before any device exists.
+  t.is(await codeOf(() => new MockHandle({ ...profile, chunkBytes: 100 }, 1n)), 'ERR_VFIO_PROFILE');
+  t.throws(() => (MockHandle as unknown as (p: unknown, s: bigint) => unknown)(profile, 1n), { instanceOf: TypeError });
+});
