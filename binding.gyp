@@ -6,9 +6,7 @@
         "native/addon.cc",
         "native/uapi.cc",
         "native/crc32c.cc",
-        "native/kernel_backend.cc",
-        "mock-device/mock_device.cc",
-        "mock-device/mtty_mock.cc"
+        "native/kernel_backend.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],

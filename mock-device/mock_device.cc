@@ -392,8 +392,8 @@ int MockDevice::GetPrecopyInfo(int data_fd, uint64_t* initial_bytes, uint64_t* d
   uint64_t staged = session_.staging.size();
   if (initial > 0 || !session_.initial_done_sent) initial += staged;
   else dirty += staged;
-  *initial_bytes = p_.bogus_initial ? p_.bogus_initial_bytes : initial;
-  *dirty_bytes = p_.bogus_dirty ? p_.bogus_dirty_bytes : dirty;
+  *initial_bytes = p_.bogus_initial_bytes.value_or(initial);
+  *dirty_bytes = p_.bogus_dirty_bytes.value_or(dirty);
   return 0;
 }
 
@@ -437,7 +437,7 @@ int MockDevice::GetStopCopySize(uint64_t* bytes) {
     total = RemainingInitialLocked() + tail;
     session_ = std::move(saved);
   }
-  *bytes = p_.bogus_stop_copy ? p_.bogus_stop_copy_bytes : total;
+  *bytes = p_.bogus_stop_copy_bytes.value_or(total);
   return 0;
 }
 

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -21,8 +23,8 @@
 namespace vfio {
 
 // Limits of a mock profile, so that any valid profile opens in bounded memory
-// and time and no call sleeps for long (src/vfio/mock-profile.ts checks the
-// same with friendlier messages; the addon checks them for raw callers).
+// and time and no call sleeps for long. Enforced by the addon (profile_napi.cc),
+// for src/vfio/mock-profile.ts and raw callers alike.
 constexpr uint32_t kMockMinChunkBytes = 64;
 constexpr uint32_t kMockMaxChunkBytes = 1u << 20;
 constexpr uint64_t kMockMaxStateBytes = 64ull << 30;
@@ -32,6 +34,14 @@ constexpr uint64_t kMockMaxChunks = 1ull << 22;
 constexpr double kMockMaxDelayMs = 60000;        // an arc latency, the initial load time
 constexpr double kMockMaxLoadMsPerMiB = 1000;    // a 4 MiB write loads in at most 4 s
 constexpr double kMockMinBytesPerSec = 65536;    // a rate cap: a 4 MiB read in at most 64 s
+constexpr double kMockMaxSafeInteger = 9007199254740991.0;  // 2^53 - 1: exact in a JS number
+constexpr uint32_t kMockMaxListEntries = 64;     // arc latencies, faults
+
+template <typename T>
+constexpr T MockFieldDefault(double d) {
+  if constexpr (std::is_same_v<T, std::optional<uint64_t>>) return std::nullopt;
+  else return T(d);
+}
 
 struct MockArcFault {
   uint32_t from;
@@ -69,34 +79,66 @@ class ByteQueue {
   size_t begin_ = 0, end_ = 0;
 };
 
+// The profile's scalar fields, defined once: this list declares the members
+// of MockProfile, drives the addon's parsing and range checks, and is
+// exported to TypeScript (mockProfileFields), whose validation and types
+// follow it. Adding a field is a row here plus its behaviour.
+//   X(member, C++ type, native name, JSON input path ("" = not an input;
+//     "group.key" = inside an object), kind, required, default, min, max)
+// Kinds: bytes (an exact count; JSON "64KiB" or a number), rate (bytes per
+// second, JSON as bytes), ms, bool, offset (integer, -1 = none), u64 (any
+// unsigned 64-bit integer; JSON a number or decimal string). `required` in
+// a group: required when the group is given. A negative default of an ms
+// field means "off" (inputs are >= 0).
+#define VFIO_MOCK_PROFILE_FIELDS(X)                                                                                          \
+  X(state_bytes, uint64_t, "stateBytes", "stateBytes", kBytes, true, 0, 0, kMockMaxStateBytes)                               \
+  X(chunk_bytes, uint32_t, "chunkBytes", "chunkBytes", kBytes, false, 4096, kMockMinChunkBytes, kMockMaxChunkBytes)          \
+  X(setup_bytes, uint64_t, "setupBytes", "setupBytes", kBytes, false, 0, 0, kMockMaxStateBytes)                              \
+  X(stop_copy_only_bytes, uint64_t, "stopCopyOnlyBytes", "stopCopyOnlyBytes", kBytes, false, 0, 0, kMockMaxStateBytes)       \
+  X(dirty_bytes_per_sec, double, "dirtyBytesPerSec", "dirtyBytesPerSec", kRate, false, 0, 0, kMockMaxSafeInteger)            \
+  X(dirty_working_set_bytes, uint64_t, "dirtyWorkingSetBytes", "dirtyWorkingSetBytes", kBytes, false, 0, 0,                  \
+    kMockMaxStateBytes) /* 0 = the whole state */                                                                            \
+  X(default_arc_latency_ms, double, "defaultArcLatencyMs", "arcLatencyMs.default", kMs, false, 0, 0, kMockMaxDelayMs)        \
+  X(load_initial_ms, double, "loadInitialMs", "loadInitialMs", kMs, false, 0, 0, kMockMaxDelayMs)                            \
+  X(load_ms_per_mib, double, "loadMsPerMiB", "loadMsPerMiB", kMs, false, 0, 0, kMockMaxLoadMsPerMiB)                         \
+  X(max_bytes_per_sec, double, "maxBytesPerSec", "maxBytesPerSec", kRate, false, 0, 0, kMockMaxSafeInteger) /* 0 = none */   \
+  X(resume_failure_into_error, bool, "resumeFailureIntoError", "resumeFailureIntoError", kBool, false, 0, 0, 1)              \
+  X(dma_logging, bool, "dmaLogging", "dmaLogging", kBool, false, 0, 0, 1)                                                    \
+  X(corrupt_save_at_byte, int64_t, "corruptSaveAtByte", "corruptSaveAtByte", kOffset, false, -1, -1, kMockMaxSafeInteger)    \
+  X(bogus_initial_bytes, std::optional<uint64_t>, "bogusInitialBytes", "bogusPrecopyInfo.initialBytes", kU64, false, 0, 0,   \
+    0) /* reported instead of the truth */                                                                                   \
+  X(bogus_dirty_bytes, std::optional<uint64_t>, "bogusDirtyBytes", "bogusPrecopyInfo.dirtyBytes", kU64, false, 0, 0, 0)      \
+  X(bogus_stop_copy_bytes, std::optional<uint64_t>, "bogusStopCopyBytes", "bogusStopCopyBytes", kU64, false, 0, 0, 0)        \
+  X(precopy_info_v2, bool, "precopyInfoV2", "precopyInfoV2", kBool, false, 1, 0, 1) /* accepts the opt-in */                 \
+  X(reinit_after_precopy_ms, double, "reinitAfterPrecopyMs", "reinit.afterPrecopyMs", kMs, true, -1, -1, kMockMaxDelayMs)    \
+  X(reinit_initial_bytes, uint64_t, "reinitInitialBytes", "reinit.initialBytes", kBytes, true, 0, 0, kMockMaxStateBytes)     \
+  X(profile_hash, uint64_t, "profileHash", "", kU64, true, 0, 0, 0) /* identity of the state layout, checked on resume */
+
+enum class MockFieldKind { kBytes, kRate, kMs, kBool, kOffset, kU64 };
+
+struct MockFieldSpec {
+  const char* name;   // native (normalised) name
+  const char* input;  // JSON input path; "" = computed, not an input
+  MockFieldKind kind;
+  bool required;
+  double dflt, min, max;  // u64 fields: any 64-bit value, no default
+};
+
+constexpr MockFieldSpec kMockProfileFields[] = {
+#define VFIO_MOCK_FIELD_SPEC(member, type, name, input, kind, required, dflt, lo, hi) \
+  {name, input, MockFieldKind::kind, required, double(dflt), double(lo), double(hi)},
+    VFIO_MOCK_PROFILE_FIELDS(VFIO_MOCK_FIELD_SPEC)
+#undef VFIO_MOCK_FIELD_SPEC
+};
+
 struct MockProfile {
   std::string name;
   uint64_t flags = 0;                 // VFIO_MIGRATION_* flags
-  uint64_t state_bytes = 0;           // mutable device state, tracked per chunk
-  uint32_t chunk_bytes = 4096;        // granularity of dirty tracking and records
-  uint64_t setup_bytes = 0;           // setup data sent first in the initial bytes
-  uint64_t stop_copy_only_bytes = 0;  // state that can only be read once stopped
-  double dirty_bytes_per_sec = 0;     // how fast running state re-dirties
-  uint64_t dirty_working_set_bytes = 0;  // 0 = whole state
-  double default_arc_latency_ms = 0;
+#define VFIO_MOCK_FIELD_MEMBER(member, type, name, input, kind, required, dflt, lo, hi) type member = MockFieldDefault<type>(dflt);
+  VFIO_MOCK_PROFILE_FIELDS(VFIO_MOCK_FIELD_MEMBER)
+#undef VFIO_MOCK_FIELD_MEMBER
   double arc_latency_ms[8][8] = {};   // per single arc; < 0 = use default
-  double load_initial_ms = 0;         // destination: fixed setup cost of initial bytes
-  double load_ms_per_mib = 0;         // destination: cost per MiB written
-  double max_bytes_per_sec = 0;       // data-rate cap on reads and writes; 0 = none
-  bool resume_failure_into_error = false;
-  bool dma_logging = false;
   std::vector<MockArcFault> faults;
-  int64_t corrupt_save_at_byte = -1;  // flip a byte of the saved stream there
-  bool bogus_initial = false;         // report these instead of the truth
-  uint64_t bogus_initial_bytes = 0;
-  bool bogus_dirty = false;
-  uint64_t bogus_dirty_bytes = 0;
-  bool bogus_stop_copy = false;
-  uint64_t bogus_stop_copy_bytes = 0;
-  uint64_t profile_hash = 0;          // identity of the state layout, checked on resume
-  bool precopy_info_v2 = true;        // accepts the MIG_PRECOPY_INFOv2 opt-in
-  double reinit_after_precopy_ms = -1;  // REINIT that long after entering PRE_COPY; < 0 = never
-  uint64_t reinit_initial_bytes = 0;  // the new initial data a REINIT announces
   // Driver personality: "generic" (this MockDevice) or "mtty" (MttyMockDevice,
   // mtty_mock.h, which uses only `ports` from this profile).
   std::string driver = "generic";

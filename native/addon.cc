@@ -24,11 +24,10 @@
 #include <string>
 #include <vector>
 
-#include "../mock-device/mock_device.h"
-#include "../mock-device/mtty_mock.h"
 #include "backend.h"
 #include "crc32c.h"
 #include "kernel_backend.h"
+#include "napi_args.h"
 #include "sessions.h"
 #include "uapi.h"
 #include "worker.h"
@@ -42,184 +41,6 @@ constexpr uint64_t kMaxBitmapBytes = 128ull << 20;  // a DMA dirty bitmap: 4 TiB
 constexpr uint32_t kMaxDmaRanges = 65536;           // the kernel takes 256 (LOG_MAX_RANGES)
 constexpr double kMaxReadBytes = 16 << 20;          // one readData
 constexpr uint32_t kMaxWriteParts = 1 << 20;        // buffers in one writeData
-constexpr double kMaxSafeInteger = 9007199254740991.0;
-
-const char* ErrnoName(int e) {
-  switch (e) {
-#define E(x) case x: return #x;
-    E(EPERM) E(ENOENT) E(EINTR) E(EIO) E(ENXIO) E(E2BIG) E(EBADF) E(EAGAIN) E(ENOMEM) E(EACCES)
-    E(EFAULT) E(EBUSY) E(EEXIST) E(ENODEV) E(EINVAL) E(ENFILE) E(EMFILE) E(ENOTTY) E(ENOSPC)
-    E(EPIPE) E(ERANGE) E(ENOSYS) E(ENOMSG) E(ENODATA) E(EOPNOTSUPP) E(ETIMEDOUT) E(ECANCELED)
-    E(EOVERFLOW) E(EPROTO) E(EBADMSG) E(ENOTSOCK) E(ENOTSUP == EOPNOTSUPP ? 0 : ENOTSUP)
-#undef E
-    default: return "EUNKNOWN";
-  }
-}
-
-Napi::Error MakeError(Napi::Env env, int err, const std::string& op) {
-  std::string msg = std::string(ErrnoName(err)) + ": " + strerror(err) + " (" + op + ")";
-  Napi::Error e = Napi::Error::New(env, msg);
-  e.Set("code", Napi::String::New(env, ErrnoName(err)));
-  e.Set("errno", Napi::Number::New(env, err));
-  e.Set("operation", Napi::String::New(env, op));
-  return e;
-}
-
-// Errors of our own: ERR_VFIO_BAD_ARGUMENT (TypeError or RangeError),
-// ERR_VFIO_PROFILE, ERR_VFIO_CLOSED, ERR_VFIO_NOMEM (errno ENOMEM), ERR_VFIO_INTERNAL.
-enum class Kind { kError, kType, kRange };
-Napi::Error Coded(Napi::Env env, const char* code, const std::string& msg, Kind kind = Kind::kError, int err = 0,
-                  const std::string& op = "") {
-  Napi::Error e = kind == Kind::kType    ? Napi::Error(Napi::TypeError::New(env, msg))
-                  : kind == Kind::kRange ? Napi::Error(Napi::RangeError::New(env, msg))
-                                         : Napi::Error::New(env, msg);
-  e.Set("code", Napi::String::New(env, code));
-  if (err) e.Set("errno", Napi::Number::New(env, err));
-  if (!op.empty()) e.Set("operation", Napi::String::New(env, op));
-  return e;
-}
-Napi::Error BadType(Napi::Env env, const std::string& msg) { return Coded(env, "ERR_VFIO_BAD_ARGUMENT", msg, Kind::kType); }
-Napi::Error BadRange(Napi::Env env, const std::string& msg) { return Coded(env, "ERR_VFIO_BAD_ARGUMENT", msg, Kind::kRange); }
-Napi::Error NoMem(Napi::Env env, const std::string& op) {
-  return Coded(env, "ERR_VFIO_NOMEM", "out of memory (" + op + ")", Kind::kError, ENOMEM, op);
-}
-
-std::string Fmt(double d) {
-  char b[32];
-  snprintf(b, sizeof b, "%.17g", d);
-  return b;
-}
-
-// A non-negative integer argument: a bigint below 2^64, or a number that is
-// a safe integer. Anything else is an error before any cast.
-uint64_t U64(const Napi::Value& v, const std::string& what, uint64_t max = UINT64_MAX) {
-  Napi::Env env = v.Env();
-  uint64_t out;
-  if (v.IsBigInt()) {
-    bool lossless = false;
-    out = v.As<Napi::BigInt>().Uint64Value(&lossless);
-    if (!lossless) throw BadRange(env, what + " must be a bigint in [0, 2^64)");
-  } else if (v.IsNumber()) {
-    double d = v.As<Napi::Number>().DoubleValue();
-    if (!(d >= 0 && d <= kMaxSafeInteger) || std::floor(d) != d)
-      throw BadRange(env, what + " must be an integer in [0, 2^53), got " + Fmt(d));
-    out = uint64_t(d);
-  } else {
-    throw BadType(env, what + " must be a number or bigint");
-  }
-  if (out > max) throw BadRange(env, what + " must be at most " + std::to_string(max) + ", got " + std::to_string(out));
-  return out;
-}
-
-// A finite number in [lo, hi]; `dflt` when undefined.
-double Num(const Napi::Object& o, const char* field, double dflt, double lo, double hi) {
-  Napi::Value v = o.Get(field);
-  if (v.IsUndefined()) return dflt;
-  if (!v.IsNumber()) throw BadType(o.Env(), std::string(field) + " must be a number");
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (!(d >= lo && d <= hi))
-    throw Coded(o.Env(), "ERR_VFIO_PROFILE", std::string(field) + " must be in [" + Fmt(lo) + ", " + Fmt(hi) + "], got " + Fmt(d), Kind::kRange);
-  return d;
-}
-
-// An integer in [lo, hi] (|lo|, |hi| <= 2^53); `dflt` when undefined.
-int64_t Int(const Napi::Object& o, const char* field, int64_t dflt, int64_t lo, int64_t hi) {
-  Napi::Value v = o.Get(field);
-  if (v.IsUndefined()) return dflt;
-  double d = Num(o, field, 0, double(lo), double(hi));
-  if (std::floor(d) != d) throw Coded(o.Env(), "ERR_VFIO_PROFILE", std::string(field) + " must be an integer, got " + Fmt(d), Kind::kRange);
-  return int64_t(d);
-}
-
-bool Bool(const Napi::Object& o, const char* field) {
-  Napi::Value v = o.Get(field);
-  return v.IsBoolean() && v.As<Napi::Boolean>().Value();
-}
-
-Napi::Object ObjectAt(const Napi::Array& a, uint32_t i, const char* what) {
-  Napi::Value v = a.Get(i);
-  if (!v.IsObject()) throw BadType(a.Env(), std::string(what) + "[" + std::to_string(i) + "] must be an object");
-  return v.As<Napi::Object>();
-}
-
-// The TypeScript layer validates profiles (src/vfio/mock-profile.ts) with
-// friendly messages; these checks are the addon's own guard against raw
-// callers, with the same limits (mock_device.h).
-MockProfile ParseProfile(const Napi::Object& o) {
-  Napi::Env env = o.Env();
-  auto fail = [&](const std::string& msg) { return Coded(env, "ERR_VFIO_PROFILE", "mock profile: " + msg, Kind::kRange); };
-  MockProfile p;
-  Napi::Value name = o.Get("name");
-  if (!name.IsString()) throw BadType(env, "mock profile: name must be a string");
-  p.name = name.As<Napi::String>().Utf8Value();
-  if (o.Get("driver").IsString()) p.driver = o.Get("driver").As<Napi::String>().Utf8Value();
-  if (p.driver != "generic" && p.driver != "mtty") throw fail("driver must be \"generic\" or \"mtty\"");
-  p.ports = uint32_t(Int(o, "ports", 2, 1, 2));
-  if (p.driver == "mtty") return p;  // the mtty personality uses nothing else
-
-  p.flags = U64(o.Get("flags"), "mock profile: flags", 7);
-  p.chunk_bytes = uint32_t(Int(o, "chunkBytes", 4096, kMockMinChunkBytes, kMockMaxChunkBytes));
-  if (p.chunk_bytes % 8 != 0) throw fail("chunkBytes must be a multiple of 8");
-  p.state_bytes = U64(o.Get("stateBytes"), "mock profile: stateBytes", kMockMaxStateBytes);
-  if (p.state_bytes == 0 || p.state_bytes % p.chunk_bytes != 0) throw fail("stateBytes must be a non-zero multiple of chunkBytes");
-  if (p.state_bytes / p.chunk_bytes > kMockMaxChunks)
-    throw fail("stateBytes / chunkBytes must be at most " + std::to_string(kMockMaxChunks) + " chunks");
-  p.setup_bytes = uint64_t(Int(o, "setupBytes", 0, 0, int64_t(kMockMaxStateBytes)));
-  p.stop_copy_only_bytes = uint64_t(Int(o, "stopCopyOnlyBytes", 0, 0, int64_t(kMockMaxStateBytes)));
-  p.dirty_bytes_per_sec = Num(o, "dirtyBytesPerSec", 0, 0, kMaxSafeInteger);
-  p.dirty_working_set_bytes = uint64_t(Int(o, "dirtyWorkingSetBytes", 0, 0, int64_t(p.state_bytes)));
-  p.default_arc_latency_ms = Num(o, "defaultArcLatencyMs", 0, 0, kMockMaxDelayMs);
-  for (auto& row : p.arc_latency_ms)
-    for (double& v : row) v = -1;
-  Napi::Value arcs = o.Get("arcLatencies");
-  if (!arcs.IsUndefined()) {
-    if (!arcs.IsArray()) throw BadType(env, "mock profile: arcLatencies must be an array");
-    Napi::Array a = arcs.As<Napi::Array>();
-    if (a.Length() > 64) throw fail("at most 64 arcLatencies");
-    for (uint32_t i = 0; i < a.Length(); i++) {
-      Napi::Object e = ObjectAt(a, i, "arcLatencies");
-      uint32_t from = uint32_t(Int(e, "from", 0, 0, 7)), to = uint32_t(Int(e, "to", 0, 0, 7));
-      p.arc_latency_ms[from][to] = Num(e, "ms", 0, 0, kMockMaxDelayMs);
-    }
-  }
-  p.load_initial_ms = Num(o, "loadInitialMs", 0, 0, kMockMaxDelayMs);
-  p.load_ms_per_mib = Num(o, "loadMsPerMiB", 0, 0, kMockMaxLoadMsPerMiB);
-  p.max_bytes_per_sec = Num(o, "maxBytesPerSec", 0, 0, kMaxSafeInteger);
-  if (p.max_bytes_per_sec != 0 && p.max_bytes_per_sec < kMockMinBytesPerSec)
-    throw fail("maxBytesPerSec must be 0 (no cap) or at least " + std::to_string(uint64_t(kMockMinBytesPerSec)));
-  p.resume_failure_into_error = Bool(o, "resumeFailureIntoError");
-  p.dma_logging = Bool(o, "dmaLogging");
-  Napi::Value faults = o.Get("faults");
-  if (!faults.IsUndefined()) {
-    if (!faults.IsArray()) throw BadType(env, "mock profile: faults must be an array");
-    Napi::Array a = faults.As<Napi::Array>();
-    if (a.Length() > 64) throw fail("at most 64 faults");
-    for (uint32_t i = 0; i < a.Length(); i++) {
-      Napi::Object f = ObjectAt(a, i, "faults");
-      p.faults.push_back({uint32_t(Int(f, "from", 0, 0, 7)), uint32_t(Int(f, "to", 0, 0, 7)), int(Int(f, "errno", EIO, 1, 4095)),
-                          Bool(f, "intoError"), Int(f, "times", -1, -1, int64_t(kMaxSafeInteger))});
-    }
-  }
-  p.corrupt_save_at_byte = Int(o, "corruptSaveAtByte", -1, -1, int64_t(kMaxSafeInteger));
-  if (!o.Get("bogusInitialBytes").IsUndefined()) {
-    p.bogus_initial = true;
-    p.bogus_initial_bytes = U64(o.Get("bogusInitialBytes"), "mock profile: bogusInitialBytes");
-  }
-  if (!o.Get("bogusDirtyBytes").IsUndefined()) {
-    p.bogus_dirty = true;
-    p.bogus_dirty_bytes = U64(o.Get("bogusDirtyBytes"), "mock profile: bogusDirtyBytes");
-  }
-  if (!o.Get("bogusStopCopyBytes").IsUndefined()) {
-    p.bogus_stop_copy = true;
-    p.bogus_stop_copy_bytes = U64(o.Get("bogusStopCopyBytes"), "mock profile: bogusStopCopyBytes");
-  }
-  p.profile_hash = U64(o.Get("profileHash"), "mock profile: profileHash");
-  // Absent = true: the generic mock accepts the PRECOPY_INFOv2 opt-in.
-  p.precopy_info_v2 = o.Get("precopyInfoV2").IsUndefined() || Bool(o, "precopyInfoV2");
-  p.reinit_after_precopy_ms = Num(o, "reinitAfterPrecopyMs", -1, -1, kMockMaxDelayMs);
-  p.reinit_initial_bytes = uint64_t(Int(o, "reinitInitialBytes", 0, 0, int64_t(kMockMaxStateBytes)));
-  return p;
-}
 
 // Read buffers come from free lists by size (the migration layer reads in
 // powers of two from 256 KiB to 4 MiB): a fresh malloc per read is an mmap
@@ -291,7 +112,7 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     return DefineClass(env, "NativeDevice",
                        {
                            M<&NativeDevice::OpenKernel>("openKernel"),
-                           M<&NativeDevice::OpenMock>("openMock"),
+                           M<&NativeDevice::OpenBackend>("openBackend"),
                            M<&NativeDevice::Info>("info"),
                            M<&NativeDevice::MigrationFlags>("migrationFlags"),
                            M<&NativeDevice::GetState>("getState"),
@@ -306,7 +127,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
                            M<&NativeDevice::ReadData>("readData"),
                            M<&NativeDevice::WriteData>("writeData"),
                            M<&NativeDevice::CloseSession>("closeSession"),
-                           M<&NativeDevice::MockInfoJs>("mockInfo"),
                            M<&NativeDevice::OpenDataFds>("openDataFds"),
                            M<&NativeDevice::Close>("close"),
                        });
@@ -479,8 +299,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
   // a while to build; a kernel open makes blocking syscalls).
   struct Opened {
     std::shared_ptr<DeviceBackend> backend;
-    std::shared_ptr<MockDevice> mock;
-    std::shared_ptr<MttyMockDevice> mtty;
   };
   Napi::Value OpenOn(Napi::Env env, std::function<void(Opened&, Result&)> open,
                      std::function<Napi::Value(Napi::Env)> resolve) {
@@ -496,8 +314,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
           if (out->backend) {
             backend_ = out->backend;
             sessions_ = std::make_shared<SessionTable>(backend_);
-            mock_ = out->mock;
-            mtty_ = out->mtty;
           }
           try {
             if (!res->code.empty()) deferred->Reject(Coded(env, res->code.c_str(), res->message, Kind::kError, res->err, res->op).Value());
@@ -511,17 +327,29 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     return deferred->Promise();
   }
 
-  Napi::Value OpenMock(const Napi::CallbackInfo& info) {
+  // openBackend(carrier): a device whose backend another addon builds (the
+  // mock's, mock-device/mock_addon.cc; see BackendFactory in backend.h). The
+  // factory runs on this device's control thread.
+  Napi::Value OpenBackend(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (control_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "openMock: device already open");
-    if (!info[0].IsObject()) throw BadType(env, "openMock(profile, seed): profile must be an object");
-    auto p = std::make_shared<MockProfile>(ParseProfile(info[0].As<Napi::Object>()));
-    uint64_t seed = U64(info[1], "openMock(profile, seed): seed");
+    if (control_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "openBackend: device already open");
+    const char* what = "openBackend(backend): backend must be a backend object made by this build's backend addon";
+    if (!info[0].IsObject()) throw BadType(env, what);
+    Napi::Object carrier = info[0].As<Napi::Object>();
+    const napi_type_tag tag{kBackendCarrierTagLower, kBackendCarrierTagUpper};
+    if (!carrier.CheckTypeTag(&tag)) throw BadType(env, what);
+    Napi::Value f = carrier.Get("factory");
+    if (!f.IsExternal()) throw BadType(env, what);
+    std::shared_ptr<BackendFactory> factory = *f.As<Napi::External<std::shared_ptr<BackendFactory>>>().Data();
+    if (!factory) throw BadType(env, what);
     return OpenOn(
         env,
-        [p, seed](Opened& o, Result&) {
-          if (p->driver == "mtty") o.backend = o.mtty = std::make_shared<MttyMockDevice>(p->ports, seed);
-          else o.backend = o.mock = std::make_shared<MockDevice>(std::move(*p), seed);
+        [factory](Opened& o, Result& r) {
+          o.backend = factory->Make(&r.err, &r.op);
+          if (!o.backend && !r.err) {
+            r.err = EINVAL;
+            r.op = "openBackend: the backend addon built no device";
+          }
         },
         [](Napi::Env env) { return env.Undefined(); });
   }
@@ -889,23 +717,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
     return a;
   }
 
-  Napi::Value MockInfoJs(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    if (!mock_ && !mtty_) throw Coded(env, "ERR_VFIO_BAD_ARGUMENT", "mockInfo() is only available on open mock devices");
-    MockInfo m = mtty_ ? mtty_->Info() : mock_->Info();
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("seed", Napi::BigInt::New(env, m.seed));
-    o.Set("digest", m.digest);
-    o.Set("savedDigest", m.saved_digest);
-    o.Set("loadedDigest", m.loaded_digest);
-    o.Set("bytesRead", Napi::Number::New(env, double(m.bytes_read)));
-    o.Set("bytesWritten", Napi::Number::New(env, double(m.bytes_written)));
-    o.Set("dirtiedChunks", Napi::Number::New(env, double(m.dirtied_chunks)));
-    o.Set("arcsTaken", Napi::Number::New(env, double(m.arcs_taken)));
-    o.Set("loadBusyMs", Napi::Number::New(env, m.load_busy_ms));
-    return o;
-  }
-
   // close(): wakes calls sleeping in the device (a mock's arc latency or rate
   // cap), lets the calls queued before it finish, ends every data session,
   // then closes the device. Idempotent; calls after it are ERR_VFIO_CLOSED.
@@ -953,8 +764,6 @@ class NativeDevice : public Napi::ObjectWrap<NativeDevice> {
   std::shared_ptr<EnvState> env_state_;
   std::shared_ptr<DeviceBackend> backend_;
   std::shared_ptr<SessionTable> sessions_;
-  std::shared_ptr<MockDevice> mock_;
-  std::shared_ptr<MttyMockDevice> mtty_;
   std::shared_ptr<Worker> control_, data_;
   std::shared_ptr<Napi::Reference<Napi::Promise>> close_promise_;
   bool closing_ = false;
@@ -1011,6 +820,54 @@ Napi::Object UapiNumbers(Napi::Env env) {
   return o;
 }
 
+// The state machine as data (uapi.h's tables): what src/vfio/states.ts and
+// the arc planner derive their helpers from, so nothing restates it.
+Napi::Object StateFacts(Napi::Env env) {
+  using namespace vfio_uapi;
+  Napi::Object o = Napi::Object::New(env);
+  Napi::Array states = Napi::Array::New(env, kNumStates);
+  for (uint32_t i = 0; i < kNumStates; i++) {
+    const StateFact& f = kStateFacts[i];
+    Napi::Object s = Napi::Object::New(env);
+    s.Set("value", Napi::Number::New(env, f.state));
+    s.Set("name", Napi::String::New(env, f.name));
+    // ERROR's "all bits" does not fit a number exactly: null = never requestable.
+    s.Set("needs", f.needs == ~0ull ? env.Null() : Napi::Value(Napi::Number::New(env, double(f.needs))));
+    s.Set("always", Napi::Boolean::New(env, f.always));
+    s.Set("saving", Napi::Boolean::New(env, f.saving));
+    s.Set("precopy", Napi::Boolean::New(env, f.precopy));
+    s.Set("p2pQuiesced", Napi::Boolean::New(env, f.p2p_quiesced));
+    states.Set(i, s);
+  }
+  o.Set("states", states);
+  Napi::Array flags = Napi::Array::New(env);
+  for (const FlagFact& f : kFlagFacts) {
+    Napi::Object x = Napi::Object::New(env);
+    x.Set("key", Napi::String::New(env, f.key));
+    x.Set("name", Napi::String::New(env, f.name));
+    x.Set("bit", Napi::Number::New(env, double(f.bit)));
+    flags.Set(flags.Length(), x);
+  }
+  o.Set("flags", flags);
+  Napi::Array next = Napi::Array::New(env, kNumStates);
+  for (uint32_t from = 0; from < kNumStates; from++) {
+    Napi::Array row = Napi::Array::New(env, kNumStates);
+    for (uint32_t to = 0; to < kNumStates; to++) row.Set(to, Napi::Number::New(env, kNextStateTable[from][to]));
+    next.Set(from, row);
+  }
+  o.Set("next", next);
+  Napi::Array arcs = Napi::Array::New(env);
+  for (const DataFdArc& a : kDataFdArcs) {
+    Napi::Object x = Napi::Object::New(env);
+    x.Set("from", Napi::Number::New(env, a.from));
+    x.Set("to", Napi::Number::New(env, a.to));
+    x.Set("direction", Napi::String::New(env, a.save ? "save" : "resume"));
+    arcs.Set(arcs.Length(), x);
+  }
+  o.Set("dataFdArcs", arcs);
+  return o;
+}
+
 // dupSocketFd(fd) -> a close-on-exec duplicate of a socket fd: lets the
 // migration layer re-wrap an accepted connection in a net.Socket that reads
 // into its own large buffers (net.Server cannot). fcntl does not block.
@@ -1055,6 +912,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("nextState", Napi::Function::New(env, Guarded<NextStateJs>));
   exports.Set("dupSocketFd", Napi::Function::New(env, Guarded<DupSocketFdJs>));
   exports.Set("uapi", UapiNumbers(env));
+  exports.Set("stateFacts", StateFacts(env));
 #if defined(__linux__)
   exports.Set("kernelBackend", Napi::Boolean::New(env, true));
 #else

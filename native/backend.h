@@ -12,6 +12,7 @@
 #include <cerrno>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -78,5 +79,23 @@ class DeviceBackend {
   // ioctl cannot be interrupted: a no-op there.
   virtual void Interrupt() {}
 };
+
+// A backend built by another addon and opened by this one: the mock device
+// lives in its own addon (mock-device/mock_addon.cc), so the production
+// addon carries no mock code, and hands NativeDevice.openBackend() a
+// "carrier": a JS object type-tagged with kBackendCarrierTag whose
+// read-only `factory` property is an External holding a
+// std::shared_ptr<BackendFactory>*. Both addons are built from this header
+// together; the tag's version changes whenever this interface does, so a
+// carrier from another build is refused instead of misread.
+class BackendFactory {
+ public:
+  virtual ~BackendFactory() = default;
+  // On the device's control thread: the backend, or null with *err (an
+  // errno) and *op set. Called at most once per factory.
+  virtual std::shared_ptr<DeviceBackend> Make(int* err, std::string* op) = 0;
+};
+constexpr uint64_t kBackendCarrierTagLower = 0x7666696f2d6d6967ull;  // "vfio-mig"
+constexpr uint64_t kBackendCarrierTagUpper = 0x6261636b656e6401ull;  // "backend" + interface version 1
 
 }  // namespace vfio

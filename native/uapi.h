@@ -175,20 +175,71 @@ struct iommu_ioas_alloc {
 };
 static_assert(sizeof(iommu_ioas_alloc) == 12, "iommu_ioas_alloc");
 
-// drivers/vfio/vfio_main.c: which migration flags a state needs to exist.
-constexpr uint64_t kStateFlagsTable[kNumStates] = {
-    /* ERROR        */ ~0ull,
-    /* STOP         */ kMigrationStopCopy,
-    /* RUNNING      */ kMigrationStopCopy,
-    /* STOP_COPY    */ kMigrationStopCopy,
-    /* RESUMING     */ kMigrationStopCopy,
-    /* RUNNING_P2P  */ kMigrationStopCopy | kMigrationP2P,
-    /* PRE_COPY     */ kMigrationStopCopy | kMigrationPreCopy,
-    /* PRE_COPY_P2P */ kMigrationStopCopy | kMigrationP2P | kMigrationPreCopy,
+// One row per state: every fact the code uses about a state, in one place
+// (the addon exports this table as `stateFacts`; src/vfio/states.ts derives
+// its helpers from it, the mock and the kernel backend use it here).
+struct StateFact {
+  MigState state;
+  const char* name;    // QEMU's QAPI name (QapiVfioMigrationState)
+  // drivers/vfio/vfio_main.c: the migration flags the state needs to exist
+  // (ERROR needs all bits: it can never be requested).
+  uint64_t needs;
+  // Exists on every device that answers MIGRATION GET, whatever its flags
+  // (uapi.md "Which states exist": RUNNING and ERROR).
+  bool always;
+  // Saving group: the device hands out its state through a data fd; moving
+  // inside the group keeps the same fd, leaving it ends the session.
+  bool saving;
+  // VFIO_MIG_GET_PRECOPY_INFO is valid (the PRE_COPY states).
+  bool precopy;
+  // P2P-quiesced: no new peer-to-peer DMA, not fully running.
+  bool p2p_quiesced;
 };
 
+constexpr StateFact kStateFacts[kNumStates] = {
+    {kStateError, "error", ~0ull, true, false, false, false},
+    {kStateStop, "stop", kMigrationStopCopy, false, false, false, false},
+    {kStateRunning, "running", kMigrationStopCopy, true, false, false, false},
+    {kStateStopCopy, "stop-copy", kMigrationStopCopy, false, true, false, false},
+    {kStateResuming, "resuming", kMigrationStopCopy, false, false, false, false},
+    {kStateRunningP2P, "running-p2p", kMigrationStopCopy | kMigrationP2P, false, false, false, true},
+    {kStatePreCopy, "pre-copy", kMigrationStopCopy | kMigrationPreCopy, false, true, true, false},
+    {kStatePreCopyP2P, "pre-copy-p2p", kMigrationStopCopy | kMigrationP2P | kMigrationPreCopy, false, true, true, true},
+};
+static_assert(kStateFacts[kStatePreCopyP2P].state == kStatePreCopyP2P, "kStateFacts is indexed by state");
+
+// The migration flags by name (struct vfio_device_feature_migration.flags).
+struct FlagFact {
+  const char* key;   // the TypeScript MigrationFlags property
+  const char* name;  // the profile / CLI name
+  uint64_t bit;
+};
+constexpr FlagFact kFlagFacts[] = {
+    {"stopCopy", "stop-copy", kMigrationStopCopy},
+    {"p2p", "p2p", kMigrationP2P},
+    {"preCopy", "pre-copy", kMigrationPreCopy},
+};
+
+// The single arcs that return a new data fd (uapi.md "The single arcs").
+struct DataFdArc {
+  MigState from;
+  MigState to;
+  bool save;  // a save stream (read it) or a resume stream (write it)
+};
+constexpr DataFdArc kDataFdArcs[] = {
+    {kStateRunning, kStatePreCopy, true},
+    {kStateRunningP2P, kStatePreCopyP2P, true},
+    {kStateStop, kStateStopCopy, true},
+    {kStateStop, kStateResuming, false},
+};
+
+// Indexed [from][to]: the first single arc from `from` toward `to` (the
+// kernel's vfio_from_fsm_table); ERROR = refused. NextState skips states the
+// device lacks.
+extern const uint8_t kNextStateTable[kNumStates][kNumStates];
+
 inline bool StateSupported(uint32_t state, uint64_t flags) {
-  return state < kNumStates && (kStateFlagsTable[state] & flags) == kStateFlagsTable[state];
+  return state < kNumStates && (kStateFacts[state].needs & flags) == kStateFacts[state].needs;
 }
 
 // drivers/vfio/vfio_main.c vfio_mig_get_next_state(): the next single arc on the
@@ -198,14 +249,11 @@ int NextState(uint32_t cur, uint32_t target, uint64_t flags, uint32_t* next);
 
 // True when the arc cur -> next opens a new data session (returns a data fd).
 inline bool ArcOpensDataFd(uint32_t cur, uint32_t next) {
-  return (cur == kStateRunning && next == kStatePreCopy) ||
-         (cur == kStateRunningP2P && next == kStatePreCopyP2P) ||
-         (cur == kStateStop && next == kStateStopCopy) ||
-         (cur == kStateStop && next == kStateResuming);
+  for (const DataFdArc& a : kDataFdArcs)
+    if (a.from == cur && a.to == next) return true;
+  return false;
 }
 
-inline bool InSavingGroup(uint32_t s) {
-  return s == kStatePreCopy || s == kStatePreCopyP2P || s == kStateStopCopy;
-}
+inline bool InSavingGroup(uint32_t s) { return s < kNumStates && kStateFacts[s].saving; }
 
 }  // namespace vfio_uapi

@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VfioDevice } from './vfio/device.js';
+import { openMockDevice } from './vfio/mock.js';
 import { PROFILES_DIR, loadProfile, type MockProfileInput } from './vfio/mock-profile.js';
 import { runConformance } from './vfio/conformance.js';
 import { VfioHandler, exportArcHistory, importArcHistory } from './migration/vfio-handler.js';
@@ -326,7 +327,7 @@ async function openDevices(o: DeviceOptions, role: 'source' | 'destination'): Pr
     if (o.ram) handlers.push(new RamHandler({ ...o.ram, seed: role === 'source' ? 7 : 8, vm }));
     for (const { profile, count } of o.mocks) {
       for (let i = 0; i < count; i++) {
-        const dev = await VfioDevice.openMock({ profile, overrides: o.overrides, seed: seed, id: `${profile.replace(/.*\//, '').replace(/\.json$/, '')}-${devices.length}` });
+        const dev = await openMockDevice({ profile, overrides: o.overrides, seed: seed, id: `${profile.replace(/.*\//, '').replace(/\.json$/, '')}-${devices.length}` });
         seed++;
         devices.push(dev);
       }
@@ -548,7 +549,7 @@ async function cmdConformance(v: Values): Promise<number> {
   if (v.mock?.length) {
     let seed = 1;
     const profile = v.mock[0]!;
-    target = { name: profile, open: () => VfioDevice.openMock({ profile, seed: seed++ }) };
+    target = { name: profile, open: () => openMockDevice({ profile, seed: seed++ }) };
   } else if (v.device?.length && v.peer) {
     const paths = { primary: v.device[0]!, peer: v.peer };
     const via = choiceOption(v, 'via', ['auto', 'cdev', 'group'] as const, 'auto');

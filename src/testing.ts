@@ -3,16 +3,10 @@
 // hardware: mock devices and their profiles, the uAPI conformance suite, and
 // a synthetic guest RAM and VM. Every name is listed on purpose
 // (test/package.test.ts checks the list against the installed package).
-import { VfioDevice, type OpenMockOptions } from './vfio/device.js';
-
-/**
- * Opens a kernel-free mock device: the same VfioDevice API, the same uAPI
- * state machine (the kernel's arc table), deterministic content from `seed`.
- */
-export function openMockDevice(options: OpenMockOptions): Promise<VfioDevice> {
-  return VfioDevice.openMock(options);
-}
-export type { OpenMockOptions };
+// The mock device is its own addon (mock-device/), loaded by the first
+// openMockDevice(): importing the main entry point never loads it.
+export { openMockDevice } from './vfio/mock.js';
+export type { OpenMockOptions } from './vfio/device.js';
 export { listProfiles, loadProfile, validateProfile, PROFILES_DIR, type ByteSize, type MockFault, type MockProfile, type MockProfileInput } from './vfio/mock-profile.js';
 export {
   runConformance,

@@ -13,6 +13,7 @@ import { VfioDevice } from '../src/vfio/device.js';
 import { VfioError } from '../src/vfio/errors.js';
 import { PROFILE_LIMITS, loadProfile, toNativeProfile, validateProfile } from '../src/vfio/mock-profile.js';
 import { native, type NativeDeviceHandle } from '../src/vfio/native.js';
+import { mockNative } from '../src/vfio/mock-native.js';
 import { stateToKernel } from '../src/vfio/states.js';
 import { openFdCount } from './helpers.js';
 
@@ -21,10 +22,10 @@ const dist = (p: string) => pathToFileURL(path.resolve(here, '..', p)).href;
 const scratch = mkdtempSync(path.join(tmpdir(), 'addon-hardening-'));
 let scripts = 0;
 
-/** Runs an ES module snippet in a child node (same addon, same env); `NATIVE`, `DEVICE`, `PROFILE` are import URLs. */
+/** Runs an ES module snippet in a child node (same addon, same env); `NATIVE`, `MOCKADDON`, `DEVICE`, `PROFILE` are import URLs. */
 function child(code: string, opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv; shell?: string } = {}): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> {
   const file = path.join(scratch, `child-${++scripts}.mjs`);
-  writeFileSync(file, code.replaceAll('NATIVE', dist('src/vfio/native.js')).replaceAll('DEVICE', dist('src/vfio/device.js')).replaceAll('PROFILE', dist('src/vfio/mock-profile.js')));
+  writeFileSync(file, code.replaceAll('MOCKADDON', dist('src/vfio/mock-native.js')).replaceAll('NATIVE', dist('src/vfio/native.js')).replaceAll('DEVICE', dist('src/vfio/device.js')).replaceAll('PROFILE', dist('src/vfio/mock-profile.js')));
   const [cmd, args] = opts.shell ? ['bash', ['-c', `${opts.shell}; exec "${process.execPath}" "${file}"`]] : [process.execPath, [file]];
   return new Promise((resolve) => {
     execFile(cmd, args as string[], { timeout: opts.timeoutMs ?? 60_000, env: { ...process.env, ...opts.env } }, (err, stdout, stderr) => {
@@ -37,7 +38,7 @@ function child(code: string, opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv
 /** The raw binding's open of a validated profile (overrides applied first). */
 async function rawMock(overrides: Record<string, unknown> = {}, profile = 'minimal'): Promise<NativeDeviceHandle> {
   const h = new native.NativeDevice();
-  await h.openMock(toNativeProfile(await loadProfile(profile, overrides)), 1n);
+  await h.openBackend(new (mockNative().MockHandle)(toNativeProfile(await loadProfile(profile, overrides)), 1n));
   return h;
 }
 
@@ -76,7 +77,9 @@ test('a DMA report whose bitmap would not fit is a typed error, not std::bad_all
 test('the raw binding refuses a profile the addon cannot run (chunkBytes -1 aborted on the first read)', async (t) => {
   const r = await child(`
     import { native } from 'NATIVE';
+    import { mockNative } from 'MOCKADDON';
     import { loadProfile, toNativeProfile } from 'PROFILE';
+    const { MockHandle } = mockNative();
     const good = toNativeProfile(await loadProfile('minimal'));
     const out = [];
     for (const bad of [{ chunkBytes: -1 }, { chunkBytes: 0 }, { chunkBytes: 1e30 }, { chunkBytes: NaN }, { chunkBytes: 100 },
@@ -84,11 +87,11 @@ test('the raw binding refuses a profile the addon cannot run (chunkBytes -1 abor
                        { loadMsPerMiB: 1e12 }, { maxBytesPerSec: 1 }, { corruptSaveAtByte: 1e300 }, { flags: 1.5 },
                        { faults: [{ from: 9, to: 1, errno: 5, intoError: false, times: -1 }] }, { arcLatencies: [{ from: 1, to: 2, ms: -1 }] }]) {
       const h = new native.NativeDevice();
-      try { await h.openMock({ ...good, ...bad }, 1n); out.push('opened'); } catch (e) { out.push(e.code); }
+      try { await h.openBackend(new MockHandle({ ...good, ...bad }, 1n)); out.push('opened'); } catch (e) { out.push(e.code); }
       await h.close();
     }
     const h = new native.NativeDevice();
-    await h.openMock(good, 1n);
+    await h.openBackend(new MockHandle(good, 1n));
     await h.setState(2 /* stop */);
     const s = await h.setState(3 /* stop-copy */);
     const r = await h.readData(s.id, 1 << 20);
@@ -276,4 +279,34 @@ test('close() interrupts a device sleeping through the longest valid arc latency
   await sleep(50);
   t.is(await settlesWithin(slow.close(), 10_000), 'settled');
   t.is(await settlesWithin(read, 1000), 'settled');
+});
+
+test('openBackend takes only a carrier the mock addon made, once: look-alikes, a tampered factory and a second open are typed errors', async (t) => {
+  const { MockHandle } = mockNative();
+  const profile = toNativeProfile(await loadProfile('minimal'));
+  const fresh = () => new native.NativeDevice();
+  // Look-alikes: no type tag, so never read as a factory.
+  for (const fake of [undefined, null, 42, {}, { factory: {} }, Object.create(new MockHandle(profile, 1n))]) {
+    const h = fresh();
+    t.is(await codeOf(() => h.openBackend(fake as never)), 'ERR_VFIO_BAD_ARGUMENT', String(fake));
+    await h.close();
+  }
+  // The factory cannot be swapped for another value (read-only, not configurable).
+  const carrier = new MockHandle(profile, 1n);
+  const original = carrier.factory;
+  t.throws(() => Object.defineProperty(carrier, 'factory', { value: {} }), { instanceOf: TypeError });
+  t.is(carrier.factory, original);
+  // mockInfo() before the open is a typed error; one device per carrier.
+  t.is(await codeOf(() => carrier.info()), 'ERR_VFIO_BAD_ARGUMENT');
+  const a = fresh();
+  await a.openBackend(carrier);
+  t.is(await a.getState(), 2 /* running */);
+  const b = fresh();
+  t.is(await codeOf(() => b.openBackend(carrier)), 'EBUSY');
+  await b.close();
+  t.is(typeof carrier.info().digest, 'string');
+  await a.close();
+  // A bad profile is refused where the carrier is made, before any device exists.
+  t.is(await codeOf(() => new MockHandle({ ...profile, chunkBytes: 100 }, 1n)), 'ERR_VFIO_PROFILE');
+  t.throws(() => (MockHandle as unknown as (p: unknown, s: bigint) => unknown)(profile, 1n), { instanceOf: TypeError });
 });

@@ -1,5 +1,6 @@
 import test from 'ava';
-import { listProfiles, loadProfile, validateProfile } from '../src/vfio/mock-profile.js';
+import { PROFILE_LIMITS, listProfiles, loadProfile, validateProfile, type MockProfileInput, type MockProfileScalars } from '../src/vfio/mock-profile.js';
+import { mockNative } from '../src/vfio/mock-native.js';
 import { VfioError } from '../src/vfio/errors.js';
 
 const base = { name: 'x', flags: ['stop-copy'], stateBytes: '64KiB' };
@@ -59,4 +60,55 @@ test('overrides replace fields before validation', async (t) => {
   const p = await loadProfile('gpu', { stateBytes: '64MiB', dirtyWorkingSetBytes: '8MiB' });
   t.is(p.stateBytes, 64 << 20);
   await t.throwsAsync(loadProfile('gpu', { stateBytes: '1MiB' }), { message: /dirtyWorkingSetBytes must not exceed/ });
+});
+
+// The profile's scalar fields are defined once (mock_device.h,
+// VFIO_MOCK_PROFILE_FIELDS); validation, defaults and the typed interfaces
+// follow that table.
+test('the profile field table: the typed interfaces name exactly its fields', (t) => {
+  const inputKeys: Record<keyof MockProfileInput, true> = {
+    name: true, description: true, flags: true, stateBytes: true, chunkBytes: true, setupBytes: true, stopCopyOnlyBytes: true, dirtyBytesPerSec: true,
+    dirtyWorkingSetBytes: true, arcLatencyMs: true, loadInitialMs: true, loadMsPerMiB: true, maxBytesPerSec: true, resumeFailureIntoError: true, dmaLogging: true,
+    faults: true, corruptSaveAtByte: true, bogusPrecopyInfo: true, bogusStopCopyBytes: true, driver: true, ports: true, precopyInfoV2: true, reinit: true,
+  };
+  const scalarKeys: Record<keyof MockProfileScalars, true> = {
+    stateBytes: true, chunkBytes: true, setupBytes: true, stopCopyOnlyBytes: true, dirtyBytesPerSec: true, dirtyWorkingSetBytes: true, defaultArcLatencyMs: true,
+    loadInitialMs: true, loadMsPerMiB: true, maxBytesPerSec: true, resumeFailureIntoError: true, dmaLogging: true, corruptSaveAtByte: true, bogusInitialBytes: true,
+    bogusDirtyBytes: true, bogusStopCopyBytes: true, precopyInfoV2: true, reinitAfterPrecopyMs: true, reinitInitialBytes: true,
+  };
+  const fields = mockNative().mockProfileSchema.fields.filter((f) => f.input);
+  t.deepEqual(fields.map((f) => f.name).sort(), Object.keys(scalarKeys).sort());
+  const structured = ['name', 'description', 'flags', 'arcLatencyMs', 'faults', 'driver', 'ports'];
+  t.deepEqual([...new Set([...structured, ...fields.map((f) => f.input.split('.')[0]!)])].sort(), Object.keys(inputKeys).sort());
+  t.is(PROFILE_LIMITS.maxChunks, mockNative().mockProfileSchema.limits.maxChunks);
+});
+
+/** A valid profile with `value` at a field's input path (its group's other members filled in). */
+function withField(input: string, value: unknown): Record<string, unknown> {
+  const [group, key] = input.split('.');
+  const p: Record<string, unknown> = { ...base, flags: ['stop-copy', 'pre-copy'] };
+  if (key === undefined) return { ...p, [group!]: value };
+  const siblings = mockNative().mockProfileSchema.fields.filter((f) => f.input.startsWith(`${group}.`) && f.required);
+  const g: Record<string, unknown> = Object.fromEntries(siblings.map((f) => [f.input.split('.')[1]!, 0]));
+  return { ...p, [group!]: { ...g, [key]: value } };
+}
+
+test('every field of the table: absent takes its default, past its bounds is ERR_VFIO_PROFILE naming it, its bounds hold', (t) => {
+  const defaults = validateProfile({ ...base, stateBytes: '64KiB' }) as unknown as Record<string, unknown>;
+  for (const f of mockNative().mockProfileSchema.fields.filter((x) => x.input)) {
+    if (f.default !== null && !f.required && f.name !== 'dirtyWorkingSetBytes') t.is(defaults[f.name], f.default, `${f.name} default`);
+    if (f.kind === 'bool') {
+      t.is((validateProfile(withField(f.input, !f.default)) as unknown as Record<string, unknown>)[f.name], !f.default, f.input);
+      t.throws(() => validateProfile(withField(f.input, 'yes')), { code: 'ERR_VFIO_PROFILE', message: new RegExp(`${f.input.replace('.', '\\.')} must be a boolean`) } as never);
+      continue;
+    }
+    if (f.max === null || f.max >= Number.MAX_SAFE_INTEGER || f.name === 'stateBytes') continue;
+    // The largest value passes (if the rules between fields allow it), one past it is refused with the field's JSON name.
+    const over = f.kind === 'ms' ? f.max + 0.5 : f.max + (f.name === 'chunkBytes' ? 8 : 1);
+    const err = t.throws(() => validateProfile(withField(f.input, over)), { instanceOf: VfioError }, f.input);
+    t.is(err?.code, 'ERR_VFIO_PROFILE');
+    const named = f.input === 'arcLatencyMs.default' ? 'arcLatencyMs["default"]' : f.input; // the object's own key
+    t.true(err!.message.includes(named), err!.message);
+    t.regex(err!.message, /must (be at most|not exceed)/, f.input);
+  }
 });

@@ -34,8 +34,14 @@ const MAIN_NAMES = [
 ];
 const TESTING_NAMES = ['CHECK_NAMES', 'PROFILES_DIR', 'RamHandler', 'SyntheticVm', 'listProfiles', 'loadProfile', 'openMockDevice', 'runConformance', 'validateProfile'];
 
-/** The file name node-gyp-build looks for and `prebuildify --napi --strip --tag-libc` writes. */
+/** The file names node-gyp-build looks for and `prebuildify --napi --strip --tag-libc` writes (the mock addon's with `--cwd mock-device`). */
 const PREBUILD = path.join('prebuilds', 'linux-x64', 'vfio-migration.glibc.node');
+const MOCK_PREBUILD = path.join('mock-device', 'prebuilds', 'linux-x64', 'vfio-migration-mock.glibc.node');
+/** Each addon's build in this checkout and its prebuild. */
+const ADDONS = [
+  { built: path.join('build', 'Release', 'vfio_migration.node'), prebuild: PREBUILD },
+  { built: path.join('mock-device', 'build', 'Release', 'vfio_migration_mock.node'), prebuild: MOCK_PREBUILD },
+];
 
 interface Run {
   code: number | null;
@@ -63,19 +69,21 @@ let packedFiles: string[] = [];
 const installed = () => path.join(scratch, 'node_modules', 'vfio-migration');
 
 test.before(async () => {
-  // The prebuild is the addon already built in this checkout, stripped as
+  // The prebuilds are the addons already built in this checkout, stripped as
   // prebuildify --strip does: `npm pack` runs prepack (a full prebuildify
-  // rebuild) only with scripts, which this test leaves out to stay quick.
-  const built = path.join(repo, 'build', 'Release', 'vfio_migration.node');
-  const prebuild = path.join(repo, PREBUILD);
-  if (existsSync(built)) {
-    await mkdir(path.dirname(prebuild), { recursive: true });
-    const tmp = `${prebuild}.${process.pid}.tmp`;
-    await copyFile(built, tmp);
-    const strip = await run('strip', ['--strip-all', tmp], repo);
-    if (strip.code !== 0) throw new Error(`strip failed: ${strip.stderr}`);
-    await rename(tmp, prebuild);
-  } else if (!existsSync(prebuild)) throw new Error('no addon: neither build/Release/vfio_migration.node nor a prebuild');
+  // rebuild of both) only with scripts, which this test leaves out to stay quick.
+  for (const addon of ADDONS) {
+    const built = path.join(repo, addon.built);
+    const prebuild = path.join(repo, addon.prebuild);
+    if (existsSync(built)) {
+      await mkdir(path.dirname(prebuild), { recursive: true });
+      const tmp = `${prebuild}.${process.pid}.tmp`;
+      await copyFile(built, tmp);
+      const strip = await run('strip', ['--strip-all', tmp], repo);
+      if (strip.code !== 0) throw new Error(`strip failed: ${strip.stderr}`);
+      await rename(tmp, prebuild);
+    } else if (!existsSync(prebuild)) throw new Error(`no addon: neither ${addon.built} nor ${addon.prebuild}`);
+  }
 
   scratch = await mkdtemp(path.join(os.tmpdir(), 'vfio-migration-pack-'));
   const pack = await run('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', scratch], repo);
@@ -99,25 +107,62 @@ test.after.always(async () => {
   if (scratch) await rm(path.dirname(scratch), { recursive: true, force: true });
 });
 
-test('package: the tarball ships the prebuild, the compiled library, the sources to build from and a LICENSE; no tests, no build tree', (t) => {
-  for (const f of [PREBUILD, 'LICENSE', 'README.md', 'package.json', 'binding.gyp', 'dist/src/index.js', 'dist/src/index.d.ts', 'dist/src/testing.js', 'dist/src/testing.d.ts', 'dist/src/cli.js', 'native/addon.cc'])
+test('package: the tarball ships both prebuilds, the compiled library, the sources to build from and a LICENSE; no tests, no build tree', (t) => {
+  for (const f of [PREBUILD, MOCK_PREBUILD, 'LICENSE', 'README.md', 'package.json', 'binding.gyp', 'dist/src/index.js', 'dist/src/index.d.ts', 'dist/src/testing.js', 'dist/src/testing.d.ts', 'dist/src/cli.js', 'native/addon.cc',
+                   'mock-device/binding.gyp', 'mock-device/package.json', 'mock-device/mock_addon.cc', 'mock-device/mock_device.h'])
     t.true(packedFiles.includes(f), `${f} is packed`);
-  t.deepEqual(packedFiles.filter((f) => f.startsWith('dist/test/') || f.startsWith('build/') || f.startsWith('src/') || f.startsWith('node_modules/')), []);
+  t.deepEqual(packedFiles.filter((f) => f.startsWith('dist/test/') || f.startsWith('build/') || f.startsWith('mock-device/build/') || f.startsWith('src/') || f.startsWith('node_modules/')), []);
   t.true(packedFiles.some((f) => f.startsWith('mock-device/profiles/faults/')), 'the mock profiles (fault profiles too) are packed');
 });
 
-test('package: installed without install scripts, nothing was compiled and node-gyp-build loads the prebuild', async (t) => {
+test('package: installed without install scripts, nothing was compiled and node-gyp-build loads both prebuilds', async (t) => {
   t.false(existsSync(path.join(installed(), 'build')), 'no build tree: no compiler ran');
+  t.false(existsSync(path.join(installed(), 'mock-device', 'build')), 'no mock build tree: no compiler ran');
   const probe = `
     import { createRequire } from 'node:module';
     const require = createRequire(import.meta.url);
     const pkg = require.resolve('vfio-migration').replace(/\\/dist\\/src\\/index\\.js$/, '');
-    console.log(require('node-gyp-build').resolve(pkg));
+    console.log(JSON.stringify([require('node-gyp-build').resolve(pkg), require('node-gyp-build').resolve(pkg + '/mock-device')]));
   `;
   const r = await run(process.execPath, ['--input-type=module', '-e', probe], scratch);
   t.is(r.code, 0, r.stderr);
-  t.is(r.stdout.trim(), path.join(installed(), PREBUILD));
+  t.deepEqual(JSON.parse(r.stdout), [path.join(installed(), PREBUILD), path.join(installed(), MOCK_PREBUILD)]);
   t.true((await stat(path.join(installed(), PREBUILD))).size > 0);
+  t.true((await stat(path.join(installed(), MOCK_PREBUILD))).size > 0);
+});
+
+test('package: the mock device is its own addon: "." loads the production addon alone, which holds no mock code; ./testing loads the mock on its first device', async (t) => {
+  const probe = `
+    import { createRequire } from 'node:module';
+    const require = createRequire(import.meta.url);
+    const addons = () => Object.keys(require.cache).filter((k) => k.endsWith('.node')).map((k) => k.split('/node_modules/vfio-migration/')[1]).sort();
+    const out = {};
+    const main = await import('vfio-migration');
+    out.main = addons();
+    const testing = await import('vfio-migration/testing');
+    await testing.loadProfile('nic-vf');
+    out.testing = addons();
+    const dev = await testing.openMockDevice({ profile: 'nic-vf', seed: 1 });
+    out.flags = await dev.migrationFlags();
+    out.digest = dev.mockInfo().digest.length > 0;
+    await dev.close();
+    out.opened = addons();
+    console.log(JSON.stringify(out));
+  `;
+  const r = await run(process.execPath, ['--input-type=module', '-e', probe], scratch);
+  t.is(r.code, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as Record<string, unknown>;
+  t.deepEqual(out.main, [PREBUILD]);
+  t.deepEqual(out.testing, [MOCK_PREBUILD, PREBUILD].sort(), 'validating a profile asks the mock addon (its field table and limits)');
+  t.deepEqual(out.flags, { stopCopy: true, p2p: true, preCopy: true });
+  t.true(out.digest);
+  // No mock class, not even its type name, is linked into the production addon.
+  const production = await readFile(path.join(installed(), PREBUILD));
+  const mock = await readFile(path.join(installed(), MOCK_PREBUILD));
+  for (const name of ['MockDevice', 'MttyMockDevice', 'ParseMockProfile']) {
+    t.false(production.includes(name), `${name} is not in the production addon`);
+  }
+  t.true(mock.includes('MockDevice'), 'the mock addon has it (the check looks in the right place)');
 });
 
 test('package: "." and "./testing" export exactly the documented names; nothing else is importable', async (t) => {

@@ -7,8 +7,9 @@
 #   --payload DIR    directory copied to /lab in the guest (default: an empty
 #                    directory, which is enough for the probe entry)
 #   --repo-payload   assemble the payload from this repo instead: package.json,
-#                    build/Release/*.node, dist/, node_modules/node-gyp-build
-#                    (whatever exists; nothing is built)
+#                    build/Release/*.node, the mock addon (mock-device/
+#                    package.json and build/Release/*.node), dist/,
+#                    node_modules/node-gyp-build (whatever exists; nothing is built)
 #   --with FILE      (repeatable) also copy FILE to /lab/extra/<basename>
 #                    (only with --repo-payload or the default empty payload)
 #   --entry FILE     node entry script (default: guest/probe.mjs). A path
@@ -64,6 +65,11 @@ if [ "$REPO_PAYLOAD" = 1 ]; then
   [ -f "$REPO/package.json" ] && cp "$REPO/package.json" "$PAYLOAD/"
   if compgen -G "$REPO/build/Release/*.node" >/dev/null; then
     mkdir -p "$PAYLOAD/build/Release"; cp "$REPO"/build/Release/*.node "$PAYLOAD/build/Release/"
+  fi
+  # The mock device's own addon, loaded by node-gyp-build from mock-device/.
+  if compgen -G "$REPO/mock-device/build/Release/*.node" >/dev/null; then
+    mkdir -p "$PAYLOAD/mock-device/build/Release"; cp "$REPO"/mock-device/build/Release/*.node "$PAYLOAD/mock-device/build/Release/"
+    cp "$REPO/mock-device/package.json" "$PAYLOAD/mock-device/"
   fi
   [ -d "$REPO/dist" ] && cp -a "$REPO/dist" "$PAYLOAD/"
   if [ -d "$REPO/node_modules/node-gyp-build" ]; then

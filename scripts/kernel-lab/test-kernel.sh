@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# npm run test:kernel: builds what is needed (TypeScript, the addon), boots the
+# npm run test:kernel: builds what is needed (TypeScript, both addons), boots the
 # kernel lab with guest/lab.mjs (real mtty driver, see docs/kernel-lab.md),
 # prints every lab check and ends with "N passed, N failed". Exit 0 only if
 # every check passed.
@@ -27,6 +27,11 @@ if [ ! -f build/Makefile ] || [ binding.gyp -nt build/Makefile ]; then
   gyp configure >"$blog" 2>&1 || { tail -20 "$blog" >&2; fail "node-gyp configure failed"; }
 fi
 gyp build >"$blog" 2>&1 || { tail -30 "$blog" >&2; fail "addon build failed"; }
+# The mock device's own addon (the lab compares the real mtty with its mtty personality).
+if [ ! -f mock-device/build/Makefile ] || [ mock-device/binding.gyp -nt mock-device/build/Makefile ]; then
+  gyp configure -C mock-device >"$blog" 2>&1 || { tail -20 "$blog" >&2; fail "node-gyp configure of the mock addon failed"; }
+fi
+gyp build -C mock-device >"$blog" 2>&1 || { tail -30 "$blog" >&2; fail "mock addon build failed"; }
 npx --no-install tsc -p . >"$blog" 2>&1 || { tail -30 "$blog" >&2; fail "tsc failed"; }
 rm -f "$blog"
 

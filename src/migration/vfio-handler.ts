@@ -2,7 +2,7 @@
 // and turns its data fd into section data.
 import type { DataSession, PrecopyInfo, ReadResult, VfioDevice } from '../vfio/device.js';
 import type { VfioError } from '../vfio/errors.js';
-import { type Arc, planArcs } from '../vfio/arc-planner.js';
+import { type Arc, STOP_COPY_STATE, quiescedOnPath, resumePath, switchoverPath } from '../vfio/arc-planner.js';
 import { type MigrationFlags, type MigrationState, P2P_QUIESCED_STATES, PRECOPY_STATES } from '../vfio/states.js';
 import type { ArcEstimate, DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler } from './handler.js';
 import { MAX_REPORTED_BYTES, clampDeviceBytes } from './accounting.js';
@@ -296,27 +296,12 @@ export class VfioHandler implements StateHandler {
 
   /** The switchover path, as the kernel walks it: quiesce P2P first where the device has it, then stop-copy. */
   switchoverArcs(): ArcEstimate[] {
-    const f = this.#flags;
-    if (!f) return [];
-    const from: MigrationState = f.preCopy ? 'pre-copy' : 'running';
-    const quiesced: MigrationState[] = f.p2p ? [f.preCopy ? 'pre-copy-p2p' : 'running-p2p'] : [];
-    const arcs: Arc[] = [];
-    let at: MigrationState = from;
-    for (const target of [...quiesced, 'stop-copy' as const]) {
-      const path = planArcs(at, target, f);
-      arcs.push(...path);
-      at = target;
-    }
-    return this.#estimate(arcs);
+    return this.#flags ? this.#estimate(switchoverPath(this.#flags)) : [];
   }
 
+  /** The destination's path, as the kernel walks it: resuming -> stop (-> running-p2p) -> running. */
   resumeArcs(): ArcEstimate[] {
-    const f = this.#flags;
-    if (!f) return [];
-    const arcs = planArcs('resuming', 'stop', f);
-    if (f.p2p) arcs.push(...planArcs('stop', 'running-p2p', f), ...planArcs('running-p2p', 'running', f));
-    else arcs.push(...planArcs('stop', 'running', f));
-    return this.#estimate(arcs);
+    return this.#flags ? this.#estimate(resumePath(this.#flags)) : [];
   }
 
   /** Arc times measured by the probe (x-probe-switchover-arcs), "from>to" -> ms. */
@@ -335,7 +320,8 @@ export class VfioHandler implements StateHandler {
     const state = this.device.lastKnownState;
     // Initial bytes still to read (reads queued ahead may hide that the stream already drained them).
     if (f.preCopy && !this.#initialSent && this.#session && state === 'pre-copy' && (await this.#precopyInfo(this.#session)).initialBytes > 0n) return false;
-    const quiesced: MigrationState | null = state === 'pre-copy' ? 'pre-copy-p2p' : state === 'running' ? 'running-p2p' : null;
+    // Only from the live state (pre-copy, or running): the quiesce step there and back.
+    const quiesced = state === 'pre-copy' || state === 'running' ? quiescedOnPath(state, STOP_COPY_STATE, f) : null;
     if (!quiesced) return true;
     this.#probed = true;
     await this.#step(quiesced, ctx, true);
@@ -367,11 +353,12 @@ export class VfioHandler implements StateHandler {
     const flags = await this.#flagsOnce();
     if (!flags.p2p) return;
     const state = this.device.lastKnownState;
-    await this.#step(state === 'pre-copy' ? 'pre-copy-p2p' : 'running-p2p', ctx);
+    const quiesced = quiescedOnPath(state === 'pre-copy' ? 'pre-copy' : 'running', STOP_COPY_STATE, flags);
+    if (quiesced) await this.#step(quiesced, ctx);
   }
 
   async saveStop(ctx: HandlerContext): Promise<void> {
-    const opened = await this.#step('stop-copy', ctx);
+    const opened = await this.#step(STOP_COPY_STATE, ctx);
     if (opened) this.#session = opened;
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: no data fd in stop-copy`);
   }
@@ -478,7 +465,9 @@ export class VfioHandler implements StateHandler {
   }
 
   async loadResumeP2P(ctx: HandlerContext): Promise<void> {
-    if ((await this.#flagsOnce()).p2p) await this.#step('running-p2p', ctx);
+    // loadFinish left the device in stop.
+    const quiesced = quiescedOnPath('stop', 'running', await this.#flagsOnce());
+    if (quiesced) await this.#step(quiesced, ctx);
   }
 
   async loadResume(ctx: HandlerContext): Promise<void> {

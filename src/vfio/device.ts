@@ -5,11 +5,12 @@ import diagnosticsChannel from 'node:diagnostics_channel';
 import { Readable, Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { constants as osConstants } from 'node:os';
-import { native, type NativeDeviceHandle, type NativeMockInfo, type NativeSessionRef } from './native.js';
+import { native, type NativeBackendCarrier, type NativeDeviceHandle, type NativeSessionRef } from './native.js';
+import type { NativeMockInfo } from './mock-native.js';
 import { VfioError, fromNative } from './errors.js';
 import { type Arc, planArcs } from './arc-planner.js';
 import { type MigrationFlags, type MigrationState, PRECOPY_STATES, SAVING_STATES, flagsFromBits, stateFromKernel, stateToKernel } from './states.js';
-import { type MockProfile, type MockProfileInput, loadProfile, toNativeProfile } from './mock-profile.js';
+import type { MockProfile, MockProfileInput } from './mock-profile.js';
 
 /** Raw results of every device call, for tracing (node:diagnostics_channel). */
 export const ioctlChannel = diagnosticsChannel.channel('vfio-migration:ioctl');
@@ -72,7 +73,20 @@ export interface StepOptions {
   onArc?: (arc: Arc, durationMs: number) => void;
 }
 
-let mockCounter = 0;
+/** What a backend addon's device needs to open as a VfioDevice (src/vfio/mock.ts). */
+export interface BackendDeviceOptions {
+  id: string;
+  profile?: MockProfile;
+  mockInfo?: () => NativeMockInfo;
+}
+/**
+ * Opens a device whose backend another addon built (the mock addon), with
+ * the production addon's device machinery. Internal: not exported by the
+ * package's entry points.
+ */
+// Assigned in VfioDevice's static block (the constructor is private).
+// eslint-disable-next-line prefer-const
+export let openBackendDevice: (backend: NativeBackendCarrier, options: BackendDeviceOptions) => Promise<VfioDevice>;
 
 function abortError(signal: AbortSignal): VfioError {
   return new VfioError('ABORT_ERR', `aborted: ${String(signal.reason ?? 'signal aborted')}`, { cause: signal.reason });
@@ -88,6 +102,7 @@ export class VfioDevice implements AsyncDisposable {
   #session: DataSession | null = null;
   #lastState: MigrationState | 'unknown' = 'unknown';
   #closed = false;
+  #mockInfo?: () => NativeMockInfo;
 
   private constructor(handle: NativeDeviceHandle, id: string, kind: 'kernel' | 'mock', openPath: 'cdev' | 'group' | 'mock', profile?: MockProfile) {
     this.#handle = handle;
@@ -97,17 +112,28 @@ export class VfioDevice implements AsyncDisposable {
     this.profile = profile;
   }
 
+  /**
+   * A mock device: openMockDevice() of 'vfio-migration/testing', which
+   * loads the mock addon on first use (nothing else here does).
+   */
   static async openMock(options: OpenMockOptions): Promise<VfioDevice> {
-    const profile = await loadProfile(options.profile, options.overrides);
-    const seed = BigInt(options.seed ?? ++mockCounter);
-    const handle = new native.NativeDevice();
-    try {
-      await handle.openMock(toNativeProfile(profile), seed);
-    } catch (err) {
-      await handle.close();
-      throw fromNative(err, { device: options.id ?? profile.name });
-    }
-    return new VfioDevice(handle, options.id ?? `${profile.name}-${seed}`, 'mock', 'mock', profile);
+    const { openMockDevice } = await import('./mock.js');
+    return openMockDevice(options);
+  }
+
+  static {
+    openBackendDevice = async (backend, options) => {
+      const handle = new native.NativeDevice();
+      try {
+        await handle.openBackend(backend);
+      } catch (err) {
+        await handle.close();
+        throw fromNative(err, { device: options.id });
+      }
+      const dev = new VfioDevice(handle, options.id, 'mock', 'mock', options.profile);
+      dev.#mockInfo = options.mockInfo;
+      return dev;
+    };
   }
 
   static async openKernel(options: OpenKernelOptions): Promise<VfioDevice> {
@@ -315,7 +341,8 @@ export class VfioDevice implements AsyncDisposable {
   /** Mock devices only: digests and counters a test can check. */
   mockInfo(): NativeMockInfo {
     if (this.kind !== 'mock') throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.id}: mockInfo() is only available on mock devices`);
-    return this.#handle.mockInfo();
+    if (!this.#mockInfo) throw new VfioError('ERR_VFIO_BAD_ARGUMENT', `${this.id}: mockInfo() is only available on mock devices`);
+    return this.#mockInfo();
   }
 
   /** Data fds of this device that are still open (for leak checks). */

@@ -6,8 +6,8 @@ import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VfioError } from './errors.js';
-import { MIGRATION_FLAG_BITS, type MigrationFlagName, type MigrationState, isMigrationState, stateToKernel } from './states.js';
-import type { NativeMockProfile } from './native.js';
+import { MIGRATION_FLAG_NAMES, type MigrationState, flagsToBits, isMigrationState, stateToKernel } from './states.js';
+import { mockNative, type NativeMockProfile, type NativeMockProfileSchema } from './mock-native.js';
 
 /** A byte count: a number, or a string with a binary unit ("64KiB", "2GiB"). */
 export type ByteSize = number | string;
@@ -95,31 +95,48 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 /** The shipped profiles: mock-device/profiles/ in the package. */
 export const PROFILES_DIR = path.resolve(here, '..', '..', '..', 'mock-device', 'profiles');
 
-const KNOWN_FIELDS = new Set([
-  'name', 'description', 'flags', 'stateBytes', 'chunkBytes', 'setupBytes', 'stopCopyOnlyBytes', 'dirtyBytesPerSec',
-  'dirtyWorkingSetBytes', 'arcLatencyMs', 'loadInitialMs', 'loadMsPerMiB', 'maxBytesPerSec', 'resumeFailureIntoError',
-  'dmaLogging', 'faults', 'corruptSaveAtByte', 'bogusPrecopyInfo', 'bogusStopCopyBytes', 'driver', 'ports',
-  'precopyInfoV2', 'reinit',
-]);
+/**
+ * The mock addon's description of the profile (mock-device/mock_device.h,
+ * VFIO_MOCK_PROFILE_FIELDS): every scalar field and the limits. Read on
+ * first use, so that importing this module (the CLI does, for byte sizes)
+ * loads no mock code.
+ */
+interface Schema {
+  fields: NativeMockProfileSchema['fields'];
+  limits: NativeMockProfileSchema['limits'];
+  /** Top-level input fields. */
+  known: Set<string>;
+  /** Input objects whose keys are table fields ("reinit": { afterPrecopyMs, initialBytes }). */
+  groups: Map<string, NativeMockProfileSchema['fields']>;
+}
+/** Input fields that are not scalars of the table: read by the code below. */
+const STRUCTURED_FIELDS = ['name', 'description', 'flags', 'arcLatencyMs', 'faults', 'driver', 'ports'];
+let schemaCache: Schema | undefined;
+function schema(): Schema {
+  if (schemaCache) return schemaCache;
+  const { fields, limits } = mockNative().mockProfileSchema;
+  const groups = new Map<string, NativeMockProfileSchema['fields']>();
+  for (const f of fields) {
+    const [group, key] = f.input.split('.');
+    if (key === undefined || group === 'arcLatencyMs') continue;
+    groups.set(group!, [...(groups.get(group!) ?? []), f]);
+  }
+  const known = new Set([...STRUCTURED_FIELDS, ...fields.filter((f) => f.input).map((f) => f.input.split('.')[0]!)]);
+  return (schemaCache = { fields, limits, known, groups });
+}
+
 /**
  * Limits that keep any valid profile's memory and open time small (the mock
  * keeps ~5 bytes per chunk, twice while resuming: ~40 MiB at the chunk cap)
- * and every call's sleep short (close() also interrupts them). The addon
- * enforces the same (mock-device/mock_device.h).
+ * and every call's sleep short (close() also interrupts them): the mock
+ * addon's (mock-device/mock_device.h), which enforces them.
  */
-export const PROFILE_LIMITS = {
-  maxStateBytes: 64 * 2 ** 30,
-  maxChunks: 2 ** 22,
-  minChunkBytes: 64,
-  maxChunkBytes: 2 ** 20,
-  /** An arc latency or the initial load time. */
-  maxDelayMs: 60_000,
-  maxLoadMsPerMiB: 1000,
-  /** A rate cap below this would make one 4 MiB read take over a minute. */
-  minMaxBytesPerSec: 64 * 1024,
-  maxFaults: 64,
-} as const;
-const MAX_STATE_BYTES = PROFILE_LIMITS.maxStateBytes;
+export const PROFILE_LIMITS: Readonly<NativeMockProfileSchema['limits']> = new Proxy({} as NativeMockProfileSchema['limits'], {
+  get: (_, key) => schema().limits[key as keyof NativeMockProfileSchema['limits']],
+  has: (_, key) => key in schema().limits,
+  ownKeys: () => Reflect.ownKeys(schema().limits),
+  getOwnPropertyDescriptor: (_, key) => ({ ...Reflect.getOwnPropertyDescriptor(schema().limits, key), configurable: true }),
+});
 const UNITS: Record<string, number> = { '': 1, B: 1, KiB: 2 ** 10, MiB: 2 ** 20, GiB: 2 ** 30, TiB: 2 ** 40 };
 
 function fail(profile: string, field: string, problem: string): never {
@@ -172,36 +189,20 @@ export function validateProfile(input: unknown): MockProfile {
   const o = input as Record<string, unknown>;
   const name = o.name;
   if (typeof name !== 'string' || !/^[a-z0-9][a-z0-9._-]*$/.test(name)) throw new VfioError('ERR_VFIO_PROFILE', `mock profile: name must be a lowercase identifier, got ${JSON.stringify(name)}`);
-  for (const key of Object.keys(o)) if (!KNOWN_FIELDS.has(key)) fail(name, key, 'is not a profile field (see mock-device/README.md)');
+  for (const key of Object.keys(o)) if (!schema().known.has(key)) fail(name, key, 'is not a profile field (see mock-device/README.md)');
   if (o.driver !== undefined && o.driver !== 'generic') return validateMttyProfile(name, o);
   if (o.ports !== undefined) fail(name, 'ports', 'is only used by the "mtty" driver personality');
 
   if (!Array.isArray(o.flags)) fail(name, 'flags', 'must be an array of "stop-copy", "p2p", "pre-copy"');
   const flags = { stopCopy: false, p2p: false, preCopy: false };
-  const flagNames: Record<string, MigrationFlagName> = { 'stop-copy': 'stopCopy', p2p: 'p2p', 'pre-copy': 'preCopy' };
   for (const f of o.flags) {
-    const key = typeof f === 'string' ? flagNames[f] : undefined;
+    const key = typeof f === 'string' && Object.hasOwn(MIGRATION_FLAG_NAMES, f) ? MIGRATION_FLAG_NAMES[f] : undefined;
     if (!key) fail(name, 'flags', `has an unknown flag ${JSON.stringify(f)}`);
     flags[key] = true;
   }
   if (!flags.stopCopy) fail(name, 'flags', 'must include "stop-copy" (the uAPI requires VFIO_MIGRATION_STOP_COPY)');
 
-  const stateBytes = parseByteSize(o.stateBytes, name, 'stateBytes');
-  if (stateBytes > MAX_STATE_BYTES) fail(name, 'stateBytes', `must be at most 64GiB, got ${stateBytes}`);
-  const chunkBytes = o.chunkBytes === undefined ? 4096 : parseByteSize(o.chunkBytes, name, 'chunkBytes');
-  if (chunkBytes < PROFILE_LIMITS.minChunkBytes || chunkBytes > PROFILE_LIMITS.maxChunkBytes || chunkBytes % 8 !== 0) fail(name, 'chunkBytes', `must be a multiple of 8 between 64 and 1MiB, got ${chunkBytes}`);
-  if (stateBytes === 0 || stateBytes % chunkBytes !== 0) fail(name, 'stateBytes', `must be a non-zero multiple of chunkBytes (${chunkBytes}), got ${stateBytes}`);
-  if (stateBytes / chunkBytes > PROFILE_LIMITS.maxChunks)
-    fail(name, 'stateBytes', `is ${stateBytes / chunkBytes} chunks of ${chunkBytes} bytes; at most ${PROFILE_LIMITS.maxChunks} chunks (use a larger chunkBytes)`);
-  const optBytes = (field: string, max = Number.MAX_SAFE_INTEGER) => {
-    const v = o[field] === undefined ? 0 : parseByteSize(o[field], name, field);
-    if (v > max) fail(name, field, `must be at most ${max}, got ${v}`);
-    return v;
-  };
-  const dirtyWorkingSetBytes = optBytes('dirtyWorkingSetBytes') || stateBytes;
-  if (dirtyWorkingSetBytes > stateBytes) fail(name, 'dirtyWorkingSetBytes', `must not exceed stateBytes (${stateBytes})`);
-
-  let defaultArcLatencyMs = 0;
+  let defaultArcLatencyMs: number | undefined;
   const arcLatencyMs: MockProfile['arcLatencyMs'] = [];
   if (o.arcLatencyMs !== undefined) {
     if (typeof o.arcLatencyMs !== 'object' || o.arcLatencyMs === null) fail(name, 'arcLatencyMs', 'must be an object of "from>to": ms');
@@ -223,7 +224,7 @@ export function validateProfile(input: unknown): MockProfile {
       for (const k of Object.keys(fo)) if (!['arc', 'errno', 'intoError', 'times'].includes(k)) fail(name, `${field}.${k}`, 'is not a fault field (arc, errno, intoError, times)');
       const arc = parseArc(fo.arc, name, `${field}.arc`);
       const errnoName = fo.errno;
-      if (typeof errnoName !== 'string' || !(errnoName in osConstants.errno)) fail(name, `${field}.errno`, `must be an errno name like "EIO", got ${JSON.stringify(errnoName)}`);
+      if (typeof errnoName !== 'string' || !Object.hasOwn(osConstants.errno, errnoName)) fail(name, `${field}.errno`, `must be an errno name like "EIO", got ${JSON.stringify(errnoName)}`);
       const times = fo.times === undefined ? -1 : fo.times;
       if (typeof times !== 'number' || !Number.isInteger(times) || (times < 1 && times !== -1)) fail(name, `${field}.times`, 'must be a positive integer');
       if (fo.intoError !== undefined && typeof fo.intoError !== 'boolean') fail(name, `${field}.intoError`, 'must be a boolean');
@@ -231,58 +232,68 @@ export function validateProfile(input: unknown): MockProfile {
     });
   }
 
-  const bool = (field: string) => {
-    if (o[field] !== undefined && typeof o[field] !== 'boolean') fail(name, field, 'must be a boolean');
-    return o[field] === true;
-  };
-  const corruptSaveAtByte = o.corruptSaveAtByte === undefined ? -1 : o.corruptSaveAtByte;
-  if (typeof corruptSaveAtByte !== 'number' || !Number.isSafeInteger(corruptSaveAtByte) || corruptSaveAtByte < -1) fail(name, 'corruptSaveAtByte', 'must be a byte offset (integer >= 0)');
-
-  const profile: MockProfile = {
+  // Every scalar field of the table: its input read and parsed by kind, or its default.
+  for (const [group, members] of schema().groups) {
+    const g = o[group];
+    if (g === undefined) continue;
+    const keys = members.map((f) => f.input.split('.')[1]!);
+    if (typeof g !== 'object' || g === null || Array.isArray(g)) fail(name, group, `must be an object { ${keys.join(', ')} }`);
+    for (const k of Object.keys(g)) if (!keys.includes(k)) fail(name, `${group}.${k}`, `is not a field (${keys.join(', ')})`);
+    for (const f of members) if (f.required && (g as Record<string, unknown>)[f.input.split('.')[1]!] === undefined) fail(name, f.input, 'is required');
+  }
+  if (o.reinit !== undefined && !flags.preCopy) fail(name, 'reinit', 'needs the "pre-copy" flag (a REINIT happens during PRE_COPY)');
+  const scalars: Record<string, unknown> = {};
+  for (const f of schema().fields) {
+    if (!f.input) continue;
+    const [group, key] = f.input.split('.');
+    const raw = f.input === 'arcLatencyMs.default' ? defaultArcLatencyMs : key === undefined ? o[group!] : (o[group!] as Record<string, unknown> | undefined)?.[key];
+    if (raw === undefined) {
+      if (f.required && key === undefined) fail(name, f.input, 'is required');
+      if (f.default !== null) scalars[f.name] = f.default;
+      continue;
+    }
+    scalars[f.name] = parseScalar(f, raw, name);
+  }
+  const profile = {
     name,
     description: typeof o.description === 'string' ? o.description : '',
     flags,
-    stateBytes,
-    chunkBytes,
-    setupBytes: optBytes('setupBytes', MAX_STATE_BYTES),
-    stopCopyOnlyBytes: optBytes('stopCopyOnlyBytes', MAX_STATE_BYTES),
-    dirtyBytesPerSec: optBytes('dirtyBytesPerSec'),
-    dirtyWorkingSetBytes,
-    defaultArcLatencyMs,
+    ...scalars,
     arcLatencyMs,
-    loadInitialMs: o.loadInitialMs === undefined ? 0 : bounded(o.loadInitialMs, name, 'loadInitialMs', PROFILE_LIMITS.maxDelayMs),
-    loadMsPerMiB: o.loadMsPerMiB === undefined ? 0 : bounded(o.loadMsPerMiB, name, 'loadMsPerMiB', PROFILE_LIMITS.maxLoadMsPerMiB),
-    maxBytesPerSec: optBytes('maxBytesPerSec'),
-    resumeFailureIntoError: bool('resumeFailureIntoError'),
-    dmaLogging: bool('dmaLogging'),
     faults,
-    corruptSaveAtByte,
-    precopyInfoV2: o.precopyInfoV2 === undefined ? true : bool('precopyInfoV2'),
-    reinitAfterPrecopyMs: -1,
-    reinitInitialBytes: 0,
-  };
-  if (o.reinit !== undefined) {
-    const r = o.reinit as Record<string, unknown>;
-    if (typeof r !== 'object' || r === null || Array.isArray(r)) fail(name, 'reinit', 'must be an object { afterPrecopyMs, initialBytes }');
-    for (const k of Object.keys(r)) if (k !== 'afterPrecopyMs' && k !== 'initialBytes') fail(name, `reinit.${k}`, 'is not a field (afterPrecopyMs, initialBytes)');
-    if (!flags.preCopy) fail(name, 'reinit', 'needs the "pre-copy" flag (a REINIT happens during PRE_COPY)');
-    if (r.afterPrecopyMs === undefined) fail(name, 'reinit.afterPrecopyMs', 'is required');
-    if (r.initialBytes === undefined) fail(name, 'reinit.initialBytes', 'is required');
-    profile.reinitAfterPrecopyMs = bounded(r.afterPrecopyMs, name, 'reinit.afterPrecopyMs', PROFILE_LIMITS.maxDelayMs);
-    profile.reinitInitialBytes = parseByteSize(r.initialBytes, name, 'reinit.initialBytes');
-    if (profile.reinitInitialBytes > MAX_STATE_BYTES) fail(name, 'reinit.initialBytes', `must be at most 64GiB, got ${profile.reinitInitialBytes}`);
+  } as MockProfile;
+  // The limits and the rules between fields: the addon's, which the device enforces.
+  try {
+    mockNative().checkMockProfile(toNativeProfile(profile));
+  } catch (err) {
+    const e = err as { code?: string; message?: string };
+    if (e.code !== 'ERR_VFIO_PROFILE' && e.code !== 'ERR_VFIO_BAD_ARGUMENT') throw err;
+    // Named as the profile's JSON names it (reinitAfterPrecopyMs is reinit.afterPrecopyMs).
+    const message = String(e.message).replace(/^mock profile: /, '').replace(/^\w+/, (n) => schema().fields.find((f) => f.name === n && f.input)?.input ?? n);
+    throw new VfioError('ERR_VFIO_PROFILE', `mock profile "${name}": ${message}`, { cause: err });
   }
-  if (profile.maxBytesPerSec !== 0 && profile.maxBytesPerSec < PROFILE_LIMITS.minMaxBytesPerSec)
-    fail(name, 'maxBytesPerSec', `must be 0 (no cap) or at least ${PROFILE_LIMITS.minMaxBytesPerSec}, got ${profile.maxBytesPerSec}`);
-  if (o.bogusPrecopyInfo !== undefined) {
-    const b = o.bogusPrecopyInfo as Record<string, unknown>;
-    if (typeof b !== 'object' || b === null) fail(name, 'bogusPrecopyInfo', 'must be an object');
-    for (const k of Object.keys(b)) if (k !== 'initialBytes' && k !== 'dirtyBytes') fail(name, `bogusPrecopyInfo.${k}`, 'is not a field (initialBytes, dirtyBytes)');
-    if (b.initialBytes !== undefined) profile.bogusInitialBytes = parseU64(b.initialBytes, name, 'bogusPrecopyInfo.initialBytes');
-    if (b.dirtyBytes !== undefined) profile.bogusDirtyBytes = parseU64(b.dirtyBytes, name, 'bogusPrecopyInfo.dirtyBytes');
-  }
-  if (o.bogusStopCopyBytes !== undefined) profile.bogusStopCopyBytes = parseU64(o.bogusStopCopyBytes, name, 'bogusStopCopyBytes');
+  // 0 means the whole state.
+  if (profile.dirtyWorkingSetBytes === 0) profile.dirtyWorkingSetBytes = profile.stateBytes;
   return profile;
+}
+
+/** One scalar input by its kind (mock_device.h): syntax here, ranges in the addon. */
+function parseScalar(f: NativeMockProfileSchema['fields'][number], raw: unknown, profile: string): number | boolean | bigint {
+  switch (f.kind) {
+    case 'bytes':
+    case 'rate':
+      return parseByteSize(raw, profile, f.input);
+    case 'ms':
+      return nonNegative(raw, profile, f.input);
+    case 'bool':
+      if (typeof raw !== 'boolean') fail(profile, f.input, 'must be a boolean');
+      return raw;
+    case 'offset':
+      if (typeof raw !== 'number' || !Number.isSafeInteger(raw) || raw < 0) fail(profile, f.input, 'must be a byte offset (integer >= 0)');
+      return raw;
+    case 'u64':
+      return parseU64(raw, profile, f.input);
+  }
 }
 
 // The mtty personality (mock-device/mtty_mock.h): the real driver's fixed
@@ -295,14 +306,14 @@ function validateMttyProfile(name: string, o: Record<string, unknown>): MockProf
   if (ports !== 1 && ports !== 2) fail(name, 'ports', `must be 1 or 2, got ${JSON.stringify(ports)}`);
   if (o.flags !== undefined && (!Array.isArray(o.flags) || [...o.flags].sort().join(',') !== 'p2p,pre-copy,stop-copy'))
     fail(name, 'flags', 'must be ["stop-copy", "p2p", "pre-copy"] for the "mtty" driver personality (its flags are fixed)');
+  const defaults = Object.fromEntries(schema().fields.filter((f) => f.input && f.default !== null).map((f) => [f.name, f.default]));
   return {
+    ...defaults,
     name, description: typeof o.description === 'string' ? o.description : '', flags: { stopCopy: true, p2p: true, preCopy: true },
-    stateBytes: 36 * ports, chunkBytes: 36, setupBytes: 0, stopCopyOnlyBytes: 0, dirtyBytesPerSec: 0, dirtyWorkingSetBytes: 36 * ports,
-    defaultArcLatencyMs: 0, arcLatencyMs: [], loadInitialMs: 0, loadMsPerMiB: 0, maxBytesPerSec: 0, resumeFailureIntoError: false,
-    dmaLogging: true, faults: [], corruptSaveAtByte: -1, driver: 'mtty', ports,
+    stateBytes: 36 * ports, chunkBytes: 36, dirtyWorkingSetBytes: 36 * ports, arcLatencyMs: [], faults: [], dmaLogging: true, driver: 'mtty', ports,
     // 6.12's mtty has no MIG_PRECOPY_INFOv2 and never re-initialises.
-    precopyInfoV2: false, reinitAfterPrecopyMs: -1, reinitInitialBytes: 0,
-  };
+    precopyInfoV2: false,
+  } as unknown as MockProfile;
 }
 
 /** Names of the shipped profiles. */
@@ -345,31 +356,14 @@ export function profileHash(p: MockProfile): bigint {
 }
 
 export function toNativeProfile(p: MockProfile): NativeMockProfile {
+  const scalars = Object.fromEntries(schema().fields.filter((f) => f.input).map((f) => [f.name, (p as unknown as Record<string, unknown>)[f.name]]));
   return {
+    ...scalars,
     name: p.name,
-    flags: (p.flags.stopCopy ? MIGRATION_FLAG_BITS.stopCopy : 0) | (p.flags.p2p ? MIGRATION_FLAG_BITS.p2p : 0) | (p.flags.preCopy ? MIGRATION_FLAG_BITS.preCopy : 0),
-    stateBytes: p.stateBytes,
-    chunkBytes: p.chunkBytes,
-    setupBytes: p.setupBytes,
-    stopCopyOnlyBytes: p.stopCopyOnlyBytes,
-    dirtyBytesPerSec: p.dirtyBytesPerSec,
-    dirtyWorkingSetBytes: p.dirtyWorkingSetBytes,
-    defaultArcLatencyMs: p.defaultArcLatencyMs,
+    flags: flagsToBits(p.flags),
     arcLatencies: p.arcLatencyMs.map((a) => ({ from: stateToKernel(a.from), to: stateToKernel(a.to), ms: a.ms })),
-    loadInitialMs: p.loadInitialMs,
-    loadMsPerMiB: p.loadMsPerMiB,
-    maxBytesPerSec: p.maxBytesPerSec,
-    resumeFailureIntoError: p.resumeFailureIntoError,
-    dmaLogging: p.dmaLogging,
     faults: p.faults.map((f) => ({ from: stateToKernel(f.from), to: stateToKernel(f.to), errno: osConstants.errno[f.errno as keyof typeof osConstants.errno], intoError: f.intoError, times: f.times })),
-    corruptSaveAtByte: p.corruptSaveAtByte,
-    bogusInitialBytes: p.bogusInitialBytes,
-    bogusDirtyBytes: p.bogusDirtyBytes,
-    bogusStopCopyBytes: p.bogusStopCopyBytes,
     profileHash: profileHash(p),
-    precopyInfoV2: p.precopyInfoV2,
-    reinitAfterPrecopyMs: p.reinitAfterPrecopyMs,
-    reinitInitialBytes: p.reinitInitialBytes,
     ...(p.driver === 'mtty' ? { driver: 'mtty', ports: p.ports } : {}),
   } as NativeMockProfile;
 }

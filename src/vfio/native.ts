@@ -2,27 +2,14 @@
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
-import type { MockProfileScalars } from './mock-profile.js';
 
-/** A validated profile in the addon's terms: states and errnos as kernel numbers. */
-export interface NativeMockProfile extends MockProfileScalars {
-  name: string;
-  flags: number;
-  arcLatencies: { from: number; to: number; ms: number }[];
-  faults: { from: number; to: number; errno: number; intoError: boolean; times: number }[];
-  profileHash: bigint;
-}
-
-export interface NativeMockInfo {
-  seed: bigint;
-  digest: string;
-  savedDigest: string;
-  loadedDigest: string;
-  bytesRead: number;
-  bytesWritten: number;
-  dirtiedChunks: number;
-  arcsTaken: number;
-  loadBusyMs: number;
+/**
+ * A device backend built by another addon, for NativeDevice.openBackend():
+ * a type-tagged object holding the backend's factory (native/backend.h).
+ * Only the addons can make one.
+ */
+export interface NativeBackendCarrier {
+  readonly factory: unknown;
 }
 
 /** A data session a SET opened: `id` names it in every later call; `fd` is informational only (no call takes an fd). */
@@ -39,8 +26,8 @@ export interface NativeSessionRef {
  */
 export interface NativeDeviceHandle {
   openKernel(path: string, via: string): Promise<string>;
-  /** Builds the mock on the device's control thread. */
-  openMock(profile: NativeMockProfile, seed: bigint): Promise<void>;
+  /** Opens a device whose backend another addon built (the mock addon's MockHandle); the backend is built on the device's control thread. */
+  openBackend(backend: NativeBackendCarrier): Promise<void>;
   info(): { kind: string | null; openPath: string | null; closed: boolean };
   migrationFlags(): Promise<number>;
   getState(): Promise<number>;
@@ -63,11 +50,31 @@ export interface NativeDeviceHandle {
   closeSession(session: number): Promise<void>;
   /** Data fds not closed yet (for leak checks). */
   openDataFds(): number[];
-  mockInfo(): NativeMockInfo;
   close(): Promise<void>;
 }
 
+/** native/uapi.h's state machine as data (the addon's `stateFacts`). */
+export interface NativeStateFacts {
+  /** Indexed by the kernel's enum value. */
+  states: {
+    value: number;
+    name: string;
+    /** VFIO_MIGRATION_* bits the state needs to exist; null: never requestable (ERROR). */
+    needs: number | null;
+    /** Exists on every migration-capable device (RUNNING, ERROR). */
+    always: boolean;
+    saving: boolean;
+    precopy: boolean;
+    p2pQuiesced: boolean;
+  }[];
+  flags: { key: string; name: string; bit: number }[];
+  /** [from][to]: the kernel's first single arc toward `to` (0 = ERROR: refused), before skipping states the device lacks. */
+  next: number[][];
+  dataFdArcs: { from: number; to: number; direction: 'save' | 'resume' }[];
+}
+
 export interface NativeAddon {
+  stateFacts: NativeStateFacts;
   NativeDevice: new () => NativeDeviceHandle;
   nextState(current: number, target: number, flags: number): number | null;
   uapi: Record<string, number>;

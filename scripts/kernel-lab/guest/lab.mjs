@@ -23,7 +23,7 @@ import { pipeline } from 'node:stream/promises';
 
 const T0 = performance.now();
 const { VfioDevice } = await import('/lab/dist/src/index.js');
-const { runConformance, CHECK_NAMES } = await import('/lab/dist/src/testing.js');
+const { runConformance, CHECK_NAMES, openMockDevice } = await import('/lab/dist/src/testing.js');
 const { runBehaviourTrace, diffTraces } = await import('/lab/dist/src/vfio/behaviour-trace.js');
 
 let mdevs = [];
@@ -61,7 +61,7 @@ async function expectCode(p, code, what) {
 }
 
 const open = (i, via) => VfioDevice.openKernel({ path: via === 'cdev' ? mdevs[i].cdev : mdevs[i].sysfs, via, id: `mtty${i}-${via}` });
-const openMtty = (seed) => VfioDevice.openMock({ profile: { name: 'mtty', driver: 'mtty', ports, flags: ['stop-copy', 'p2p', 'pre-copy'] }, seed });
+const openMtty = (seed) => openMockDevice({ profile: { name: 'mtty', driver: 'mtty', ports, flags: ['stop-copy', 'p2p', 'pre-copy'] }, seed });
 
 /** Opens the devices, runs `fn` with them, and closes them whatever happens. */
 async function withDevices(openers, fn) {

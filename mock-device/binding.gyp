@@ -1,0 +1,23 @@
+{
+  "targets": [
+    {
+      "target_name": "vfio_migration_mock",
+      "sources": [
+        "mock_addon.cc",
+        "mock_device.cc",
+        "mtty_mock.cc",
+        "profile_napi.cc",
+        "../native/uapi.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions"],
+      "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+      "xcode_settings": {
+        "GCC_ENABLE_CPP_EXCEPTIONS": "YES",
+        "CLANG_CXX_LANGUAGE_STANDARD": "c++17"
+      }
+    }
+  ]
+}
