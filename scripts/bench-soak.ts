@@ -9,7 +9,7 @@
 // - soak-rss-growth: the median of the last 5 RSS samples (migrations
 //   160-200) over the median of the first 5 (20-60), the larger of the two
 //   processes. Medians of equal windows, not two single samples: the addon
-//   keeps a bounded cache of read buffers (up to 32 MiB, returned at GC) whose
+//   keeps a bounded cache of read buffers (up to 64 MiB, returned at GC) whose
 //   fill at any one sample varies by tens of MiB, while a leak moves the
 //   whole window. The trajectory and the single-sample growth (warm-up ->
 //   end) are printed beside it.
