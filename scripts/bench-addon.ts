@@ -71,7 +71,8 @@ os.close(fd)
   }
   const seconds = (performance.now() - t0) / 1000;
   await fh.close();
-  await new Promise((r) => writer.once('exit', r));
+  // The writer may have exited already (its 'exit' then never comes again: exit 13, nothing printed).
+  if (writer.exitCode === null && writer.signalCode === null) await new Promise((r) => writer.once('exit', r));
   rmSync(dir, { recursive: true, force: true });
   return { bytes: got, seconds };
 }
