@@ -301,11 +301,14 @@ export class FrameWriter {
     // Over TLS a frame's header and payload go to the socket as one batch: its header then shares a record with the payload (see pacedTlsWrites).
     const batch = this.#encrypted && parts.length > 1;
     if (batch) this.#stream.cork();
-    for (const p of parts) {
-      ok = this.#stream.write(p);
-      this.bytesWritten += p.length;
+    try {
+      for (const p of parts) {
+        ok = this.#stream.write(p);
+        this.bytesWritten += p.length;
+      }
+    } finally {
+      if (batch) this.#stream.uncork();
     }
-    if (batch) this.#stream.uncork();
     if (!ok && !this.#stream.destroyed) {
       await new Promise<void>((resolve, reject) => {
         const done = (err?: Error) => {
