@@ -3,7 +3,10 @@
 // against a plain Node socket pipe between two processes moving the same
 // bytes, the same full stack over TLS (mutual x509, certificates made with
 // openssl for the run) against it in clear, and the switchover time of 1 vs
-// 16 devices whose arcs take 50 ms.
+// 16 devices whose arcs take 50 ms. The TLS rounds print each end's CPU per
+// GiB: on a host whose cores the clear stack already fills, the TLS ratio is
+// about the ratio of those totals. BENCH_ROUNDS=n (default 5);
+// BENCH_CPU_PROF=dir profiles the destinations (see startTcpDestination).
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
@@ -53,7 +56,9 @@ async function fullStack(tls?: TlsFixtures): Promise<{ bytes: number; seconds: n
 /** The CLI's destination on loopback TCP (port chosen by the OS). */
 async function startTcpDestination(spec: Parameters<typeof deviceArgs>[0], extra: string[] = []): Promise<{ uri: string; done: Promise<void> }> {
   const { CLI } = await import('../test/harness.js');
-  const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', 'tcp:127.0.0.1:0', '--json', '--once', '--arc-history', 'none', ...deviceArgs(spec), ...extra], { stdio: ['ignore', 'pipe', 'inherit'] });
+  // BENCH_CPU_PROF=dir: the destination writes a V8 CPU profile there (NODE_OPTIONS refuses --cpu-prof; run this script with --cpu-prof for the source's).
+  const prof = process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
+  const proc = spawn(process.execPath, [...prof, CLI, 'incoming', '--listen', 'tcp:127.0.0.1:0', '--json', '--once', '--arc-history', 'none', ...deviceArgs(spec), ...extra], { stdio: ['ignore', 'pipe', 'inherit'] });
   let buf = '';
   const uri = await new Promise<string>((resolve) =>
     proc.stdout.on('data', (d: Buffer) => {
