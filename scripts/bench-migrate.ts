@@ -3,8 +3,12 @@
 // against a plain Node socket pipe between two processes moving the same
 // bytes, the same full stack over TLS (mutual x509, certificates made with
 // openssl for the run) against it in clear, and the switchover time of 1 vs
-// 16 devices whose arcs take 50 ms.
+// 16 devices whose arcs take 50 ms. The TLS rounds print each end's CPU per
+// GiB: on a host whose cores the clear stack already fills, the TLS ratio is
+// about the ratio of those totals. BENCH_ROUNDS=n (default 5);
+// BENCH_CPU_PROF=dir profiles the destinations (see startTcpDestination).
 import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { MigrationSource } from '../src/migration/source.js';
 import { deviceArgs, sourceSide, startDestination } from '../test/harness.js';
@@ -14,24 +18,47 @@ const MiB = 1 << 20;
 const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
 const big = { stateBytes: '1GiB', chunkBytes: '64KiB', setupBytes: 0, stopCopyOnlyBytes: 0, dirtyBytesPerSec: 0, dirtyWorkingSetBytes: 0, loadInitialMs: 0, loadMsPerMiB: 0, arcLatencyMs: { default: 0 } };
 
+/**
+ * CPU seconds (user + system, all threads) of this process and of its
+ * children that have exited (the destination once it is done): the fields
+ * of /proc/self/stat, in clock ticks (100/s on Linux). null without /proc.
+ */
+function cpuSeconds(): { self: number; children: number } | null {
+  try {
+    const stat = readFileSync('/proc/self/stat', 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ').map(Number);
+    // utime, stime, cutime, cstime are fields 14-17 of the line (11-14 after the command).
+    return { self: (f[11]! + f[12]!) / 100, children: (f[13]! + f[14]!) / 100 };
+  } catch {
+    return null;
+  }
+}
+
 /** `tls`: both ends over mutual x509 TLS (tcp:127.0.0.1, which the destination's certificate names). */
-async function fullStack(tls?: TlsFixtures): Promise<{ bytes: number; seconds: number }> {
+async function fullStack(tls?: TlsFixtures): Promise<{ bytes: number; seconds: number; cpuPerGiB?: { source: number; destination: number } }> {
   const spec = { mock: [['gpu', 1]] as [string, number][], overrides: big };
   const tcp = await startTcpDestination(spec, tls ? ['--tls-creds', tls.dest, '--tls-authz', tls.sourceDn] : []);
   const side = await sourceSide(spec);
   // The mock's P2P quiesce is instant: assumed at the default 300 ms, it alone fills the default downtime-limit and the stream never switches over.
   const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { 'x-assumed-p2p-arc-ms': 5 }, ...(tls ? { tls: { creds: tls.source } } : {}) });
+  const before = cpuSeconds();
   const info = await src.migrate(tcp.uri);
   await tcp.done;
+  const after = cpuSeconds();
   await side.close();
   const seconds = (info.totalTimeMs - info.setupTimeMs) / 1000;
-  return { bytes: info.transferredBytes, seconds };
+  // Whole processes (device threads, GC, the destination's start-up too): where the CPU goes, not a precise cost.
+  const gib = info.transferredBytes / 2 ** 30;
+  const cpuPerGiB = before && after ? { source: (after.self - before.self) / gib, destination: (after.children - before.children) / gib } : undefined;
+  return { bytes: info.transferredBytes, seconds, ...(cpuPerGiB ? { cpuPerGiB } : {}) };
 }
 
 /** The CLI's destination on loopback TCP (port chosen by the OS). */
 async function startTcpDestination(spec: Parameters<typeof deviceArgs>[0], extra: string[] = []): Promise<{ uri: string; done: Promise<void> }> {
   const { CLI } = await import('../test/harness.js');
-  const proc = spawn(process.execPath, [CLI, 'incoming', '--listen', 'tcp:127.0.0.1:0', '--json', '--once', '--arc-history', 'none', ...deviceArgs(spec), ...extra], { stdio: ['ignore', 'pipe', 'inherit'] });
+  // BENCH_CPU_PROF=dir: the destination writes a V8 CPU profile there (NODE_OPTIONS refuses --cpu-prof; run this script with --cpu-prof for the source's).
+  const prof = process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [];
+  const proc = spawn(process.execPath, [...prof, CLI, 'incoming', '--listen', 'tcp:127.0.0.1:0', '--json', '--once', '--arc-history', 'none', ...deviceArgs(spec), ...extra], { stdio: ['ignore', 'pipe', 'inherit'] });
   let buf = '';
   const uri = await new Promise<string>((resolve) =>
     proc.stdout.on('data', (d: Buffer) => {
@@ -113,7 +140,8 @@ try {
   for (let i = 0; i < rounds; i++) {
     const pair = i % 2 === 0 ? [await fullStack(), await fullStack(tlsFixtures)] : [await fullStack(tlsFixtures), await fullStack()].reverse();
     const [clear, secure] = pair.map((r) => r!.bytes / r!.seconds / 1e6) as [number, number];
-    console.log(`round ${i + 1}: full stack over TLS ${secure.toFixed(0)} MB/s, in clear ${clear.toFixed(0)} MB/s`);
+    const cpu = pair.map((r) => (r!.cpuPerGiB ? ` (CPU s/GiB: source ${r!.cpuPerGiB.source.toFixed(2)}, destination ${r!.cpuPerGiB.destination.toFixed(2)})` : '')) as [string, string];
+    console.log(`round ${i + 1}: full stack over TLS ${secure.toFixed(0)} MB/s${cpu[1]}, in clear ${clear.toFixed(0)} MB/s${cpu[0]}`);
     bestClear = Math.max(bestClear, clear);
     bestTls = Math.max(bestTls, secure);
   }

@@ -1,12 +1,15 @@
 import test from 'ava';
 import net from 'node:net';
-import { closeSync, openSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { native } from '../src/vfio/native.js';
 import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame, jsonPayload, readFirstFrame, verifyFrame } from '../src/migration/wire.js';
 import { MigrationError } from '../src/migration/errors.js';
-import { connect, listen, parseUri, slabStats } from '../src/migration/transport.js';
+import { connect, listen, parseUri, secureAccept, slabStats } from '../src/migration/transport.js';
+import { loadTlsConfig } from '../src/migration/tls.js';
 import { MigrationSource } from '../src/migration/source.js';
 import { sourceSide } from './harness.js';
 
@@ -114,6 +117,70 @@ test('frames cross a real socket intact, in order, whatever the socket cuts them
   t.is(await reader.next(), null);
   await sending;
   t.is(writer.bytesWritten, reader.bytesRead);
+});
+
+test.serial('over TLS, frames of every size cross intact and in order, a direct write stays between frames, and no write encrypts more than a piece at once', async (t) => {
+  // PSK: no certificates needed; the sockets are the ones a migration uses (connect, listen + secureAccept).
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'vfio-wire-tls-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const keys = path.join(dir, 'keys.psk');
+  writeFileSync(keys, `qemu:${randomBytes(32).toString('hex')}\n`);
+  // What each write of the source's socket hands to OpenSSL (a TLS write encrypts its buffer whole, on the event loop); in place before the socket exists.
+  const { _write: write, _writev: writev } = net.Socket.prototype;
+  let largestWrite = 0;
+  const source = (s: net.Socket) => (s as { encrypted?: boolean }).encrypted && !(s as { isServer?: boolean }).isServer;
+  net.Socket.prototype._write = function (this: net.Socket, chunk: Buffer, encoding: BufferEncoding, cb: (err?: Error | null) => void) {
+    if (source(this)) largestWrite = Math.max(largestWrite, chunk.length);
+    return write.call(this, chunk, encoding, cb);
+  };
+  net.Socket.prototype._writev = function (this: net.Socket, chunks: { chunk: Buffer; encoding: BufferEncoding }[], cb: (err?: Error | null) => void) {
+    if (source(this)) largestWrite = Math.max(largestWrite, chunks.reduce((n, c) => n + c.chunk.length, 0));
+    return writev!.call(this, chunks, cb);
+  };
+  t.teardown(() => {
+    Object.assign(net.Socket.prototype, { _write: write, _writev: writev });
+  });
+  const listening = await listen(parseUri('tcp:127.0.0.1:0'), { tls: true });
+  t.teardown(() => listening.server.close());
+  const raw = new Promise<net.Socket>((r) => listening.server.once('accepted', r));
+  const [a, b] = await Promise.all([connect(listening.uri, undefined, await loadTlsConfig({ psk: keys }, 'source')), raw.then(async (s) => secureAccept(s, await loadTlsConfig({ psk: keys }, 'destination')))]);
+  t.teardown(() => {
+    a.destroy();
+    b.destroy();
+  });
+  const writer = new FrameWriter(a);
+  const reader = new FrameReader(b);
+  const K = 1 << 10;
+  // Around a TLS record (16 KiB) and a write piece (256 KiB), and the largest frame.
+  const sizes = [0, 1, 20, 16 * K - 1, 16 * K, 16 * K + 1, 256 * K - 1, 256 * K + 16 * K - 1, 256 * K + 16 * K + 1, (3 << 20) + 5, MAX_FRAME_PAYLOAD_BYTES];
+  const payloads = sizes.map((n) => randomBytes(n));
+  const direct = Buffer.concat(encodeFrame(FrameType.Heartbeat, 7));
+  const sending = (async () => {
+    const queued: Promise<void>[] = [];
+    for (const [i, p] of payloads.entries()) {
+      // Not awaited: frames pile up behind the socket, as a migration's do.
+      queued.push(writer.write(FrameType.SectionData, i, p));
+      // As the source answers a Ping: straight to the socket, between two frames.
+      if (i % 3 === 2) a.write(direct);
+    }
+    await Promise.all(queued);
+    a.end();
+  })();
+  for (const [i, p] of payloads.entries()) {
+    const f = await reader.next();
+    t.is(f!.type, FrameType.SectionData);
+    t.is(f!.section, i);
+    t.true(f!.payload.equals(p), `payload ${i} (${p.length} bytes)`);
+    if (i % 3 === 2) {
+      const h = await reader.next();
+      t.is(h!.type, FrameType.Heartbeat);
+      t.is(h!.section, 7);
+    }
+  }
+  t.is(await reader.next(), null);
+  await sending;
+  t.true(largestWrite > 0);
+  t.true(largestWrite < (256 + 16) * K, `largest TLS write ${largestWrite} bytes`);
 });
 
 /** A header edited by a test, with its header checksum made right again (the edit itself is what is tested). */

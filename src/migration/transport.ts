@@ -289,6 +289,85 @@ function slabReads(standInBytes: number, coalesce = false): { onread: { buffer: 
   return { onread: { buffer: nextBuffer, callback }, install };
 }
 
+/** TLS writes reach OpenSSL in pieces of at most this size (see pacedTlsWrites). */
+const TLS_WRITE_PIECE_BYTES = 256 << 10;
+/** A TLS 1.3 record's largest plaintext: smaller pieces (frame headers) are merged up to it. */
+const TLS_RECORD_BYTES = 16 << 10;
+
+/**
+ * Node's TLS socket encrypts each write (or writev batch) whole, in one
+ * call, and takes the next only once all of its ciphertext is in the
+ * kernel: with 8 MiB of frames queued behind a write, batches of 8-16 MiB
+ * (measured) were encrypted while the wire sat idle, then drained while the
+ * encryption sat idle, and a batch of several buffers was first copied into
+ * one new 8-16 MiB allocation (a copy per byte, and a V8 GC per ~64 MiB of
+ * them). Here every batch goes to OpenSSL one piece of at most
+ * TLS_WRITE_PIECE_BYTES at a time: a view of the caller's buffer (no copy),
+ * small buffers (frame headers) merged into full 16 KiB records, the next
+ * piece encrypted while the kernel still sends the last. Order and
+ * Writable semantics are unchanged (the callback runs once the whole
+ * batch is written), so direct writes (end(), a Pong) stay between frames.
+ */
+export function pacedTlsWrites(socket: tls.TLSSocket): void {
+  const writePiece = net.Socket.prototype._write;
+  const run = (chunks: Buffer[], cb: (err?: Error | null) => void) => {
+    const pieces: Buffer[] = [];
+    let small: Buffer[] = [];
+    let smallBytes = 0;
+    for (const chunk of chunks) {
+      let c = chunk;
+      if (smallBytes > 0) {
+        const n = Math.min(TLS_RECORD_BYTES - smallBytes, c.length);
+        small.push(c.subarray(0, n));
+        smallBytes += n;
+        c = c.subarray(n);
+        if (smallBytes === TLS_RECORD_BYTES) {
+          pieces.push(Buffer.concat(small, smallBytes));
+          small = [];
+          smallBytes = 0;
+        }
+      }
+      while (c.length >= TLS_RECORD_BYTES) {
+        // A tail smaller than a record stays with the piece before it.
+        const n = c.length - TLS_WRITE_PIECE_BYTES < TLS_RECORD_BYTES ? c.length : TLS_WRITE_PIECE_BYTES;
+        pieces.push(c.subarray(0, n));
+        c = c.subarray(n);
+      }
+      if (c.length) {
+        small.push(c);
+        smallBytes += c.length;
+      }
+    }
+    if (smallBytes) pieces.push(small.length === 1 ? small[0]! : Buffer.concat(small, smallBytes));
+    let next = 0;
+    let inCall = false;
+    let again = false;
+    const written = (err?: Error | null) => {
+      if (err) return cb(err);
+      // A piece written at once calls back inside the call: loop rather than recurse.
+      if (inCall) {
+        again = true;
+        return;
+      }
+      do {
+        again = false;
+        if (next === pieces.length) return cb();
+        inCall = true;
+        writePiece.call(socket, pieces[next++]!, 'buffer' as BufferEncoding, written);
+        inCall = false;
+      } while (again);
+    };
+    written();
+  };
+  const asBuffer = (chunk: unknown, encoding: BufferEncoding): Buffer => (Buffer.isBuffer(chunk) ? chunk : typeof chunk === 'string' ? Buffer.from(chunk, encoding) : Buffer.from((chunk as Uint8Array).buffer, (chunk as Uint8Array).byteOffset, (chunk as Uint8Array).byteLength));
+  socket._write = (chunk: unknown, encoding: BufferEncoding, cb: (err?: Error | null) => void) => run([asBuffer(chunk, encoding)], cb);
+  socket._writev = (chunks: { chunk: unknown; encoding: BufferEncoding }[], cb: (err?: Error | null) => void) =>
+    run(
+      chunks.map((c) => asBuffer(c.chunk, c.encoding)),
+      cb,
+    );
+}
+
 export type MigrationUri = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
 export function parseUri(uri: string): MigrationUri {
@@ -343,6 +422,7 @@ export function connect(uri: MigrationUri, signal?: AbortSignal, secure?: TlsCon
     signal?.addEventListener('abort', onAbort, { once: true });
     const ready = () => {
       signal?.removeEventListener('abort', onAbort);
+      if (secure) pacedTlsWrites(socket as tls.TLSSocket);
       socket.setNoDelay(true);
       socket.setKeepAlive(true, KEEPALIVE_IDLE_MS);
       resolve(socket);
@@ -446,6 +526,7 @@ export function secureAccept(raw: net.Socket, cfg: TlsConfig, onSocket?: (s: tls
           return;
         }
         slab?.install(s);
+        pacedTlsWrites(s);
         resolve(s);
       };
       s.once('secure', onSecure);

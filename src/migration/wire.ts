@@ -275,8 +275,12 @@ export class FrameWriter {
   /** Rejecters of writes waiting for 'drain'. */
   #waiting = new Set<(err: Error) => void>();
 
+  /** A TLS socket (its writes are encrypted: see pacedTlsWrites). */
+  readonly #encrypted: boolean;
+
   constructor(stream: Duplex) {
     this.#stream = stream;
+    this.#encrypted = (stream as { encrypted?: unknown }).encrypted === true;
   }
 
   /**
@@ -294,9 +298,16 @@ export class FrameWriter {
     if (this.#aborted) throw this.#aborted;
     const parts = encodeFrame(type, section, payload, crc32c);
     let ok = true;
-    for (const p of parts) {
-      ok = this.#stream.write(p);
-      this.bytesWritten += p.length;
+    // Over TLS a frame's header and payload go to the socket as one batch: its header then shares a record with the payload (see pacedTlsWrites).
+    const batch = this.#encrypted && parts.length > 1;
+    if (batch) this.#stream.cork();
+    try {
+      for (const p of parts) {
+        ok = this.#stream.write(p);
+        this.bytesWritten += p.length;
+      }
+    } finally {
+      if (batch) this.#stream.uncork();
     }
     if (!ok && !this.#stream.destroyed) {
       await new Promise<void>((resolve, reject) => {
