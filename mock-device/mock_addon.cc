@@ -18,6 +18,7 @@
 
 #include "../native/backend.h"
 #include "../native/napi_args.h"
+#include "../native/pin_library.h"
 #include "mock_device.h"
 #include "mtty_mock.h"
 #include "profile_napi.h"
@@ -144,6 +145,7 @@ Napi::Value CheckMockProfileJs(const Napi::CallbackInfo& info) {
 }  // namespace
 
 Napi::Object InitMock(Napi::Env env, Napi::Object exports) {
+  PinThisLibrary(reinterpret_cast<const void*>(&InitMock));  // see pin_library.h
   exports.Set("MockHandle", MockHandle::Init(env));
   exports.Set("checkMockProfile", Napi::Function::New(env, CheckMockProfileJs));
   exports.Set("mockProfileSchema", MockProfileSchema(env));

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "pin_library.h"
 #include "backend.h"
 #include "crc32c.h"
 #include "kernel_backend.h"
@@ -942,6 +943,7 @@ Napi::Value Crc32cJs(const Napi::CallbackInfo& info);
 void InitCrc32c();
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  PinThisLibrary(reinterpret_cast<const void*>(&Init));  // detached data threads outlive a worker's unload: see pin_library.h
   InitCrc32c();
   // Everything an environment owns hangs off its instance data; the cleanup
   // hook runs while Node-API still works, before the environment's threads

@@ -9,7 +9,7 @@ import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { VfioDevice } from '../src/vfio/device.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 const MiB = 1 << 20;
 const CHUNK = MiB;
@@ -28,7 +28,7 @@ async function callRate(name: string, fn: () => Promise<unknown>, seconds = 1): 
 }
 
 async function fullStackRead(): Promise<{ bytes: number; seconds: number }> {
-  const dev = await VfioDevice.openMock({ profile: 'gpu', overrides: { stateBytes: '1GiB', setupBytes: 0, stopCopyOnlyBytes: 0, dirtyBytesPerSec: 0, dirtyWorkingSetBytes: 0 } });
+  const dev = await openMockDevice({ profile: 'gpu', overrides: { stateBytes: '1GiB', setupBytes: 0, stopCopyOnlyBytes: 0, dirtyBytesPerSec: 0, dirtyWorkingSetBytes: 0 } });
   await dev.setState('stop');
   const s = (await dev.setState('stop-copy'))!;
   let bytes = 0;
@@ -77,7 +77,7 @@ os.close(fd)
   return { bytes: got, seconds };
 }
 
-const dev = await VfioDevice.openMock({ profile: 'nic-vf' });
+const dev = await openMockDevice({ profile: 'nic-vf' });
 await callRate('get-state', () => dev.getState());
 await dev.setState('pre-copy');
 await callRate('precopy-info', () => dev.precopyInfo());

@@ -30,6 +30,7 @@ import { SyntheticVm } from '../src/migration/vm.js';
 import { MigrationSource } from '../src/migration/source.js';
 import { MigrationDestination } from '../src/migration/destination.js';
 import { describeError } from '../src/migration/errors.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 const SELF = fileURLToPath(import.meta.url);
 const MiB = 1 << 20;
@@ -55,7 +56,7 @@ const PARAMETERS = { 'downtime-limit': 2000 };
 async function worker(spec: WorkerSpec): Promise<void> {
   const print = (o: unknown) => process.stdout.write(`${JSON.stringify(o)}\n`);
   const devices: VfioDevice[] = [];
-  for (let i = 0; i < spec.devices; i++) devices.push(await VfioDevice.openMock({ profile: 'nic-vf', overrides: spec.overrides, seed: spec.seed + i, id: `nic-vf-${i}` }));
+  for (let i = 0; i < spec.devices; i++) devices.push(await openMockDevice({ profile: 'nic-vf', overrides: spec.overrides, seed: spec.seed + i, id: `nic-vf-${i}` }));
   const vm = new SyntheticVm(spec.vmRunning);
   const dest = new MigrationDestination({ handlers: devices.map((d) => new VfioHandler(d)), vm });
   const uri = await dest.listen('tcp:127.0.0.1:0');

@@ -22,6 +22,7 @@ import { SyntheticVm } from '../src/migration/vm.js';
 import { MigrationSource, type MigrationInfo } from '../src/migration/source.js';
 import { MigrationDestination } from '../src/migration/destination.js';
 import { describeError } from '../src/migration/errors.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 export interface PeerSpec {
   /** [profile, count] pairs, opened in order (both ends list the same). */
@@ -93,7 +94,7 @@ async function openDevices(spec: PeerSpec, seedBase: number): Promise<VfioDevice
   const devices: VfioDevice[] = [];
   let seed = seedBase;
   for (const [profile, count] of spec.mock)
-    for (let i = 0; i < count; i++) devices.push(await VfioDevice.openMock({ profile, overrides: spec.overrides, seed: seed++, id: `${profile}-${devices.length}` }));
+    for (let i = 0; i < count; i++) devices.push(await openMockDevice({ profile, overrides: spec.overrides, seed: seed++, id: `${profile}-${devices.length}` }));
   return devices;
 }
 

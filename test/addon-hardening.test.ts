@@ -9,23 +9,23 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { VfioDevice } from '../src/vfio/device.js';
 import { VfioError } from '../src/vfio/errors.js';
 import { PROFILE_LIMITS, loadProfile, toNativeProfile, validateProfile } from '../src/vfio/mock-profile.js';
 import { native, type NativeDeviceHandle } from '../src/vfio/native.js';
 import { mockNative } from '../src/vfio/mock-native.js';
 import { stateToKernel } from '../src/vfio/states.js';
 import { openFdCount } from './helpers.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const dist = (p: string) => pathToFileURL(path.resolve(here, '..', p)).href;
 const scratch = mkdtempSync(path.join(tmpdir(), 'addon-hardening-'));
 let scripts = 0;
 
-/** Runs an ES module snippet in a child node (same addon, same env); `NATIVE`, `MOCKADDON`, `DEVICE`, `PROFILE` are import URLs. */
+/** Runs an ES module snippet in a child node (same addon, same env); `NATIVE`, `MOCKADDON`, `MOCKDEVICE`, `DEVICE`, `PROFILE` are import URLs. */
 function child(code: string, opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv; shell?: string } = {}): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> {
   const file = path.join(scratch, `child-${++scripts}.mjs`);
-  writeFileSync(file, code.replaceAll('MOCKADDON', dist('src/vfio/mock-native.js')).replaceAll('NATIVE', dist('src/vfio/native.js')).replaceAll('DEVICE', dist('src/vfio/device.js')).replaceAll('PROFILE', dist('src/vfio/mock-profile.js')));
+  writeFileSync(file, code.replaceAll('MOCKADDON', dist('src/vfio/mock-native.js')).replaceAll('NATIVE', dist('src/vfio/native.js')).replaceAll('MOCKDEVICE', dist('src/vfio/mock.js')).replaceAll('DEVICE', dist('src/vfio/device.js')).replaceAll('PROFILE', dist('src/vfio/mock-profile.js')));
   const [cmd, args] = opts.shell ? ['bash', ['-c', `${opts.shell}; exec "${process.execPath}" "${file}"`]] : [process.execPath, [file]];
   return new Promise((resolve) => {
     execFile(cmd, args as string[], { timeout: opts.timeoutMs ?? 60_000, env: { ...process.env, ...opts.env } }, (err, stdout, stderr) => {
@@ -58,8 +58,8 @@ async function settlesWithin<T>(p: Promise<T>, ms: number): Promise<'settled' | 
 
 test('a DMA report whose bitmap would not fit is a typed error, not std::bad_alloc on a worker (SIGABRT)', async (t) => {
   const r = await child(`
-    import { VfioDevice } from 'DEVICE';
-    const dev = await VfioDevice.openMock({ profile: 'minimal', overrides: { dmaLogging: true } });
+    import { openMockDevice } from 'MOCKDEVICE';
+    const dev = await openMockDevice({ profile: 'minimal', overrides: { dmaLogging: true } });
     await dev.dmaLoggingStart(4096, [{ iova: 0, length: 1 << 20 }]);
     const out = [];
     for (const [iova, length, page] of [[0n, 2n ** 62n, 4096], [0n, 2n ** 64n - 1n, 4096], [0n, 2n ** 64n - 1n, 1]]) {
@@ -126,7 +126,7 @@ test('profile limits: 64 GiB in 64-byte chunks is refused with a clear error; th
   const largest = { ...huge, flags: ['stop-copy' as const], name: 'largest', chunkBytes: '16KiB' };
   const rssBefore = process.memoryUsage().rss;
   const order: string[] = [];
-  const opening = VfioDevice.openMock({ profile: largest }).then((d) => (order.push('opened'), d));
+  const opening = openMockDevice({ profile: largest }).then((d) => (order.push('opened'), d));
   setImmediate(() => order.push('immediate'));
   const dev = await opening;
   t.deepEqual(order, ['immediate', 'opened'], 'the event loop turned while the mock was built');
@@ -142,8 +142,8 @@ test('an allocation failure on a worker is ERR_VFIO_NOMEM (under a memory limit 
   const r = await child(`
     import { execFileSync } from 'node:child_process';
     import { readFileSync } from 'node:fs';
-    import { VfioDevice } from 'DEVICE';
-    const dev = await VfioDevice.openMock({ profile: 'minimal', overrides: { dmaLogging: true } });
+    import { openMockDevice } from 'MOCKDEVICE';
+    const dev = await openMockDevice({ profile: 'minimal', overrides: { dmaLogging: true } });
     await dev.dmaLoggingStart(4096, [{ iova: 0, length: 1 << 20 }]);
     await dev.dmaLoggingReport(0n, 1n << 20n, 4096);
     const vm = Number(/VmSize:\\s+(\\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))[1]) * 1024;
@@ -181,14 +181,18 @@ test('every numeric argument is checked before any conversion: typed errors for 
   await h.close();
 });
 
-test('after a worker_thread that loaded the addon exits, devices on the main thread still close (a process-global teardown flag hung close())', async (t) => {
+// Loaded on the main thread first, or only in the workers (then Node unloads
+// both addons when the last worker exits, while their detached data threads
+// still finish the jobs in flight: a segfault before each addon pinned itself).
+for (const mainLoadsFirst of [true, false])
+test(`after a worker_thread that loaded the addon exits, devices on the main thread still close (a process-global teardown flag hung close()); ${mainLoadsFirst ? 'main thread loaded the addons first' : 'only the workers loaded them, with jobs in flight'}`, async (t) => {
   const r = await child(`
     import { Worker } from 'node:worker_threads';
-    import { VfioDevice } from 'DEVICE';
+    ${mainLoadsFirst ? "await (await (await import('MOCKDEVICE')).openMockDevice({ profile: 'serial' })).close();" : ''}
     const body = \`(async () => {
-      const { VfioDevice } = await import('DEVICE');
-      const dev = await VfioDevice.openMock({ profile: 'serial', overrides: { arcLatencyMs: { default: 200 } } });
-      const keep = await VfioDevice.openMock({ profile: 'nic-vf', overrides: { stateBytes: '1MiB', dirtyWorkingSetBytes: '256KiB' } });
+      const { openMockDevice } = await import('MOCKDEVICE');
+      const dev = await openMockDevice({ profile: 'serial', overrides: { arcLatencyMs: { default: 200 } } });
+      const keep = await openMockDevice({ profile: 'nic-vf', overrides: { stateBytes: '1MiB', dirtyWorkingSetBytes: '256KiB' } });
       await keep.setState('stop');
       const resume = await keep.setState('resuming');
       void resume.write(Buffer.alloc(1 << 20)).catch(() => {});   // in flight, holding Buffer references
@@ -203,13 +207,14 @@ test('after a worker_thread that loaded the addon exits, devices on the main thr
         w.on('exit', resolve);
       });
     }
-    const dev = await VfioDevice.openMock({ profile: 'serial' });
+    const { openMockDevice } = await import('MOCKDEVICE');
+    const dev = await openMockDevice({ profile: 'serial' });
     await dev.setState('stop');
     const closed = await Promise.race([dev.close().then(() => 'closed'), new Promise((r) => setTimeout(() => r('hung'), 10000))]);
     console.log(closed);
     process.exit(0);
   `);
-  t.is(r.code, 0, r.stderr);
+  t.is(r.code, 0, `exit ${r.code} signal ${(r as { signal?: string }).signal ?? ''}: ${r.stderr}`);
   t.is(r.stdout.trim(), 'closed');
 });
 
@@ -227,7 +232,7 @@ test('one owner for every data fd: close() racing an in-flight SET, ended sessio
     t.deepEqual(h.openDataFds(), [], 'no data fd listed open after close()');
   }
   // Ended sessions give their fd back at once: 200 stop-copy/running cycles leave no fd behind.
-  const dev = await VfioDevice.openMock({ profile: 'serial' });
+  const dev = await openMockDevice({ profile: 'serial' });
   const inCycle = openFdCount();
   for (let i = 0; i < 200; i++) {
     const s = (await dev.stepTo('stop-copy'))!;
@@ -266,13 +271,13 @@ test('one owner for every data fd: close() racing an in-flight SET, ended sessio
 });
 
 test('close() interrupts a device sleeping through the longest valid arc latency; stepTo then rejects with ERR_VFIO_CLOSED', async (t) => {
-  const dev = await VfioDevice.openMock({ profile: 'serial', overrides: { arcLatencyMs: { default: 60_000 } } });
+  const dev = await openMockDevice({ profile: 'serial', overrides: { arcLatencyMs: { default: 60_000 } } });
   const step = dev.stepTo('stop');
   await sleep(50);
   t.is(await settlesWithin(dev.close(), 10_000), 'settled', 'close() waited for the 60 s arc');
   t.is(await codeOf(step), 'ERR_VFIO_CLOSED');
   // And through the slowest valid rate cap on the data thread (4 MiB at 64 KiB/s: 64 s).
-  const slow = await VfioDevice.openMock({ profile: 'nic-vf', overrides: { stateBytes: '8MiB', dirtyWorkingSetBytes: '1MiB', maxBytesPerSec: 65536 } });
+  const slow = await openMockDevice({ profile: 'nic-vf', overrides: { stateBytes: '8MiB', dirtyWorkingSetBytes: '1MiB', maxBytesPerSec: 65536 } });
   await slow.setState('stop');
   const save = (await slow.setState('stop-copy'))!;
   const read = save.read(4 << 20);

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const deviceUrl = pathToFileURL(path.resolve(here, '..', 'src/vfio/device.js')).href;
+const mockUrl = pathToFileURL(path.resolve(here, '..', 'src/vfio/mock.js')).href;
 
 test('reading many streams leaves RSS within the read-buffer pool cap (freed blocks stayed in the data threads\' glibc arenas)', async (t) => {
   // Eight devices read in parallel (eight data threads), in the migration
@@ -22,7 +22,7 @@ test('reading many streams leaves RSS within the read-buffer pool cap (freed blo
     file,
     `
     import { readFileSync } from 'node:fs';
-    import { VfioDevice } from '${deviceUrl}';
+    import { openMockDevice } from '${mockUrl}';
     const rssMiB = () => Number(/VmRSS:\\s+(\\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))[1]) / 1024;
     async function settled() {
       for (let k = 0; k < 3; k++) { gc(); await new Promise((r) => setImmediate(r)); }
@@ -30,7 +30,7 @@ test('reading many streams leaves RSS within the read-buffer pool cap (freed blo
     }
     const overrides = { stateBytes: '8MiB', dirtyBytesPerSec: 0, dirtyWorkingSetBytes: 0, arcLatencyMs: { default: 0 } };
     const devs = [];
-    for (let i = 0; i < 8; i++) devs.push(await VfioDevice.openMock({ profile: 'nic-vf', overrides, seed: i + 1, id: 'd' + i }));
+    for (let i = 0; i < 8; i++) devs.push(await openMockDevice({ profile: 'nic-vf', overrides, seed: i + 1, id: 'd' + i }));
     const sizes = [4 << 20, 256 << 10, 1 << 20, 2 << 20, 512 << 10, 3 << 20];
     let kept = [];
     let bytes = 0;

@@ -1,11 +1,11 @@
 import test from 'ava';
-import { VfioDevice } from '../src/vfio/device.js';
 import { listProfiles } from '../src/vfio/mock-profile.js';
 import { type CheckName, runConformance } from '../src/vfio/conformance.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 function mockTarget(profile: string) {
   let seed = 100;
-  return { name: profile, open: () => VfioDevice.openMock({ profile, seed: seed++ }) };
+  return { name: profile, open: () => openMockDevice({ profile, seed: seed++ }) };
 }
 
 const shipped = await listProfiles();

@@ -5,12 +5,13 @@ import { VfioDevice } from '../src/vfio/device.js';
 import { VfioError } from '../src/vfio/errors.js';
 import { native } from '../src/vfio/native.js';
 import { MiB, openFdCount } from './helpers.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 const small = { stateBytes: '1MiB', dirtyWorkingSetBytes: '256KiB' } as const;
 
 test('save through a Readable and restore through a Writable: the destination holds exactly the source state', async (t) => {
-  await using src = await VfioDevice.openMock({ profile: 'nic-vf', seed: 11 });
-  await using dst = await VfioDevice.openMock({ profile: 'nic-vf', seed: 12 });
+  await using src = await openMockDevice({ profile: 'nic-vf', seed: 11 });
+  await using dst = await openMockDevice({ profile: 'nic-vf', seed: 12 });
   t.not(src.mockInfo().digest, dst.mockInfo().digest);
   await dst.setState('stop');
   const resume = await dst.setState('resuming');
@@ -34,7 +35,7 @@ test('save through a Readable and restore through a Writable: the destination ho
 });
 
 test('PRE_COPY: ENOMSG at the temporary end, more data once the running device dirties state, precopy info tracks it', async (t) => {
-  await using dev = await VfioDevice.openMock({ profile: 'nic-vf', overrides: { ...small, dirtyBytesPerSec: '64MiB' } });
+  await using dev = await openMockDevice({ profile: 'nic-vf', overrides: { ...small, dirtyBytesPerSec: '64MiB' } });
   const s = (await dev.setState('pre-copy'))!;
   const first = await dev.precopyInfo();
   t.true(first.initialBytes > 1n << 20n);
@@ -54,7 +55,7 @@ test('PRE_COPY: ENOMSG at the temporary end, more data once the running device d
 });
 
 test('STOP_COPY: read returns data, then end (0) repeatedly; the fd is dead once the device leaves', async (t) => {
-  await using dev = await VfioDevice.openMock({ profile: 'serial' });
+  await using dev = await openMockDevice({ profile: 'serial' });
   await dev.setState('stop');
   const s = (await dev.setState('stop-copy'))!;
   const size = await dev.stopCopySize();
@@ -78,7 +79,7 @@ test('STOP_COPY: read returns data, then end (0) repeatedly; the fd is dead once
 });
 
 test('uAPI errnos: precopy info outside PRE_COPY, wrong-direction I/O, a state the flags lack, ERROR', async (t) => {
-  await using dev = await VfioDevice.openMock({ profile: 'nic-vf', overrides: small });
+  await using dev = await openMockDevice({ profile: 'nic-vf', overrides: small });
   t.is((await t.throwsAsync(dev.precopyInfo(), { instanceOf: VfioError }))?.code, 'ERR_VFIO_NO_DATA_SESSION');
   const s = (await dev.setState('pre-copy'))!;
   await dev.setState('stop-copy');
@@ -91,14 +92,14 @@ test('uAPI errnos: precopy info outside PRE_COPY, wrong-direction I/O, a state t
   t.is(e2?.stateAfter, 'stop-copy');
   t.is(await dev.getState(), 'stop-copy');
 
-  await using serial = await VfioDevice.openMock({ profile: 'serial' });
+  await using serial = await openMockDevice({ profile: 'serial' });
   const e3 = await t.throwsAsync(serial.setState('pre-copy'), { instanceOf: VfioError });
   t.is(e3?.code, 'EINVAL');
   t.is(e3?.stateAfter, 'running');
 });
 
 test('a failing arc reports errno, ioctl, arc and the ERROR state it left; only reset leaves ERROR and it loses state', async (t) => {
-  await using dev = await VfioDevice.openMock({ profile: 'faults/arc-fails-into-error', seed: 5, overrides: { dirtyBytesPerSec: '64MiB' } });
+  await using dev = await openMockDevice({ profile: 'faults/arc-fails-into-error', seed: 5, overrides: { dirtyBytesPerSec: '64MiB' } });
   await sleep(20); // the running device changes its state
   const digestBefore = dev.mockInfo().digest;
   const arcs: string[] = [];
@@ -118,7 +119,7 @@ test('a failing arc reports errno, ioctl, arc and the ERROR state it left; only 
 
 /** A whole STOP_COPY stream of a mock device with a distinct seed. */
 async function savedStream(profile: string, seed: number): Promise<{ stream: Buffer; savedDigest: string | null }> {
-  await using src = await VfioDevice.openMock({ profile, seed });
+  await using src = await openMockDevice({ profile, seed });
   await src.setState('stop');
   const save = (await src.setState('stop-copy'))!;
   const pieces: Buffer[] = [];
@@ -129,7 +130,7 @@ async function savedStream(profile: string, seed: number): Promise<{ stream: Buf
 
 /** Writes `stream` into a fresh device in pieces of the given sizes (cycled). */
 async function restoreInPieces(profile: string, stream: Buffer, sizes: number[]): Promise<{ loadedDigest: string | null }> {
-  await using dst = await VfioDevice.openMock({ profile, seed: 999 });
+  await using dst = await openMockDevice({ profile, seed: 999 });
   await dst.setState('stop');
   const resume = (await dst.setState('resuming'))!;
   for (let at = 0, i = 0; at < stream.length; i++) {
@@ -161,7 +162,7 @@ test('checked writes: each run is verified on the data thread before it is writt
   const pieces = [stream.subarray(0, 1000), stream.subarray(1000, 5000), stream.subarray(5000)];
   const crc = (bufs: Buffer[]) => bufs.reduce((c, b) => native.crc32c(b, c), 0);
   {
-    await using dst = await VfioDevice.openMock({ profile: 'serial', seed: 5 });
+    await using dst = await openMockDevice({ profile: 'serial', seed: 5 });
     await dst.setState('stop');
     const resume = (await dst.setState('resuming'))!;
     await resume.write(pieces, { checksums: [{ parts: 1, crc32c: crc([pieces[0]!]) }, { parts: 2, crc32c: crc([pieces[1]!, pieces[2]!]) }] });
@@ -169,7 +170,7 @@ test('checked writes: each run is verified on the data thread before it is writt
     t.is(dst.mockInfo().loadedDigest, savedDigest!);
   }
   {
-    await using dst = await VfioDevice.openMock({ profile: 'serial', seed: 6 });
+    await using dst = await openMockDevice({ profile: 'serial', seed: 6 });
     await dst.setState('stop');
     const resume = (await dst.setState('resuming'))!;
     const err = await t.throwsAsync(resume.write(pieces, { checksums: [{ parts: 1, crc32c: crc([pieces[0]!]) }, { parts: 2, crc32c: crc([pieces[1]!, pieces[2]!]) ^ 1 }] }), { instanceOf: VfioError });
@@ -178,7 +179,7 @@ test('checked writes: each run is verified on the data thread before it is writt
     t.is(dst.mockInfo().bytesWritten, 1000, 'the first run was written, nothing of the second');
   }
   {
-    await using dst = await VfioDevice.openMock({ profile: 'serial', seed: 7 });
+    await using dst = await openMockDevice({ profile: 'serial', seed: 7 });
     await dst.setState('stop');
     const resume = (await dst.setState('resuming'))!;
     for (const checksums of [[{ parts: 2, crc32c: 0 }], [{ parts: 0, crc32c: 0 }, { parts: 3, crc32c: 0 }], [{ parts: 3, crc32c: -1 }]])
@@ -187,8 +188,8 @@ test('checked writes: each run is verified on the data thread before it is writt
 });
 
 test('a stream from a different device profile is refused with EINVAL before anything loads', async (t) => {
-  await using src = await VfioDevice.openMock({ profile: 'serial' });
-  await using dst = await VfioDevice.openMock({ profile: 'minimal' });
+  await using src = await openMockDevice({ profile: 'serial' });
+  await using dst = await openMockDevice({ profile: 'minimal' });
   await src.setState('stop');
   const save = (await src.setState('stop-copy'))!;
   const r = await save.read(MiB);
@@ -203,7 +204,7 @@ test('a stream from a different device profile is refused with EINVAL before any
 test.serial('no fd leaks: devices, sessions and stale fds are all closed by close()', async (t) => {
   const before = openFdCount();
   for (let i = 0; i < 5; i++) {
-    const dev = await VfioDevice.openMock({ profile: 'nic-vf', overrides: small });
+    const dev = await openMockDevice({ profile: 'nic-vf', overrides: small });
     await dev.setState('pre-copy');
     await dev.setState('stop-copy');
     await dev.setState('stop');
@@ -217,7 +218,7 @@ test.serial('no fd leaks: devices, sessions and stale fds are all closed by clos
 });
 
 test('a closed device refuses calls with ERR_VFIO_CLOSED; Symbol.asyncDispose closes', async (t) => {
-  const dev = await VfioDevice.openMock({ profile: 'serial' });
+  const dev = await openMockDevice({ profile: 'serial' });
   await dev[Symbol.asyncDispose]();
   t.true(dev.closed);
   t.is((await t.throwsAsync(dev.getState(), { instanceOf: VfioError }))?.code, 'ERR_VFIO_CLOSED');
@@ -226,7 +227,7 @@ test('a closed device refuses calls with ERR_VFIO_CLOSED; Symbol.asyncDispose cl
 test.serial('slow arcs run off the event loop, and arcs of several devices run in parallel', async (t) => {
   const arcMs = 150;
   const devices = await Promise.all(
-    Array.from({ length: 8 }, (_, i) => VfioDevice.openMock({ profile: 'serial', seed: i, overrides: { arcLatencyMs: { default: arcMs } } })),
+    Array.from({ length: 8 }, (_, i) => openMockDevice({ profile: 'serial', seed: i, overrides: { arcLatencyMs: { default: arcMs } } })),
   );
   let ticks = 0;
   const timer = setInterval(() => ticks++, 5);
@@ -242,7 +243,7 @@ test.serial('slow arcs run off the event loop, and arcs of several devices run i
 });
 
 test('AbortSignal: an aborted walk stops between arcs and says so', async (t) => {
-  await using dev = await VfioDevice.openMock({ profile: 'nic-vf', overrides: small });
+  await using dev = await openMockDevice({ profile: 'nic-vf', overrides: small });
   const pre = AbortSignal.abort('operator cancelled');
   const e1 = await t.throwsAsync(dev.stepTo('stop', { signal: pre }), { instanceOf: VfioError });
   t.is(e1?.code, 'ABORT_ERR');
@@ -256,8 +257,8 @@ test('AbortSignal: an aborted walk stops between arcs and says so', async (t) =>
 test('destination load cost: the initial-bytes setup time and per-MiB time are spent in the writes', async (t) => {
   // No dirtying: the read loop ends at the first temporary end of stream however slow the reads are (a sanitizer build).
   const loadCost = { stateBytes: '4MiB', setupBytes: '1MiB', stopCopyOnlyBytes: '1MiB', dirtyBytesPerSec: 0, dirtyWorkingSetBytes: '1MiB', loadInitialMs: 120, loadMsPerMiB: 1 } as const;
-  await using src = await VfioDevice.openMock({ profile: 'gpu', overrides: loadCost });
-  await using dst = await VfioDevice.openMock({ profile: 'gpu', overrides: loadCost });
+  await using src = await openMockDevice({ profile: 'gpu', overrides: loadCost });
+  await using dst = await openMockDevice({ profile: 'gpu', overrides: loadCost });
   await dst.setState('stop');
   const resume = (await dst.setState('resuming'))!;
   const save = (await src.setState('pre-copy'))!;
@@ -272,7 +273,7 @@ test('destination load cost: the initial-bytes setup time and per-MiB time are s
 });
 
 test('DMA dirty logging: start, report a bitmap, stop; ENOTTY where the device lacks it', async (t) => {
-  await using nic = await VfioDevice.openMock({ profile: 'nic-vf', overrides: small });
+  await using nic = await openMockDevice({ profile: 'nic-vf', overrides: small });
   t.is((await t.throwsAsync(nic.dmaLoggingStart(1000, [{ iova: 0, length: MiB }]), { instanceOf: VfioError }))?.code, 'EINVAL');
   await nic.dmaLoggingStart(4096, [{ iova: 0, length: 64 * MiB }]);
   t.is((await t.throwsAsync(nic.dmaLoggingStart(4096, [{ iova: 0, length: MiB }]), { instanceOf: VfioError }))?.code, 'EBUSY');
@@ -281,7 +282,7 @@ test('DMA dirty logging: start, report a bitmap, stop; ENOTTY where the device l
   t.is(bitmap.length, (64 * MiB) / 4096 / 8);
   t.true(bitmap.some((b) => b !== 0), 'a running device dirtied pages');
   await nic.dmaLoggingStop();
-  await using minimal = await VfioDevice.openMock({ profile: 'minimal' });
+  await using minimal = await openMockDevice({ profile: 'minimal' });
   t.is((await t.throwsAsync(minimal.dmaLoggingStart(4096, [{ iova: 0, length: MiB }]), { instanceOf: VfioError }))?.code, 'ENOTTY');
 });
 
@@ -301,7 +302,7 @@ test.serial('every device call is traced on the vfio-migration:ioctl diagnostics
   const onTrace = (m: unknown) => traces.push(m as (typeof traces)[number]);
   channel('vfio-migration:ioctl').subscribe(onTrace);
   t.teardown(() => channel('vfio-migration:ioctl').unsubscribe(onTrace));
-  await using dev = await VfioDevice.openMock({ profile: 'serial', id: 'traced' });
+  await using dev = await openMockDevice({ profile: 'serial', id: 'traced' });
   await dev.getState();
   await t.throwsAsync(dev.setState('pre-copy'));
   const mine = traces.filter((x) => x.device === 'traced');

@@ -13,6 +13,7 @@ import { onJsonLines } from '../src/json-lines.js';
 import type { ExecutionContext } from 'ava';
 import type { MigrationSource } from '../src/migration/source.js';
 import { openFdCount } from './helpers.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const CLI = path.resolve(here, '..', 'src', 'cli.js');
@@ -67,7 +68,7 @@ export async function sourceSide(opts: { mock: [string, number][]; overrides?: P
   const devices: VfioDevice[] = [];
   let seed = 1;
   for (const [profile, count] of opts.mock)
-    for (let i = 0; i < count; i++) devices.push(await VfioDevice.openMock({ profile, overrides: opts.overrides, seed: seed++, id: `${profile.replace(/.*\//, '')}-${devices.length}` }));
+    for (let i = 0; i < count; i++) devices.push(await openMockDevice({ profile, overrides: opts.overrides, seed: seed++, id: `${profile.replace(/.*\//, '')}-${devices.length}` }));
   const handlers: StateHandler[] = [];
   if (opts.ram) handlers.push(new RamHandler({ ...opts.ram, seed: 7, vm }));
   handlers.push(...devices.map((d) => new VfioHandler(d)));

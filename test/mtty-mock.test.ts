@@ -5,9 +5,9 @@
 // `npm run test:kernel -- --record`).
 import test from 'ava';
 import { readFileSync } from 'node:fs';
-import { VfioDevice } from '../src/vfio/device.js';
 import { loadProfile, validateProfile } from '../src/vfio/mock-profile.js';
 import { type BehaviourTrace, diffTraces, mttyHeader, mttyPorts, runBehaviourTrace } from '../src/vfio/behaviour-trace.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 interface Fixture {
   kernel: string;
@@ -19,7 +19,7 @@ interface Fixture {
 }
 const fixture = JSON.parse(readFileSync(new URL('../../test/fixtures/mtty-kernel-trace.json', import.meta.url), 'utf8')) as Fixture;
 
-const openMtty = (seed: number, ports?: 1 | 2) => VfioDevice.openMock({ profile: 'mtty', seed, overrides: ports ? { ports } : {} });
+const openMtty = (seed: number, ports?: 1 | 2) => openMockDevice({ profile: 'mtty', seed, overrides: ports ? { ports } : {} });
 
 test('the fixture is a trace of the real mtty driver', (t) => {
   t.regex(fixture.kernel, /^6\.12\.\d+/);

@@ -22,7 +22,7 @@ import {
   type MigrationState,
 } from '../src/vfio/states.js';
 import { STOP_COPY_STATE, liveState, nextState, planArcs, quiescedOnPath, resumePath, switchoverPath } from '../src/vfio/arc-planner.js';
-import { VfioDevice } from '../src/vfio/device.js';
+import { openMockDevice } from '../src/vfio/mock.js';
 
 const facts = native.stateFacts;
 const ALL_BITS = [0, 1, 2, 3, 4, 5, 6, 7];
@@ -131,7 +131,7 @@ test('property: a mock device opens a data fd on exactly the arcs arcOpensDataFd
   await fc.assert(
     fc.asyncProperty(withStopCopy, targets, async (flags, wanted) => {
       const supported = supportedStates(flags);
-      const dev = await VfioDevice.openMock({ profile: 'minimal', overrides: { flags: flagNames(flags) as ('stop-copy' | 'p2p' | 'pre-copy')[] }, seed: 1 });
+      const dev = await openMockDevice({ profile: 'minimal', overrides: { flags: flagNames(flags) as ('stop-copy' | 'p2p' | 'pre-copy')[] }, seed: 1 });
       try {
         await dev.getState();
         for (const target of wanted.filter((s) => supported.includes(s))) {

@@ -112,15 +112,6 @@ export class VfioDevice implements AsyncDisposable {
     this.profile = profile;
   }
 
-  /**
-   * A mock device: openMockDevice() of 'vfio-migration/testing', which
-   * loads the mock addon on first use (nothing else here does).
-   */
-  static async openMock(options: OpenMockOptions): Promise<VfioDevice> {
-    const { openMockDevice } = await import('./mock.js');
-    return openMockDevice(options);
-  }
-
   static {
     openBackendDevice = async (backend, options) => {
       const handle = new native.NativeDevice();
