@@ -27,20 +27,6 @@ namespace vfio {
 
 namespace {
 
-// No C++ exception escapes into Node (that would terminate the process).
-template <typename Fn>
-Napi::Value Guard(Napi::Env env, const char* what, Fn&& fn) {
-  try {
-    return fn();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const std::bad_alloc&) {
-    throw NoMem(env, what);
-  } catch (const std::exception& e) {
-    throw Coded(env, "ERR_VFIO_INTERNAL", std::string(what) + ": " + e.what());
-  }
-}
-
 // The device, once the production addon's control thread has built it;
 // shared by the factory (which builds it) and the JS handle (info()).
 struct MockSlot {

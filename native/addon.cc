@@ -127,22 +127,6 @@ class ReadBufferPool {
   static inline size_t pooled_bytes_ = 0;
 };
 
-// Calls from JS never let a C++ exception escape into Node (that would
-// terminate the process): Napi errors are thrown as they are, anything else
-// becomes a typed error.
-template <typename Fn>
-Napi::Value Guard(Napi::Env env, const char* what, Fn&& fn) {
-  try {
-    return fn();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const std::bad_alloc&) {
-    throw NoMem(env, what);
-  } catch (const std::exception& e) {
-    throw Coded(env, "ERR_VFIO_INTERNAL", std::string(what) + ": " + e.what());
-  }
-}
-
 }  // namespace
 
 class NativeDevice;

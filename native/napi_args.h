@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <string>
 
 namespace vfio {
@@ -88,6 +90,22 @@ inline Napi::Object ObjectAt(const Napi::Array& a, uint32_t i, const char* what)
   Napi::Value v = a.Get(i);
   if (!v.IsObject()) throw BadType(a.Env(), std::string(what) + "[" + std::to_string(i) + "] must be an object");
   return v.As<Napi::Object>();
+}
+
+// Calls from JS never let a C++ exception escape into Node (that would
+// terminate the process): Napi errors are thrown as they are, anything else
+// becomes a typed error.
+template <typename Fn>
+inline Napi::Value Guard(Napi::Env env, const char* what, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::bad_alloc&) {
+    throw NoMem(env, what);
+  } catch (const std::exception& e) {
+    throw Coded(env, "ERR_VFIO_INTERNAL", std::string(what) + ": " + e.what());
+  }
 }
 
 }  // namespace vfio
