@@ -159,7 +159,48 @@ export class VfioHandler implements StateHandler {
       precopyBytes = Math.min(MAX_REPORTED_BYTES, this.#clamp(info.initialBytes, 'initial_bytes') + this.#clamp(info.dirtyBytes, 'dirty_bytes'));
     }
     this.#pending = { precopyBytes, stopcopyBytes: this.#stopCopyBytes, exact };
+    if (exact && inPrecopy) this.#sampleDirtying();
     return this.#pending;
+  }
+
+  /** Bytes the device has given to reads (in precopy and after). */
+  #bytesRead = 0;
+  #dirtySamples: { ms: number; bytes: number }[] = [];
+  #lastDirtySample: { at: number; stopCopyBytes: number; bytesRead: number } | null = null;
+
+  /**
+   * How fast the device re-dirties its state while it runs: between two
+   * exact queries, the growth of its stop-copy size plus what reads took
+   * from it. A device keeps running (and dirtying) through its switchover
+   * arcs until it is in stop-copy: the estimate adds what it dirties then.
+   */
+  #sampleDirtying(): void {
+    const now = performance.now();
+    const last = this.#lastDirtySample;
+    this.#lastDirtySample = { at: now, stopCopyBytes: this.#stopCopyBytes, bytesRead: this.#bytesRead };
+    if (!last || now - last.at <= 0) return;
+    const grown = this.#stopCopyBytes - last.stopCopyBytes + (this.#bytesRead - last.bytesRead);
+    this.#dirtySamples.push({ ms: now - last.at, bytes: Math.max(0, grown) });
+    // About the last two seconds.
+    let ms = 0;
+    for (let i = this.#dirtySamples.length - 1; i >= 0; i--) {
+      ms += this.#dirtySamples[i]!.ms;
+      if (ms > 2000) {
+        this.#dirtySamples.splice(0, i);
+        break;
+      }
+    }
+  }
+
+  /** The device's dirtying rate while it runs, bytes/s (null before two exact queries in precopy). */
+  dirtyBytesPerSec(): number | null {
+    let ms = 0;
+    let bytes = 0;
+    for (const d of this.#dirtySamples) {
+      ms += d.ms;
+      bytes += d.bytes;
+    }
+    return ms > 0 ? (bytes / ms) * 1000 : null;
   }
 
   /** Reads issued ahead of time, in stream order; `inPrecopy`: issued in a PRE_COPY state. */
@@ -179,6 +220,7 @@ export class VfioHandler implements StateHandler {
     const asked = this.#readBytes;
     const issuedAt = performance.now();
     const result = session.read(asked).then((r) => {
+      if (r.kind === 'data') this.#bytesRead += r.bytes.length;
       this.#learnReadRate(r, asked, issuedAt);
       return r;
     });
@@ -304,6 +346,45 @@ export class VfioHandler implements StateHandler {
     return this.#flags ? this.#estimate(resumePath(this.#flags)) : [];
   }
 
+  /** Whether the destination walked the switchover path on this idle device (see #probeIdle). */
+  #probedIdle = false;
+
+  /**
+   * Destination, with x-probe-switchover-arcs: before RESUMING, while nothing
+   * runs on this device (no guest, no data yet), walk the path the source's
+   * device of the same model takes at switchover, pre-copy-p2p -> stop-copy
+   * included (the arc the source cannot probe without stopping its device),
+   * then this side's resume arcs stop -> running-p2p -> running. The figures
+   * are an idle device's: a busy device's stop may take longer, which the
+   * next migration learns. resuming -> stop cannot be walked without data: it
+   * stays assumed unless learned.
+   */
+  async #probeIdle(ctx: HandlerContext): Promise<void> {
+    const f = this.#flags!;
+    if (this.device.lastKnownState !== 'running' && (await this.device.getState()) !== 'running') return;
+    const opened: (DataSession | null)[] = [];
+    if (f.preCopy) opened.push(await this.#step('pre-copy', ctx, true));
+    if (f.p2p) opened.push(await this.#step(f.preCopy ? 'pre-copy-p2p' : 'running-p2p', ctx, true));
+    opened.push(await this.#step('stop-copy', ctx, true));
+    await this.#step('stop', ctx, true);
+    for (const s of opened) await s?.close().catch(() => {});
+    if (f.p2p) await this.#step('running-p2p', ctx, true);
+    await this.#step('running', ctx, true);
+    this.#probedIdle = true;
+  }
+
+  /**
+   * Destination: what the LoadReport tells the source: the resume arcs and,
+   * after an idle probe, the source's switchover arcs as walked here (same
+   * model: the compatibility check holds), which the source takes for arcs it
+   * could not measure itself.
+   */
+  reportArcs(): ArcEstimate[] {
+    const resume = this.resumeArcs();
+    if (!this.#probedIdle) return resume;
+    return [...resume, ...this.switchoverArcs().filter((a) => a.basis !== 'assumed')];
+  }
+
   /** Arc times measured by the probe (x-probe-switchover-arcs), "from>to" -> ms. */
   readonly probedArcMs = new Map<string, number>();
   #probed = false;
@@ -421,9 +502,10 @@ export class VfioHandler implements StateHandler {
   }
 
   // ---- destination ----
-  async loadSetup(ctx: HandlerContext): Promise<void> {
+  async loadSetup(ctx: HandlerContext, options: { probeArcs?: boolean } = {}): Promise<void> {
     this.#ctx = ctx;
     await this.#flagsOnce();
+    if (options.probeArcs) await this.#probeIdle(ctx);
     this.#session = await this.#step('resuming', ctx);
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: no data fd in resuming`);
   }
