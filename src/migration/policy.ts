@@ -244,12 +244,6 @@ export class DowntimePolicy {
         );
     const xferBytes = sumBytes([stopcopyBytes, classic ? 0 : (input.inTransitBytes ?? 0), dirtiedBytes]);
     const xferMs = known ? transferMs(xferBytes, bandwidth) : xferBytes === 0 ? 0 : MAX_REPORTED_MS;
-    // Load that outlasts the transfer (devices load in parallel, as the data arrives).
-    for (const d of devices) {
-      if (!d) continue;
-      d.loadMs = Math.max(0, d.loadMs - xferMs);
-      extraLoad = Math.max(extraLoad, d.loadMs);
-    }
     let srcArcs = 0;
     let dstArcs = 0;
     const arcsByBasis: Partial<Record<EstimateBasis, number>> = {};
@@ -261,12 +255,23 @@ export class DowntimePolicy {
     // Data already at the destination but not yet loaded, at the slowest device load rate seen.
     const loadRate = Math.max(0, ...this.loadMsPerMiB.values());
     const backlogMs = classic ? 0 : saneMs(((input.awaitingLoadBytes ?? 0) / (1 << 20)) * loadRate);
+    // The destination loads as data arrives, devices in parallel: first the
+    // backlog, which it works through while the source quiesces and stops its
+    // devices, then each device's stop-copy data, which arrives during the
+    // transfer. What outlasts the transfer is the load part.
+    const backlogLeftMs = Math.max(0, backlogMs - srcArcs);
+    extraLoad = Math.max(0, backlogLeftMs - xferMs);
+    for (const d of devices) {
+      if (!d) continue;
+      d.loadMs = saneMs(Math.max(0, backlogLeftMs + d.loadMs - xferMs));
+      extraLoad = Math.max(extraLoad, d.loadMs);
+    }
     const overheadMs = classic ? 0 : SWITCHOVER_OVERHEAD_MS;
-    const deviceTimeMs = classic ? 0 : saneMs(srcArcs + dstArcs + extraLoad + backlogMs + overheadMs);
+    const deviceTimeMs = classic ? 0 : saneMs(srcArcs + dstArcs + extraLoad + overheadMs);
     const estimateMs = saneMs(xferMs + deviceTimeMs);
     const expectedDowntimeMs = known || xferBytes === 0 ? estimateMs : null;
     const dataBasis: DowntimeSplit['dataBasis'] = params['avail-switchover-bandwidth'] > 0 ? 'configured' : known ? 'measured' : xferBytes === 0 ? 'measured' : 'unknown';
-    const loadMs = classic ? 0 : saneMs(extraLoad + backlogMs);
+    const loadMs = classic ? 0 : saneMs(extraLoad);
     const fmt = (v: number) => v.toFixed(0);
     const split: DowntimeSplit = {
       dataMs: xferMs,

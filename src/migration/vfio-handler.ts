@@ -29,6 +29,10 @@ const READ_RATE_SAMPLES = 8;
 const READS_AHEAD = 3;
 /** Precopy data smaller than this is gathered before it goes out as a frame. */
 const MIN_FRAME_BYTES = 256 * 1024;
+/** Writes at least this large say what a backlog costs to load (see loadMsPerMiB). */
+const LARGE_WRITE_BYTES = 1 << 20;
+/** The load rate is the fastest of this many recent (large) writes. */
+const LOAD_RATE_SAMPLES = 4;
 
 /**
  * Arc latencies learned across migrations in this process, per device model
@@ -410,14 +414,26 @@ export class VfioHandler implements StateHandler {
     return true;
   }
 
-  /** Recent per-write load costs (ms per MiB); the median ignores one-off setup spikes. */
-  #loadSamples: number[] = [];
+  /** Recent per-write load costs (ms per MiB) and sizes; the median ignores one-off setup spikes. */
+  #loadSamples: { msPerMiB: number; bytes: number }[] = [];
   #lastLoadDone = 0;
 
+  /**
+   * The load cost per MiB of data that arrives in bulk (a backlog, stop-copy
+   * data). Each write also pays a fixed cost (the hand-off to the device's
+   * thread), which on the small writes of a trickle of dirty data is most of
+   * the time, while a backlog loads in large gathered writes: so the figure
+   * comes from the writes of 1 MiB or more when there are any. Of those, the
+   * fastest of the last few: what slows one write down is one-off (the first
+   * writes touch fresh device memory, 3-8 ms/MiB, where later ones take
+   * 1.1-1.4; a preemption on a busy host; an initial load's setup, 600), as
+   * for the data reads' rate.
+   */
   loadMsPerMiB(): number | null {
-    if (this.#loadSamples.length === 0) return null;
-    const sorted = [...this.#loadSamples].sort((a, b) => a - b);
-    return sorted[Math.floor(sorted.length / 2)]!;
+    const large = this.#loadSamples.filter((s) => s.bytes >= LARGE_WRITE_BYTES);
+    const samples = (large.length > 0 ? large : this.#loadSamples).slice(-LOAD_RATE_SAMPLES);
+    if (samples.length === 0) return null;
+    return Math.min(...samples.map((s) => s.msPerMiB));
   }
 
   /** Whether all initial bytes have gone out (switchover-ack waits for their load). */
@@ -536,7 +552,7 @@ export class VfioHandler implements StateHandler {
     for (const p of parts) bytes += p.length;
     this.transferredBytes += bytes;
     if (bytes >= 64 * 1024) {
-      this.#loadSamples.push((ms * (1 << 20)) / bytes);
+      this.#loadSamples.push({ msPerMiB: (ms * (1 << 20)) / bytes, bytes });
       if (this.#loadSamples.length > 64) this.#loadSamples.shift();
     }
   }
