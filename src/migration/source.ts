@@ -21,6 +21,8 @@ import { type DowntimeSplit, DowntimePolicy, type PolicyDecision, type PolicyKin
 
 /** Bytes sent but not arrived above which the path counts as saturated (its arrival rate is its capacity). */
 const SATURATED_QUEUE_BYTES = 1 << 20;
+/** The destination reports every 10 ms while data moves: a longer gap is a destination that was not reading (an initial load holding up its channel), not the path's rate. */
+const MAX_ARRIVAL_INTERVAL_MS = 100;
 /** Longest wait, after the end of the stream, for the destination to load and stop every device. */
 const READY_TIMEOUT_MS = 60_000;
 /** Longest wait, after the commit, for the destination to say the VM runs (then the outcome is unknown). */
@@ -697,7 +699,8 @@ export class MigrationSource extends MigrationEvents {
     return Math.max(this.#arrival.bytesPerSec, this.#bandwidth.bytesPerSec);
   }
 
-  #arrival = new BandwidthMeter(1500);
+  /** The last 500 ms of reports (~50 at 10 ms): the path as it is now, not as it was while the migration warmed up. */
+  #arrival = new BandwidthMeter(500);
   #lastArrival: { atMs: number; receivedBytes: number; queuedBytes: number } | null = null;
 
   #recordArrival(): void {
@@ -706,7 +709,7 @@ export class MigrationSource extends MigrationEvents {
     const last = this.#lastArrival;
     // Conditioned on the queue at the start only: requiring it at the end too
     // keeps just the intervals in which the path slowed down (a biased, low figure).
-    if (last && last.queuedBytes >= SATURATED_QUEUE_BYTES) this.#arrival.record(this.#destReceivedBytes - last.receivedBytes, now - last.atMs);
+    if (last && last.queuedBytes >= SATURATED_QUEUE_BYTES && now - last.atMs <= MAX_ARRIVAL_INTERVAL_MS) this.#arrival.record(this.#destReceivedBytes - last.receivedBytes, now - last.atMs);
     this.#lastArrival = { atMs: now, receivedBytes: this.#destReceivedBytes, queuedBytes: queued };
   }
 
