@@ -129,7 +129,8 @@ export class MigrationSource extends MigrationEvents {
   #iterations = 0;
   #transferred = 0;
   #bytesByKind: Record<string, number> = {};
-  #bandwidth = new BandwidthMeter(1500);
+  /** Pass-level send rate over the last 500 ms of passes: early passes run cold code (JIT) and touch fresh memory. */
+  #bandwidth = new BandwidthMeter(500);
   #pending: PendingBytes[] = [];
   #expectedDowntimeMs: number | null = null;
   #warnings: string[] = [];
@@ -503,7 +504,8 @@ export class MigrationSource extends MigrationEvents {
     const bytes = sumBytes(sent);
     const ms = performance.now() - t;
     // Only sends that filled the pipe say something about the link.
-    if (bytes >= 256 * 1024) this.#bandwidth.record(bytes, ms);
+    // The first pass runs cold (code not yet optimized, the path starting from empty): not the path's rate.
+    if (bytes >= 256 * 1024 && this.#iterations > 1) this.#bandwidth.record(bytes, ms);
     // A pass that found (almost) nothing waits out its window for dirty
     // data to build up, instead of spinning through thousands of passes.
     if (bytes < 256 * 1024 && ms < decision.idleWaitMs) await sleep(decision.idleWaitMs - ms, undefined, { signal: this.#guard.signal }).catch(() => {});
@@ -709,7 +711,7 @@ export class MigrationSource extends MigrationEvents {
     const last = this.#lastArrival;
     // Conditioned on the queue at the start only: requiring it at the end too
     // keeps just the intervals in which the path slowed down (a biased, low figure).
-    if (last && last.queuedBytes >= SATURATED_QUEUE_BYTES && now - last.atMs <= MAX_ARRIVAL_INTERVAL_MS) this.#arrival.record(this.#destReceivedBytes - last.receivedBytes, now - last.atMs);
+    if (last && last.queuedBytes >= SATURATED_QUEUE_BYTES && now - last.atMs <= MAX_ARRIVAL_INTERVAL_MS && this.#iterations > 1) this.#arrival.record(this.#destReceivedBytes - last.receivedBytes, now - last.atMs);
     this.#lastArrival = { atMs: now, receivedBytes: this.#destReceivedBytes, queuedBytes: queued };
   }
 
