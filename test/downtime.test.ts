@@ -299,6 +299,23 @@ test.serial('a broken promise is said: a 400 ms stop arc that no probe sees give
   await again.close();
 });
 
+test.serial('the idle walk at the destination: a device that fails it (into ERROR) is reset and the migration completes, its arcs unprobed', async (t) => {
+  const overrides = mlx5Like({ stateBytes: '12MiB' });
+  const r = await migrate({
+    mock: [['nic-vf', 1]],
+    overrides,
+    destOverrides: { ...overrides, faults: [{ arc: 'pre-copy-p2p>stop-copy', errno: 'EIO', intoError: true, times: 1 }] },
+    capabilities: { 'x-probe-switchover-arcs': true },
+    parameters: { 'downtime-limit': 2000 },
+  });
+  t.is(r.info.status, 'completed', r.error?.message);
+  for (const d of r.info.digests!) t.true(d.match === true);
+  // Nothing came from the destination's walk: the stop arc stays assumed.
+  const last = r.events.filter((e) => e.event === 'MIGRATION_PASS').at(-1)!.data as PassData;
+  t.true(last.expectedDowntime.unmeasured.some((a) => a.arc === 'pre-copy-p2p>stop-copy'), last.expectedDowntime.summary);
+  await r.close();
+});
+
 // A device that announces entirely new initial bytes mid-precopy (VFIO_PRECOPY_INFO_REINIT,
 // after the PRECOPY_INFOv2 opt-in): 500 ms into PRE_COPY, 8 MiB of new initial data whose
 // load at the destination takes 1.5 s again. The first initial load (1.5 s) ends after the

@@ -6,7 +6,7 @@ import { type Arc, STOP_COPY_STATE, quiescedOnPath, resumePath, switchoverPath }
 import { type MigrationFlags, type MigrationState, P2P_QUIESCED_STATES, PRECOPY_STATES } from '../vfio/states.js';
 import type { ArcEstimate, DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler } from './handler.js';
 import { MAX_REPORTED_BYTES, clampDeviceBytes } from './accounting.js';
-import { MigrationError } from './errors.js';
+import { MigrationError, describeError } from './errors.js';
 
 /**
  * Reads start at 1 MiB and follow the device's rate between 256 KiB and
@@ -521,7 +521,12 @@ export class VfioHandler implements StateHandler {
   async loadSetup(ctx: HandlerContext, options: { probeArcs?: boolean } = {}): Promise<void> {
     this.#ctx = ctx;
     await this.#flagsOnce();
-    if (options.probeArcs) await this.#probeIdle(ctx);
+    // A failed walk costs the figures, not the migration: the device is reset if it ended in ERROR.
+    if (options.probeArcs)
+      await this.#probeIdle(ctx).catch(async (err: unknown) => {
+        ctx.warn(`${this.device.id}: walking the idle device through the switchover arcs failed (${describeError(err).message}); they stay unprobed`, { device: this.device.id });
+        if ((await this.device.getState().catch(() => 'error' as const)) === 'error') await this.device.reset();
+      });
     this.#session = await this.#step('resuming', ctx);
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: no data fd in resuming`);
   }
