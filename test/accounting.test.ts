@@ -96,3 +96,68 @@ test('policy: switchover steps are barriers: the slowest quiesce plus the slowes
   t.is(d.split.arcsByBasis.learned, 120 + 1 + 12);
   t.deepEqual(d.split.unmeasured.map((a) => `${a.device} ${a.arc}`), ['nic running-p2p>running', 'vgpu running-p2p>running']);
 });
+
+/** A P2P device for the policy alone: its arcs, and optionally how fast it dirties while it runs. */
+const modelDevice = (id: string, arcs: { quiesce: number | null; stop: number | null }, dirtyBytesPerSec: number | null = null) =>
+  ({
+    describe: () => ({ id, kind: 'vfio', compat: id }),
+    switchoverArcs: () => [
+      { arc: 'pre-copy>pre-copy-p2p', ms: arcs.quiesce, basis: arcs.quiesce === null ? 'assumed' : 'probed' },
+      { arc: 'pre-copy-p2p>stop-copy', ms: arcs.stop, basis: arcs.stop === null ? 'assumed' : 'learned' },
+    ],
+    resumeArcs: () => [
+      { arc: 'resuming>stop', ms: null, basis: 'assumed' },
+      { arc: 'stop>running-p2p', ms: null, basis: 'assumed' },
+      { arc: 'running-p2p>running', ms: null, basis: 'assumed' },
+    ],
+    dirtyBytesPerSec: () => dirtyBytesPerSec,
+  }) as unknown as StateHandler;
+
+const MiB = 1 << 20;
+const pass = (policy: DowntimePolicy, stopcopyBytes: number[], extra: { awaitingLoadBytes?: number; bandwidth?: number } = {}) =>
+  policy.evaluate({
+    pending: stopcopyBytes.map((b) => ({ precopyBytes: b, stopcopyBytes: b, exact: true })),
+    measuredBandwidthBytesPerSec: extra.bandwidth ?? 100 * MiB,
+    params: DEFAULT_PARAMETERS,
+    switchoverAckRequired: false,
+    switchoverAcked: false,
+    iteration: 1,
+    awaitingLoadBytes: extra.awaitingLoadBytes ?? 0,
+  });
+
+test('policy: an arc this side could not measure takes the figure the destination probed on its idle device; its own resume arcs stay its own', (t) => {
+  const policy = new DowntimePolicy([modelDevice('gpu', { quiesce: 10, stop: null })]);
+  const before = pass(policy, [0]);
+  t.true(before.split.unmeasured.some((a) => a.side === 'source' && a.arc === 'pre-copy-p2p>stop-copy'));
+  policy.recordDestinationArcs(0, [
+    { arc: 'resuming>stop', ms: null, basis: 'assumed' },
+    { arc: 'stop>running-p2p', ms: 80, basis: 'probed' },
+    { arc: 'running-p2p>running', ms: 10, basis: 'probed' },
+    { arc: 'pre-copy>pre-copy-p2p', ms: 500, basis: 'probed' },
+    { arc: 'pre-copy-p2p>stop-copy', ms: 150, basis: 'probed' },
+  ]);
+  const after = pass(policy, [0]);
+  // The stop arc is the destination's 150 ms; the quiesce this side probed (10 ms) is not replaced.
+  t.is(after.split.sourceArcsMs, 10 + 150);
+  t.is(after.split.destinationArcsMs, DEFAULT_PARAMETERS['x-assumed-arc-ms'] + 80 + 10);
+  t.deepEqual(after.split.unmeasured.map((a) => `${a.side} ${a.arc}`), ['destination resuming>stop']);
+});
+
+test('policy: a device dirties through its switchover arcs until it is in stop-copy, and those bytes are data', (t) => {
+  // 64 MiB/s while the slowest quiesce (400 ms) and its own stop (100 ms) run: 32 MiB more.
+  const policy = new DowntimePolicy([modelDevice('gpu', { quiesce: 50, stop: 100 }, 64 * MiB), modelDevice('nic', { quiesce: 400, stop: 2 })]);
+  const d = pass(policy, [10 * MiB, 0], { bandwidth: 100 * MiB });
+  t.is(d.split.sourceArcsMs, 400 + 100);
+  t.is(Math.round(d.split.dataMs), Math.round(((10 + 32) / 100) * 1000));
+  t.regex(d.split.summary, /32\.0 MiB dirtied during the arcs/);
+});
+
+test('policy: the destination works through its backlog while the source stops its devices: only what outlasts the arcs and the transfer is load', (t) => {
+  const policy = new DowntimePolicy([modelDevice('nic', { quiesce: 300, stop: 10 })]);
+  policy.recordLoadRate(0, 2); // ms per MiB
+  // 100 MiB behind the load (200 ms) against 310 ms of arcs: all loaded before the data arrives.
+  t.is(pass(policy, [MiB], { awaitingLoadBytes: 100 * MiB }).split.loadMs, 0);
+  // 300 MiB (600 ms): 290 ms outlast the arcs; the device's 1 MiB of stop-copy data (2 ms) queues
+  // behind it and arrives in 10 ms at 100 MiB/s.
+  t.is(Math.round(pass(policy, [MiB], { awaitingLoadBytes: 300 * MiB }).split.loadMs), 290 + 2 - 10);
+});

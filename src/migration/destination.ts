@@ -520,7 +520,7 @@ export class MigrationDestination extends MigrationEvents {
   /** Setup: every device to resuming, then the handshake's answer, the round trips and the liveness watch. */
   async #setup(run: IncomingRun, main: Channel, hello: HelloMessage): Promise<void> {
     run.setupStarted = true;
-    await run.guard.settle(this.handlers.map((h) => h.loadSetup(run.ctx)));
+    await run.guard.settle(this.handlers.map((h) => h.loadSetup(run.ctx, { probeArcs: hello.capabilities['x-probe-switchover-arcs'] })));
     run.guard.check();
     // Every device with initial bytes must load them before the source may switch over.
     this.handlers.forEach((h, i) => {
@@ -682,7 +682,7 @@ export class MigrationDestination extends MigrationEvents {
       if (!h.resumeArcs) return;
       // Only what the message may carry: a handler's glitch must not fail the migration here.
       const loadMsPerMiB = h.loadMsPerMiB?.() ?? null;
-      const arcs = h.resumeArcs().filter(isSendableArcEstimate).slice(0, 64);
+      const arcs = (h.reportArcs?.() ?? h.resumeArcs()).filter(isSendableArcEstimate).slice(0, 64);
       sections.push({ section, arcs, loadMsPerMiB: loadMsPerMiB !== null && Number.isFinite(loadMsPerMiB) && loadMsPerMiB >= 0 ? loadMsPerMiB : null });
     });
     // Arrived counts what sits in this side's buffers too: it has crossed the link.

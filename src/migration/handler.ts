@@ -93,7 +93,12 @@ export interface StateHandler {
   saveCleanup(outcome: 'completed' | 'failed', ctx: HandlerContext): Promise<void>;
 
   // ---- destination ----
-  loadSetup(ctx: HandlerContext): Promise<void>;
+  /**
+   * `probeArcs` (the source asked for x-probe-switchover-arcs): before
+   * RESUMING, while nothing runs here, the handler may walk its idle device
+   * through the switchover's arcs to measure them (see reportArcs).
+   */
+  loadSetup(ctx: HandlerContext, options?: { probeArcs?: boolean }): Promise<void>;
   /**
    * Section data in arrival order. For a `byteStream` section, `parts` are
    * any run of its bytes (frames may be merged); otherwise one frame's payload.
@@ -128,6 +133,8 @@ export interface StateHandler {
   switchoverArcs?(): ArcEstimate[];
   /** The arcs the destination walks (resuming -> running); on the source side, what its own history knows of them. */
   resumeArcs?(): ArcEstimate[];
+  /** Destination, optional: the arcs its LoadReport carries (default resumeArcs()); may add source-path arcs it probed on its idle device. */
+  reportArcs?(): ArcEstimate[];
   /**
    * Source, optional (capability x-probe-switchover-arcs): walk the switchover's
    * reversible arcs once while the VM runs (e.g. pre-copy -> pre-copy-p2p ->
@@ -135,6 +142,8 @@ export interface StateHandler {
    * false when not ready yet (initial bytes still going out).
    */
   probeSwitchover?(ctx: HandlerContext): Promise<boolean>;
+  /** Source, optional: how fast the section re-dirties while its device runs, bytes/s (null before it was measured). */
+  dirtyBytesPerSec?(): number | null;
   /** Destination: observed load cost, ms per MiB written (null before anything was measured). */
   loadMsPerMiB?(): number | null;
 

@@ -167,21 +167,29 @@ export class DowntimePolicy {
     if (Number.isFinite(msPerMiB) && msPerMiB >= 0) this.loadMsPerMiB.set(section, saneMs(msPerMiB));
   }
 
-  /** Per device: arcs on both sides, and load beyond the transfer (devices run in parallel). */
-  deviceEstimates(pending: PendingBytes[], transferMsTotal: number, params: MigrationParameters): (DeviceEstimate | null)[] {
+  /** Per device: arcs on both sides, and the load of its stop-copy data (evaluate() keeps what outlasts the transfer). */
+  deviceEstimates(pending: PendingBytes[], params: MigrationParameters): (DeviceEstimate | null)[] {
     return this.handlers.map((h, i) => {
       if (!h.switchoverArcs) return null;
       const id = h.describe().id;
       const bytes = pending[i]?.stopcopyBytes ?? 0;
       const rate = this.loadMsPerMiB.get(i);
       const load = rate === undefined ? 0 : saneMs((bytes / (1 << 20)) * rate);
-      const source = resolveArcs(id, 'source', h.switchoverArcs(), params);
+      // The destination reports its resume arcs and, when it probed its idle
+      // device (same model), the source-path arcs it walked: those fill in
+      // what this side could not measure (pre-copy-p2p -> stop-copy).
+      const reported = this.destinationArcs.get(i);
+      const planned = h.resumeArcs?.();
+      const resumeNames = planned ? new Set(planned.map((a) => a.arc)) : null;
+      const walkedThere = new Map((reported ?? []).filter((a) => resumeNames && !resumeNames.has(a.arc) && a.ms !== null && a.basis !== 'assumed').map((a) => [a.arc, a.ms!]));
+      const sourceArcs = h.switchoverArcs().map((a): ArcEstimate => (a.basis === 'assumed' && walkedThere.has(a.arc) ? { arc: a.arc, ms: walkedThere.get(a.arc)!, basis: 'probed' } : a));
+      const source = resolveArcs(id, 'source', sourceArcs, params);
       // Until the destination reports its arcs, what this side knows of them (same model).
-      const destination = resolveArcs(id, 'destination', this.destinationArcs.get(i) ?? h.resumeArcs?.() ?? [], params);
+      const destination = resolveArcs(id, 'destination', reported?.filter((a) => !resumeNames || resumeNames.has(a.arc)) ?? planned ?? [], params);
       return {
         sourceArcsMs: sumMs(source),
         destinationArcsMs: sumMs(destination),
-        loadMs: Math.max(0, load - transferMsTotal),
+        loadMs: load,
         arcs: [...source, ...destination],
       };
     });
@@ -196,9 +204,7 @@ export class DowntimePolicy {
     if (params['max-bandwidth'] > 0 && !(params['avail-switchover-bandwidth'] > 0)) bandwidth = bandwidth > 0 ? Math.min(bandwidth, params['max-bandwidth']) : params['max-bandwidth'];
     const known = bandwidth > 0;
     const classic = this.kind === 'classic';
-    const xferBytes = sumBytes([stopcopyBytes, classic ? 0 : (input.inTransitBytes ?? 0)]);
-    const xferMs = known ? transferMs(xferBytes, bandwidth) : xferBytes === 0 ? 0 : MAX_REPORTED_MS;
-    const devices = this.kind === 'classic' ? this.handlers.map(() => null) : this.deviceEstimates(input.pending, xferMs, params);
+    const devices = this.kind === 'classic' ? this.handlers.map(() => null) : this.deviceEstimates(input.pending, params);
     // Source arcs, then the data (with any load that outlasts it), then the
     // destination's arcs; each phase waits for the slowest device.
     // The switchover runs in steps that every device finishes before the next
@@ -219,9 +225,25 @@ export class DowntimePolicy {
         const ms = sumMs(arcs);
         if (ms >= (critical.get(key)?.ms ?? 0)) critical.set(key, { ms, arcs });
       }
-      extraLoad = Math.max(extraLoad, d.loadMs);
       unmeasured.push(...d.arcs.filter((a) => a.basis === 'assumed'));
     }
+    // A device keeps running, and dirtying its state, from the VM's stop
+    // until it is in stop-copy: through the slowest device's quiesce, then
+    // its own stop arc. What it dirties then is stop-copy data too.
+    const quiesceMs = critical.get('source:0')?.ms ?? 0;
+    const dirtiedBytes = classic
+      ? 0
+      : sumBytes(
+          this.handlers.map((h, i) => {
+            const d = devices[i];
+            const rate = h.dirtyBytesPerSec?.() ?? null;
+            if (!d || rate === null || !(rate > 0)) return 0;
+            const ownStopMs = sumMs(d.arcs.filter((a) => a.side === 'source' && switchoverStep(a) === 1));
+            return Math.floor((rate * (quiesceMs + ownStopMs)) / 1000);
+          }),
+        );
+    const xferBytes = sumBytes([stopcopyBytes, classic ? 0 : (input.inTransitBytes ?? 0), dirtiedBytes]);
+    const xferMs = known ? transferMs(xferBytes, bandwidth) : xferBytes === 0 ? 0 : MAX_REPORTED_MS;
     let srcArcs = 0;
     let dstArcs = 0;
     const arcsByBasis: Partial<Record<EstimateBasis, number>> = {};
@@ -233,12 +255,23 @@ export class DowntimePolicy {
     // Data already at the destination but not yet loaded, at the slowest device load rate seen.
     const loadRate = Math.max(0, ...this.loadMsPerMiB.values());
     const backlogMs = classic ? 0 : saneMs(((input.awaitingLoadBytes ?? 0) / (1 << 20)) * loadRate);
+    // The destination loads as data arrives, devices in parallel: first the
+    // backlog, which it works through while the source quiesces and stops its
+    // devices, then each device's stop-copy data, which arrives during the
+    // transfer. What outlasts the transfer is the load part.
+    const backlogLeftMs = Math.max(0, backlogMs - srcArcs);
+    extraLoad = Math.max(0, backlogLeftMs - xferMs);
+    for (const d of devices) {
+      if (!d) continue;
+      d.loadMs = saneMs(Math.max(0, backlogLeftMs + d.loadMs - xferMs));
+      extraLoad = Math.max(extraLoad, d.loadMs);
+    }
     const overheadMs = classic ? 0 : SWITCHOVER_OVERHEAD_MS;
-    const deviceTimeMs = classic ? 0 : saneMs(srcArcs + dstArcs + extraLoad + backlogMs + overheadMs);
+    const deviceTimeMs = classic ? 0 : saneMs(srcArcs + dstArcs + extraLoad + overheadMs);
     const estimateMs = saneMs(xferMs + deviceTimeMs);
     const expectedDowntimeMs = known || xferBytes === 0 ? estimateMs : null;
     const dataBasis: DowntimeSplit['dataBasis'] = params['avail-switchover-bandwidth'] > 0 ? 'configured' : known ? 'measured' : xferBytes === 0 ? 'measured' : 'unknown';
-    const loadMs = classic ? 0 : saneMs(extraLoad + backlogMs);
+    const loadMs = classic ? 0 : saneMs(extraLoad);
     const fmt = (v: number) => v.toFixed(0);
     const split: DowntimeSplit = {
       dataMs: xferMs,
@@ -251,7 +284,7 @@ export class DowntimePolicy {
       unmeasured,
       summary: classic
         ? `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}); classic policy: device time not counted`
-        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}; unmeasured: ${
+        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}${dirtiedBytes > 0 ? `; ${(dirtiedBytes / (1 << 20)).toFixed(1)} MiB dirtied during the arcs` : ''}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}; unmeasured: ${
             unmeasured.length ? unmeasured.map((a) => `${a.device} ${a.arc} (${a.side}, assumed ${fmt(a.ms)} ms)`).join(', ') : 'none'
           }`,
     };

@@ -6,7 +6,7 @@ import { type Arc, STOP_COPY_STATE, quiescedOnPath, resumePath, switchoverPath }
 import { type MigrationFlags, type MigrationState, P2P_QUIESCED_STATES, PRECOPY_STATES } from '../vfio/states.js';
 import type { ArcEstimate, DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler } from './handler.js';
 import { MAX_REPORTED_BYTES, clampDeviceBytes } from './accounting.js';
-import { MigrationError } from './errors.js';
+import { MigrationError, describeError } from './errors.js';
 
 /**
  * Reads start at 1 MiB and follow the device's rate between 256 KiB and
@@ -29,6 +29,10 @@ const READ_RATE_SAMPLES = 8;
 const READS_AHEAD = 3;
 /** Precopy data smaller than this is gathered before it goes out as a frame. */
 const MIN_FRAME_BYTES = 256 * 1024;
+/** Writes at least this large say what a backlog costs to load (see loadMsPerMiB). */
+const LARGE_WRITE_BYTES = 1 << 20;
+/** The load rate is the fastest of this many recent (large) writes. */
+const LOAD_RATE_SAMPLES = 4;
 
 /**
  * Arc latencies learned across migrations in this process, per device model
@@ -159,7 +163,48 @@ export class VfioHandler implements StateHandler {
       precopyBytes = Math.min(MAX_REPORTED_BYTES, this.#clamp(info.initialBytes, 'initial_bytes') + this.#clamp(info.dirtyBytes, 'dirty_bytes'));
     }
     this.#pending = { precopyBytes, stopcopyBytes: this.#stopCopyBytes, exact };
+    if (exact && inPrecopy) this.#sampleDirtying();
     return this.#pending;
+  }
+
+  /** Bytes the device has given to reads (in precopy and after). */
+  #bytesRead = 0;
+  #dirtySamples: { ms: number; bytes: number }[] = [];
+  #lastDirtySample: { at: number; stopCopyBytes: number; bytesRead: number } | null = null;
+
+  /**
+   * How fast the device re-dirties its state while it runs: between two
+   * exact queries, the growth of its stop-copy size plus what reads took
+   * from it. A device keeps running (and dirtying) through its switchover
+   * arcs until it is in stop-copy: the estimate adds what it dirties then.
+   */
+  #sampleDirtying(): void {
+    const now = performance.now();
+    const last = this.#lastDirtySample;
+    this.#lastDirtySample = { at: now, stopCopyBytes: this.#stopCopyBytes, bytesRead: this.#bytesRead };
+    if (!last || now - last.at <= 0) return;
+    const grown = this.#stopCopyBytes - last.stopCopyBytes + (this.#bytesRead - last.bytesRead);
+    this.#dirtySamples.push({ ms: now - last.at, bytes: Math.max(0, grown) });
+    // About the last two seconds.
+    let ms = 0;
+    for (let i = this.#dirtySamples.length - 1; i >= 0; i--) {
+      ms += this.#dirtySamples[i]!.ms;
+      if (ms > 2000) {
+        this.#dirtySamples.splice(0, i);
+        break;
+      }
+    }
+  }
+
+  /** The device's dirtying rate while it runs, bytes/s (null before two exact queries in precopy). */
+  dirtyBytesPerSec(): number | null {
+    let ms = 0;
+    let bytes = 0;
+    for (const d of this.#dirtySamples) {
+      ms += d.ms;
+      bytes += d.bytes;
+    }
+    return ms > 0 ? (bytes / ms) * 1000 : null;
   }
 
   /** Reads issued ahead of time, in stream order; `inPrecopy`: issued in a PRE_COPY state. */
@@ -179,6 +224,7 @@ export class VfioHandler implements StateHandler {
     const asked = this.#readBytes;
     const issuedAt = performance.now();
     const result = session.read(asked).then((r) => {
+      if (r.kind === 'data') this.#bytesRead += r.bytes.length;
       this.#learnReadRate(r, asked, issuedAt);
       return r;
     });
@@ -304,6 +350,45 @@ export class VfioHandler implements StateHandler {
     return this.#flags ? this.#estimate(resumePath(this.#flags)) : [];
   }
 
+  /** Whether the destination walked the switchover path on this idle device (see #probeIdle). */
+  #probedIdle = false;
+
+  /**
+   * Destination, with x-probe-switchover-arcs: before RESUMING, while nothing
+   * runs on this device (no guest, no data yet), walk the path the source's
+   * device of the same model takes at switchover, pre-copy-p2p -> stop-copy
+   * included (the arc the source cannot probe without stopping its device),
+   * then this side's resume arcs stop -> running-p2p -> running. The figures
+   * are an idle device's: a busy device's stop may take longer, which the
+   * next migration learns. resuming -> stop cannot be walked without data: it
+   * stays assumed unless learned.
+   */
+  async #probeIdle(ctx: HandlerContext): Promise<void> {
+    const f = this.#flags!;
+    if (this.device.lastKnownState !== 'running' && (await this.device.getState()) !== 'running') return;
+    const opened: (DataSession | null)[] = [];
+    if (f.preCopy) opened.push(await this.#step('pre-copy', ctx, true));
+    if (f.p2p) opened.push(await this.#step(f.preCopy ? 'pre-copy-p2p' : 'running-p2p', ctx, true));
+    opened.push(await this.#step('stop-copy', ctx, true));
+    await this.#step('stop', ctx, true);
+    for (const s of opened) await s?.close().catch(() => {});
+    if (f.p2p) await this.#step('running-p2p', ctx, true);
+    await this.#step('running', ctx, true);
+    this.#probedIdle = true;
+  }
+
+  /**
+   * Destination: what the LoadReport tells the source: the resume arcs and,
+   * after an idle probe, the source's switchover arcs as walked here (same
+   * model: the compatibility check holds), which the source takes for arcs it
+   * could not measure itself.
+   */
+  reportArcs(): ArcEstimate[] {
+    const resume = this.resumeArcs();
+    if (!this.#probedIdle) return resume;
+    return [...resume, ...this.switchoverArcs().filter((a) => a.basis !== 'assumed')];
+  }
+
   /** Arc times measured by the probe (x-probe-switchover-arcs), "from>to" -> ms. */
   readonly probedArcMs = new Map<string, number>();
   #probed = false;
@@ -329,14 +414,26 @@ export class VfioHandler implements StateHandler {
     return true;
   }
 
-  /** Recent per-write load costs (ms per MiB); the median ignores one-off setup spikes. */
-  #loadSamples: number[] = [];
+  /** Recent per-write load costs (ms per MiB) and sizes; the median ignores one-off setup spikes. */
+  #loadSamples: { msPerMiB: number; bytes: number }[] = [];
   #lastLoadDone = 0;
 
+  /**
+   * The load cost per MiB of data that arrives in bulk (a backlog, stop-copy
+   * data). Each write also pays a fixed cost (the hand-off to the device's
+   * thread), which on the small writes of a trickle of dirty data is most of
+   * the time, while a backlog loads in large gathered writes: so the figure
+   * comes from the writes of 1 MiB or more when there are any. Of those, the
+   * fastest of the last few: what slows one write down is one-off (the first
+   * writes touch fresh device memory, 3-8 ms/MiB, where later ones take
+   * 1.1-1.4; a preemption on a busy host; an initial load's setup, 600), as
+   * for the data reads' rate.
+   */
   loadMsPerMiB(): number | null {
-    if (this.#loadSamples.length === 0) return null;
-    const sorted = [...this.#loadSamples].sort((a, b) => a - b);
-    return sorted[Math.floor(sorted.length / 2)]!;
+    const large = this.#loadSamples.filter((s) => s.bytes >= LARGE_WRITE_BYTES);
+    const samples = (large.length > 0 ? large : this.#loadSamples).slice(-LOAD_RATE_SAMPLES);
+    if (samples.length === 0) return null;
+    return Math.min(...samples.map((s) => s.msPerMiB));
   }
 
   /** Whether all initial bytes have gone out (switchover-ack waits for their load). */
@@ -421,9 +518,15 @@ export class VfioHandler implements StateHandler {
   }
 
   // ---- destination ----
-  async loadSetup(ctx: HandlerContext): Promise<void> {
+  async loadSetup(ctx: HandlerContext, options: { probeArcs?: boolean } = {}): Promise<void> {
     this.#ctx = ctx;
     await this.#flagsOnce();
+    // A failed walk costs the figures, not the migration: the device is reset if it ended in ERROR.
+    if (options.probeArcs)
+      await this.#probeIdle(ctx).catch(async (err: unknown) => {
+        ctx.warn(`${this.device.id}: walking the idle device through the switchover arcs failed (${describeError(err).message}); they stay unprobed`, { device: this.device.id });
+        if ((await this.device.getState().catch(() => 'error' as const)) === 'error') await this.device.reset();
+      });
     this.#session = await this.#step('resuming', ctx);
     if (!this.#session) throw new MigrationError('ERR_MIGRATION_DEVICE', `${this.device.id}: no data fd in resuming`);
   }
@@ -454,7 +557,7 @@ export class VfioHandler implements StateHandler {
     for (const p of parts) bytes += p.length;
     this.transferredBytes += bytes;
     if (bytes >= 64 * 1024) {
-      this.#loadSamples.push((ms * (1 << 20)) / bytes);
+      this.#loadSamples.push({ msPerMiB: (ms * (1 << 20)) / bytes, bytes });
       if (this.#loadSamples.length > 64) this.#loadSamples.shift();
     }
   }
