@@ -56,10 +56,10 @@ test('sums saturate, differences never underflow, durations stay finite and boun
 test('policy: hostile pending figures never give an absurd expected downtime or remaining', (t) => {
   const r = rng(3);
   const hostileMs = () => (r() < 0.1 ? Infinity : r() < 0.1 ? NaN : r() < 0.1 ? null : r() * 500);
-  const handlers = Array.from({ length: 4 }, (_, i) => ({ describe: () => ({ id: `d${i}`, kind: 'vfio', compat: 'x' }), switchoverArcs: () => [{ arc: 'pre-copy>pre-copy-p2p', ms: hostileMs(), basis: 'measured' }] }) as unknown as StateHandler);
+  const handlers = Array.from({ length: 4 }, (_, i) => ({ describe: () => ({ id: `d${i}`, kind: 'vfio', compat: 'x' }), switchoverArcs: () => [{ arc: 'pre-copy>pre-copy-p2p', step: 'quiesce', ms: hostileMs(), basis: 'measured' }] }) as unknown as StateHandler);
   const policy = new DowntimePolicy(handlers);
   for (let i = 0; i < 5_000; i++) {
-    policy.recordDestinationArcs(Math.floor(r() * 4), [{ arc: 'resuming>stop', ms: hostileMs(), basis: 'learned' }]);
+    policy.recordDestinationArcs(Math.floor(r() * 4), [{ arc: 'resuming>stop', step: 'finish', ms: hostileMs(), basis: 'learned' }]);
     policy.recordLoadRate(Math.floor(r() * 4), r() < 0.1 ? Infinity : r() * 10);
     const pending = handlers.map(() => {
       const v = Number(clampDeviceBytes(hostile(r), 2 ** 40).value);
@@ -77,13 +77,13 @@ test('policy: switchover steps are barriers: the slowest quiesce plus the slowes
     ({
       describe: () => ({ id, kind: 'vfio', compat: id }),
       switchoverArcs: () => [
-        { arc: 'pre-copy>pre-copy-p2p', ms: quiesceMs, basis: 'measured' },
-        { arc: 'pre-copy-p2p>stop-copy', ms: stopMs, basis: 'learned' },
+        { arc: 'pre-copy>pre-copy-p2p', step: 'quiesce', ms: quiesceMs, basis: 'measured' },
+        { arc: 'pre-copy-p2p>stop-copy', step: 'stop', ms: stopMs, basis: 'learned' },
       ],
       resumeArcs: () => [
-        { arc: 'resuming>stop', ms: 1, basis: 'learned' },
-        { arc: 'stop>running-p2p', ms: stopMs / 10, basis: 'learned' },
-        { arc: 'running-p2p>running', ms: quiesceMs / 100, basis: 'assumed' },
+        { arc: 'resuming>stop', step: 'finish', ms: 1, basis: 'learned' },
+        { arc: 'stop>running-p2p', step: 'resume-p2p', ms: stopMs / 10, basis: 'learned' },
+        { arc: 'running-p2p>running', step: 'resume', ms: quiesceMs / 100, basis: 'assumed' },
       ],
     }) as unknown as StateHandler;
   // A NIC VF (400 ms quiesce, 2 ms stop) beside a vGPU (80 ms quiesce, 120 ms stop): every device
@@ -102,13 +102,13 @@ const modelDevice = (id: string, arcs: { quiesce: number | null; stop: number | 
   ({
     describe: () => ({ id, kind: 'vfio', compat: id }),
     switchoverArcs: () => [
-      { arc: 'pre-copy>pre-copy-p2p', ms: arcs.quiesce, basis: arcs.quiesce === null ? 'assumed' : 'probed' },
-      { arc: 'pre-copy-p2p>stop-copy', ms: arcs.stop, basis: arcs.stop === null ? 'assumed' : 'learned' },
+      { arc: 'pre-copy>pre-copy-p2p', step: 'quiesce', ms: arcs.quiesce, basis: arcs.quiesce === null ? 'assumed' : 'probed' },
+      { arc: 'pre-copy-p2p>stop-copy', step: 'stop', ms: arcs.stop, basis: arcs.stop === null ? 'assumed' : 'learned' },
     ],
     resumeArcs: () => [
-      { arc: 'resuming>stop', ms: null, basis: 'assumed' },
-      { arc: 'stop>running-p2p', ms: null, basis: 'assumed' },
-      { arc: 'running-p2p>running', ms: null, basis: 'assumed' },
+      { arc: 'resuming>stop', step: 'finish', ms: null, basis: 'assumed' },
+      { arc: 'stop>running-p2p', step: 'resume-p2p', ms: null, basis: 'assumed' },
+      { arc: 'running-p2p>running', step: 'resume', ms: null, basis: 'assumed' },
     ],
     dirtyBytesPerSec: () => dirtyBytesPerSec,
   }) as unknown as StateHandler;
@@ -130,11 +130,11 @@ test('policy: an arc this side could not measure takes the figure the destinatio
   const before = pass(policy, [0]);
   t.true(before.split.unmeasured.some((a) => a.side === 'source' && a.arc === 'pre-copy-p2p>stop-copy'));
   policy.recordDestinationArcs(0, [
-    { arc: 'resuming>stop', ms: null, basis: 'assumed' },
-    { arc: 'stop>running-p2p', ms: 80, basis: 'probed' },
-    { arc: 'running-p2p>running', ms: 10, basis: 'probed' },
-    { arc: 'pre-copy>pre-copy-p2p', ms: 500, basis: 'probed' },
-    { arc: 'pre-copy-p2p>stop-copy', ms: 150, basis: 'probed' },
+    { arc: 'resuming>stop', step: 'finish', ms: null, basis: 'assumed' },
+    { arc: 'stop>running-p2p', step: 'resume-p2p', ms: 80, basis: 'probed' },
+    { arc: 'running-p2p>running', step: 'resume', ms: 10, basis: 'probed' },
+    { arc: 'pre-copy>pre-copy-p2p', step: 'quiesce', ms: 500, basis: 'probed' },
+    { arc: 'pre-copy-p2p>stop-copy', step: 'stop', ms: 150, basis: 'probed' },
   ]);
   const after = pass(policy, [0]);
   // The stop arc is the destination's 150 ms; the quiesce this side probed (10 ms) is not replaced.

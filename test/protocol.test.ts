@@ -6,7 +6,7 @@ import test from 'ava';
 import { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import fc from 'fast-check';
-import { FRAME_HEADER_BYTES, type Frame, FrameReader, FrameType, MAX_FRAME_PAYLOAD_BYTES, encodeFrame, verifyFrame } from '../src/migration/wire.js';
+import { FRAME_HEADER_BYTES, type Frame, FrameReader, FrameType, MAX_FRAME_PAYLOAD_BYTES, WIRE_VERSION, encodeFrame, verifyFrame } from '../src/migration/wire.js';
 import { DESTINATION_TABLE, MESSAGE_SCHEMAS, type MessageType, SOURCE_TABLE, destinationMeaning, makeFrame, messagePayload, parseMessage, sourceMeaning, validateMessage } from '../src/migration/protocol/index.js';
 import { MigrationError } from '../src/migration/errors.js';
 import { DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS } from '../src/migration/params.js';
@@ -175,12 +175,12 @@ test.serial('random bytes and truncated frames are a typed error or a clean end,
 
 /** A valid message of each type (every field present), as the peers send them. */
 const VALID: { [T in MessageType]: unknown } = {
-  [FrameType.Hello]: { wireVersion: 3, migrationId: 'm-1', channels: 2, sections: [{ id: 'nic0', kind: 'vfio', compat: 'mock:nic-vf' }], capabilities: { ...DEFAULT_CAPABILITIES }, parameters: { ...DEFAULT_PARAMETERS } },
+  [FrameType.Hello]: { wireVersion: WIRE_VERSION, migrationId: 'm-1', channels: 2, sections: [{ id: 'nic0', kind: 'vfio', compat: 'mock:nic-vf' }], capabilities: { ...DEFAULT_CAPABILITIES }, parameters: { ...DEFAULT_PARAMETERS } },
   [FrameType.ChannelHello]: { migrationId: 'm-1', index: 1 },
-  [FrameType.HelloAck]: { wireVersion: 3 },
+  [FrameType.HelloAck]: { wireVersion: WIRE_VERSION },
   [FrameType.Error]: { code: 'ERR_MIGRATION_DEVICE', message: 'it broke', notRunning: true },
   [FrameType.Cancel]: { reason: 'cancelled by the user', code: 'ERR_MIGRATION_CANCELLED' },
-  [FrameType.LoadReport]: { sections: [{ section: 0, arcs: [{ arc: 'stop>running-p2p', ms: 3, basis: 'measured' }], loadMsPerMiB: 0.5 }], receivedBytes: 100, loadedBytes: 50 },
+  [FrameType.LoadReport]: { sections: [{ section: 0, arcs: [{ arc: 'stop>running-p2p', step: 'resume-p2p', ms: 3, basis: 'measured' }], loadMsPerMiB: 0.5 }], receivedBytes: 100, loadedBytes: 50 },
   [FrameType.InitialLoaded]: { section: 1 },
   [FrameType.Switchover]: { abortAfterMs: 1500, sentAfterStopMs: 2.5 },
   [FrameType.Running]: { digests: ['ab', null], loadMs: 10, resumeMs: 2 },
@@ -288,7 +288,7 @@ test.serial('a message field of the wrong type is named: Hello.parameters.downti
   t.throws(() => validateMessage(FrameType.Hello, hello), { code: 'ERR_MIGRATION_PROTOCOL', message: 'Hello.parameters.downtime-limit: expected a number, got string "fast"' });
   hello.parameters['downtime-limit'] = 0;
   t.throws(() => validateMessage(FrameType.Hello, hello), { code: 'ERR_MIGRATION_PROTOCOL', message: /^Hello\.parameters: parameter "downtime-limit" must be a number between 1 and/ });
-  t.throws(() => validateMessage(FrameType.LoadReport, { ...(VALID[FrameType.LoadReport] as object), sections: [{ section: 0, arcs: [{ arc: 'a', ms: 1, basis: 'guessed' }], loadMsPerMiB: null }] }), {
+  t.throws(() => validateMessage(FrameType.LoadReport, { ...(VALID[FrameType.LoadReport] as object), sections: [{ section: 0, arcs: [{ arc: 'a', step: 'resume', ms: 1, basis: 'guessed' }], loadMsPerMiB: null }] }), {
     message: /^LoadReport\.sections\[0\]\.arcs\[0\]\.basis: expected one of "measured"/,
   });
   t.throws(() => validateMessage(FrameType.ChannelHello, { migrationId: 'm', index: 1, admin: true }), { message: 'ChannelHello.admin: unknown field' });

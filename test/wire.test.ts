@@ -6,7 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { native } from '../src/vfio/native.js';
-import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, encodeFrame, jsonPayload, readFirstFrame, verifyFrame } from '../src/migration/wire.js';
+import { FRAME_HEADER_BYTES, FrameReader, FrameType, FrameWriter, MAX_FRAME_PAYLOAD_BYTES, WIRE_VERSION, encodeFrame, jsonPayload, readFirstFrame, verifyFrame } from '../src/migration/wire.js';
 import { MigrationError } from '../src/migration/errors.js';
 import { connect, listen, parseUri, secureAccept, slabStats } from '../src/migration/transport.js';
 import { loadTlsConfig } from '../src/migration/tls.js';
@@ -225,7 +225,7 @@ test('a flipped payload bit, a bad magic, an oversize length or a cut frame is a
   await t.throwsAsync(readRaw(resealed(oversize)), { code: 'ERR_MIGRATION_PROTOCOL', message: /exceeds/ });
   const version = Buffer.from(good);
   version.writeUInt8(99, 4);
-  await t.throwsAsync(readRaw(version), { code: 'ERR_MIGRATION_INCOMPATIBLE', message: /wire version 99, this side 3/ });
+  await t.throwsAsync(readRaw(version), { code: 'ERR_MIGRATION_INCOMPATIBLE', message: new RegExp(`wire version 99, this side ${WIRE_VERSION}`) });
   await t.throwsAsync(readRaw(good.subarray(0, good.length - 1)), { code: 'ERR_MIGRATION_CONNECTION', message: /inside a frame/ });
   await t.throwsAsync(readRaw(good.subarray(0, 5)), { code: 'ERR_MIGRATION_PROTOCOL', message: /inside a frame header/ });
   t.throws(() => encodeFrame(FrameType.SectionData, 0, Buffer.alloc(MAX_FRAME_PAYLOAD_BYTES + 1)), { code: 'ERR_MIGRATION_PROTOCOL' });
@@ -412,13 +412,13 @@ test('a heartbeat is one header-only frame, written only into an idle stream', a
 });
 
 test('a destination speaking another wire version is refused by the source with ERR_MIGRATION_INCOMPATIBLE, whatever its answer says', async (t) => {
-  // A destination one version ahead: its answer's header carries version 4 (magic and version keep their offsets in every version).
+  // A destination one version ahead: its answer's header carries WIRE_VERSION + 1 (magic and version keep their offsets in every version).
   const file = `/tmp/vfio-wire-version-${process.pid}.sock`;
   rmSync(file, { force: true });
   const server = net.createServer((s) => {
     s.once('data', () => {
-      const answer = Buffer.concat(encodeFrame(FrameType.HelloAck, 0, jsonPayload({ wireVersion: 4 })));
-      answer.writeUInt8(4, 4);
+      const answer = Buffer.concat(encodeFrame(FrameType.HelloAck, 0, jsonPayload({ wireVersion: WIRE_VERSION + 1 })));
+      answer.writeUInt8(WIRE_VERSION + 1, 4);
       s.end(answer);
     });
   });
@@ -429,6 +429,6 @@ test('a destination speaking another wire version is refused by the source with 
   const src = new MigrationSource({ handlers: side.handlers, vm: side.vm });
   const err = await t.throwsAsync(src.migrate(`unix:${file}`), { instanceOf: MigrationError });
   t.is(err?.code, 'ERR_MIGRATION_INCOMPATIBLE', err?.message);
-  t.regex(err!.message, /wire version 4, this side 3/);
+  t.regex(err!.message, new RegExp(`wire version ${WIRE_VERSION + 1}, this side ${WIRE_VERSION}`));
   t.true(side.vm.running);
 });

@@ -8,10 +8,24 @@ import type { HandlerEventName, MigrationEventMap } from './events.js';
 /** What an expected time rests on: seen in this migration, seen when probed before the stop, learned from earlier migrations of the same model, or assumed (never seen). */
 export type EstimateBasis = 'measured' | 'probed' | 'learned' | 'assumed';
 
-/** One single arc a device walks at switchover, and what its time rests on (`ms` is null when assumed: the policy supplies the assumption). */
+/**
+ * The barrier steps of a switchover, in order, each named after the hook that
+ * walks it: every handler finishes a step before any starts the next, so each
+ * step costs its slowest handler. Source: `quiesce` (saveQuiesce: the P2P
+ * quiesce, hundreds of ms on real drivers under load), `stop` (saveStop).
+ * Destination: `finish` (loadFinish), `resume-p2p` (loadResumeP2P), `resume`
+ * (loadResume).
+ */
+export const SWITCHOVER_STEPS = ['quiesce', 'stop', 'finish', 'resume-p2p', 'resume'] as const;
+export type SwitchoverStep = (typeof SWITCHOVER_STEPS)[number];
+/** Which side walks a step. */
+export const stepSide = (step: SwitchoverStep): 'source' | 'destination' => (step === 'quiesce' || step === 'stop' ? 'source' : 'destination');
+
+/** One single arc a device walks at switchover, the step that walks it, and what its time rests on (`ms` is null when assumed: the policy supplies the assumption). */
 export interface ArcEstimate {
-  /** "from>to", e.g. "pre-copy>pre-copy-p2p". */
+  /** "from>to", e.g. "pre-copy>pre-copy-p2p": the handler's own name, shown to people. */
   arc: string;
+  step: SwitchoverStep;
   ms: number | null;
   basis: EstimateBasis;
 }
@@ -168,6 +182,7 @@ export interface ResolvedArc {
   device: string;
   side: 'source' | 'destination';
   arc: string;
+  step: SwitchoverStep;
   ms: number;
   basis: EstimateBasis;
 }

@@ -4,7 +4,7 @@
 // what this migration has observed (arcs on both sides, the destination's
 // load rate) and adds them to the estimate. The classic policy reproduces
 // QEMU's: stop-copy bytes over bandwidth, nothing else.
-import type { ArcEstimate, EstimateBasis, PendingBytes, ResolvedArc, StateHandler } from './handler.js';
+import { type ArcEstimate, type EstimateBasis, type PendingBytes, type ResolvedArc, type StateHandler, type SwitchoverStep, stepSide } from './handler.js';
 import type { MigrationParameters } from './params.js';
 import { MAX_REPORTED_MS, saneMs, sumBytes, transferMs } from './accounting.js';
 
@@ -79,32 +79,16 @@ export interface PolicyDecision {
   limitRaisedTo: number | null;
 }
 
-/** Arcs into a P2P-quiesced state from a running one: the slow kind (hundreds of ms under load). */
-export function isP2pQuiesceArc(arc: string): boolean {
-  const [from, to] = arc.split('>');
-  return (to === 'running-p2p' || to === 'pre-copy-p2p') && (from === 'running' || from === 'pre-copy');
-}
-
-/** The assumption for an arc nothing was seen of. */
-export function assumedArcMs(arc: string, params: MigrationParameters): number {
-  return isP2pQuiesceArc(arc) ? params['x-assumed-p2p-arc-ms'] : params['x-assumed-arc-ms'];
-}
-
-function resolveArcs(device: string, side: ResolvedArc['side'], arcs: ArcEstimate[], params: MigrationParameters): ResolvedArc[] {
-  return arcs.map((a) => ({ device, side, arc: a.arc, basis: a.basis, ms: saneMs(a.ms ?? assumedArcMs(a.arc, params)) }));
-}
-
 /**
- * Which barrier step of the switchover an arc belongs to. Source: 0 = the
- * P2P quiesce (saveQuiesce), 1 = the stop (saveStop). Destination: 0 =
- * leaving resuming (loadFinish), 1 = into running-p2p (loadResumeP2P), 2 =
- * into running (loadResume).
+ * The parameter whose assumption an arc of this step gets when nothing was
+ * seen of it: the P2P quiesce is the slow kind (hundreds of ms under load).
  */
-function switchoverStep(a: ResolvedArc): number {
-  const [from, to] = a.arc.split('>');
-  if (a.side === 'source') return to === 'running-p2p' || to === 'pre-copy-p2p' ? 0 : 1;
-  if (from === 'resuming') return 0;
-  return to === 'running-p2p' ? 1 : 2;
+export function assumptionParameter(step: SwitchoverStep): 'x-assumed-p2p-arc-ms' | 'x-assumed-arc-ms' {
+  return step === 'quiesce' ? 'x-assumed-p2p-arc-ms' : 'x-assumed-arc-ms';
+}
+
+function resolveArcs(device: string, arcs: ArcEstimate[], params: MigrationParameters): ResolvedArc[] {
+  return arcs.map((a) => ({ device, side: stepSide(a.step), arc: a.arc, step: a.step, basis: a.basis, ms: saneMs(a.ms ?? params[assumptionParameter(a.step)]) }));
 }
 
 function sumMs(arcs: ResolvedArc[]): number {
@@ -179,13 +163,11 @@ export class DowntimePolicy {
       // device (same model), the source-path arcs it walked: those fill in
       // what this side could not measure (pre-copy-p2p -> stop-copy).
       const reported = this.destinationArcs.get(i);
-      const planned = h.resumeArcs?.();
-      const resumeNames = planned ? new Set(planned.map((a) => a.arc)) : null;
-      const walkedThere = new Map((reported ?? []).filter((a) => resumeNames && !resumeNames.has(a.arc) && a.ms !== null && a.basis !== 'assumed').map((a) => [a.arc, a.ms!]));
-      const sourceArcs = h.switchoverArcs().map((a): ArcEstimate => (a.basis === 'assumed' && walkedThere.has(a.arc) ? { arc: a.arc, ms: walkedThere.get(a.arc)!, basis: 'probed' } : a));
-      const source = resolveArcs(id, 'source', sourceArcs, params);
+      const walkedThere = new Map((reported ?? []).filter((a) => stepSide(a.step) === 'source' && a.ms !== null && a.basis !== 'assumed').map((a) => [a.arc, a.ms!]));
+      const sourceArcs = h.switchoverArcs().map((a): ArcEstimate => (a.basis === 'assumed' && walkedThere.has(a.arc) ? { ...a, ms: walkedThere.get(a.arc)!, basis: 'probed' } : a));
+      const source = resolveArcs(id, sourceArcs, params);
       // Until the destination reports its arcs, what this side knows of them (same model).
-      const destination = resolveArcs(id, 'destination', reported?.filter((a) => !resumeNames || resumeNames.has(a.arc)) ?? planned ?? [], params);
+      const destination = resolveArcs(id, reported?.filter((a) => stepSide(a.step) === 'destination') ?? h.resumeArcs?.() ?? [], params);
       return {
         sourceArcsMs: sumMs(source),
         destinationArcsMs: sumMs(destination),
@@ -211,16 +193,13 @@ export class DowntimePolicy {
     // starts (all quiesce P2P, then all stop; at the destination all leave
     // resuming, then all reach running-p2p, then running): each step costs
     // its slowest device, and the steps add up.
-    const critical = new Map<string, { ms: number; arcs: ResolvedArc[] }>();
+    const critical = new Map<SwitchoverStep, { ms: number; arcs: ResolvedArc[] }>();
     let extraLoad = 0;
     const unmeasured: ResolvedArc[] = [];
     for (const d of devices) {
       if (!d) continue;
-      const steps = new Map<string, ResolvedArc[]>();
-      for (const a of d.arcs) {
-        const key = `${a.side}:${switchoverStep(a)}`;
-        steps.set(key, [...(steps.get(key) ?? []), a]);
-      }
+      const steps = new Map<SwitchoverStep, ResolvedArc[]>();
+      for (const a of d.arcs) steps.set(a.step, [...(steps.get(a.step) ?? []), a]);
       for (const [key, arcs] of steps) {
         const ms = sumMs(arcs);
         if (ms >= (critical.get(key)?.ms ?? 0)) critical.set(key, { ms, arcs });
@@ -230,7 +209,7 @@ export class DowntimePolicy {
     // A device keeps running, and dirtying its state, from the VM's stop
     // until it is in stop-copy: through the slowest device's quiesce, then
     // its own stop arc. What it dirties then is stop-copy data too.
-    const quiesceMs = critical.get('source:0')?.ms ?? 0;
+    const quiesceMs = critical.get('quiesce')?.ms ?? 0;
     const dirtiedBytes = classic
       ? 0
       : sumBytes(
@@ -238,7 +217,7 @@ export class DowntimePolicy {
             const d = devices[i];
             const rate = h.dirtyBytesPerSec?.() ?? null;
             if (!d || rate === null || !(rate > 0)) return 0;
-            const ownStopMs = sumMs(d.arcs.filter((a) => a.side === 'source' && switchoverStep(a) === 1));
+            const ownStopMs = sumMs(d.arcs.filter((a) => a.step === 'stop'));
             return Math.floor((rate * (quiesceMs + ownStopMs)) / 1000);
           }),
         );
@@ -248,7 +227,7 @@ export class DowntimePolicy {
     let dstArcs = 0;
     const arcsByBasis: Partial<Record<EstimateBasis, number>> = {};
     for (const [key, step] of critical) {
-      if (key.startsWith('source')) srcArcs = saneMs(srcArcs + step.ms);
+      if (stepSide(key) === 'source') srcArcs = saneMs(srcArcs + step.ms);
       else dstArcs = saneMs(dstArcs + step.ms);
       for (const a of step.arcs) arcsByBasis[a.basis] = (arcsByBasis[a.basis] ?? 0) + a.ms;
     }

@@ -17,7 +17,7 @@ import { type HelloMessage, type RunningMessage, type SourcePhase, messagePayloa
 import { type MigrationUri, connect, parseUri } from './transport.js';
 import { type TlsOptions, channelBinding, checkTlsOptions, loadTlsConfig, tlsErrorFromPeer } from './tls.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
-import { type DowntimeSplit, DowntimePolicy, type PolicyDecision, type PolicyKind, isP2pQuiesceArc } from './policy.js';
+import { type DowntimeSplit, DowntimePolicy, type PolicyDecision, type PolicyKind, assumptionParameter } from './policy.js';
 
 /** Bytes sent but not arrived above which the path counts as saturated (its arrival rate is its capacity). */
 const SATURATED_QUEUE_BYTES = 1 << 20;
@@ -468,7 +468,7 @@ export class MigrationSource extends MigrationEvents {
       const key = `${a.device} ${a.side} ${a.arc}`;
       if (this.#assumedWarned.has(key)) continue;
       this.#assumedWarned.add(key);
-      const param = isP2pQuiesceArc(a.arc) ? 'x-assumed-p2p-arc-ms' : 'x-assumed-arc-ms';
+      const param = assumptionParameter(a.step);
       this.#warn(`${a.device}: arc ${a.arc} (${a.side}) was never measured, probed or learned; the expected downtime assumes ${a.ms.toFixed(0)} ms (${param})`, { device: a.device, arc: a.arc, side: a.side, assumedMs: a.ms, parameter: param });
     }
     this.emitEvent('MIGRATION_PASS', {

@@ -2,9 +2,9 @@
 // and turns its data fd into section data.
 import type { DataSession, PrecopyInfo, ReadResult, VfioDevice } from '../vfio/device.js';
 import type { VfioError } from '../vfio/errors.js';
-import { type Arc, STOP_COPY_STATE, quiescedOnPath, resumePath, switchoverPath } from '../vfio/arc-planner.js';
+import { type Arc, STOP_COPY_STATE, liveState, quiescedOnPath, resumePath, switchoverPath } from '../vfio/arc-planner.js';
 import { type MigrationFlags, type MigrationState, P2P_QUIESCED_STATES, PRECOPY_STATES } from '../vfio/states.js';
-import type { ArcEstimate, DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler } from './handler.js';
+import type { ArcEstimate, DeviceInfo, HandlerContext, PendingBytes, SectionDescription, SectionOutput, StateHandler, SwitchoverStep } from './handler.js';
 import { MAX_REPORTED_BYTES, clampDeviceBytes } from './accounting.js';
 import { MigrationError, describeError } from './errors.js';
 
@@ -326,28 +326,57 @@ export class VfioHandler implements StateHandler {
    * probed before the stop, learned from earlier migrations of this model, or
    * assumed (ms null: the policy applies its assumption and warns).
    */
-  #estimate(arcs: Arc[]): ArcEstimate[] {
+  #estimate(arcs: (Arc & { step: SwitchoverStep })[]): ArcEstimate[] {
     const history = arcHistory.get(this.describe().compat);
-    return arcs.map(({ from, to }) => {
+    return arcs.map(({ from, to, step }) => {
       const arc = `${from}>${to}`;
       const measured = this.arcMs.get(arc);
-      if (measured !== undefined) return { arc, ms: measured, basis: 'measured' };
+      if (measured !== undefined) return { arc, step, ms: measured, basis: 'measured' };
       const probed = this.probedArcMs.get(arc);
-      if (probed !== undefined) return { arc, ms: probed, basis: 'probed' };
+      if (probed !== undefined) return { arc, step, ms: probed, basis: 'probed' };
       const learned = history?.get(arc);
-      if (learned !== undefined) return { arc, ms: learned, basis: 'learned' };
-      return { arc, ms: null, basis: 'assumed' };
+      if (learned !== undefined) return { arc, step, ms: learned, basis: 'learned' };
+      return { arc, step, ms: null, basis: 'assumed' };
     });
   }
 
-  /** The switchover path, as the kernel walks it: quiesce P2P first where the device has it, then stop-copy. */
+  /**
+   * The switchover path, as the kernel walks it, each arc with the hook that
+   * walks it: saveQuiesce up to the P2P-quiesced state where the device has
+   * P2P, saveStop the rest, to stop-copy.
+   */
   switchoverArcs(): ArcEstimate[] {
-    return this.#flags ? this.#estimate(switchoverPath(this.#flags)) : [];
+    const f = this.#flags;
+    if (!f) return [];
+    const quiesced = quiescedOnPath(liveState(f), STOP_COPY_STATE, f);
+    let step: SwitchoverStep = quiesced ? 'quiesce' : 'stop';
+    return this.#estimate(
+      switchoverPath(f).map((a) => {
+        const tagged = { ...a, step };
+        if (a.to === quiesced) step = 'stop';
+        return tagged;
+      }),
+    );
   }
 
-  /** The destination's path, as the kernel walks it: resuming -> stop (-> running-p2p) -> running. */
+  /**
+   * The destination's path, as the kernel walks it, each arc with the hook
+   * that walks it: loadFinish resuming -> stop, loadResumeP2P on to the
+   * P2P-quiesced state where the device has P2P, loadResume to running.
+   */
   resumeArcs(): ArcEstimate[] {
-    return this.#flags ? this.#estimate(resumePath(this.#flags)) : [];
+    const f = this.#flags;
+    if (!f) return [];
+    const quiesced = quiescedOnPath('stop', 'running', f);
+    let step: SwitchoverStep = 'finish';
+    return this.#estimate(
+      resumePath(f).map((a) => {
+        const tagged = { ...a, step };
+        if (a.to === 'stop') step = quiesced ? 'resume-p2p' : 'resume';
+        else if (a.to === quiesced) step = 'resume';
+        return tagged;
+      }),
+    );
   }
 
   /** Whether the destination walked the switchover path on this idle device (see #probeIdle). */

@@ -21,9 +21,10 @@ export const WIRE_MAGIC = 0x56464d47; // "VFMG"
 /**
  * 2: Heartbeat frames, typed refusals (busy). 3: the header checksum (a
  * 20-byte header), validated messages, Ping/Pong, the Switchover frame gives
- * durations instead of the source's wall clock.
+ * durations instead of the source's wall clock. 4: each arc in a LoadReport
+ * names its switchover step.
  */
-export const WIRE_VERSION = 3;
+export const WIRE_VERSION = 4;
 export const FRAME_HEADER_BYTES = 20;
 /** Largest payload a peer may send in one frame. */
 export const MAX_FRAME_PAYLOAD_BYTES = 8 << 20;

@@ -2,7 +2,7 @@
 // and its type, inferred from the schema. Frames without a payload are
 // validated too (a payload where none belongs is a protocol error).
 import { MigrationError } from '../errors.js';
-import type { ArcEstimate, SectionDescription } from '../handler.js';
+import { type ArcEstimate, SWITCHOVER_STEPS, type SectionDescription } from '../handler.js';
 import { DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, type MigrationCapabilities, type MigrationParameters, mergeCapabilities, mergeParameters } from '../params.js';
 import { type Frame, FrameType, MAX_CONTROL_PAYLOAD_BYTES } from './frame.js';
 import { type Infer, type Schema, array, boolean, nullable, number, object, oneOf, optional, protocolError, refine, string } from './schema.js';
@@ -40,6 +40,7 @@ const sectionDescription = object({
 
 const arcEstimate = object({
   arc: string({ maxLength: 64 }),
+  step: oneOf(SWITCHOVER_STEPS),
   ms: nullable(ms),
   basis: oneOf(['measured', 'probed', 'learned', 'assumed'] as const),
 });
