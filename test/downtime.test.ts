@@ -7,6 +7,8 @@ import type { MockProfileInput } from '../src/vfio/mock-profile.js';
 import { deviceArgs, sourceSide, startDestination } from './harness.js';
 
 const MiB = 1 << 20;
+/** Longest a scenario's migration may run (the slowest takes ~16 s). */
+const MIGRATION_WATCHDOG_MS = 60_000;
 
 async function migrate(opts: {
   mock: [string, number][];
@@ -27,12 +29,24 @@ async function migrate(opts: {
   opts.onSource?.(src);
   let info: MigrationInfo | null = null;
   let error: MigrationError | null = null;
+  // A migration that never switches over fails this test with what it waited
+  // for, rather than holding the whole file until ava's timeout.
+  let watchdog: string | null = null;
+  const timer = setTimeout(() => {
+    const q = src.query();
+    const lastPass = events.filter((e) => e.event === 'MIGRATION_PASS').at(-1)?.data as { expectedDowntime?: { summary: string } } | undefined;
+    watchdog = `no switchover within ${MIGRATION_WATCHDOG_MS} ms: status ${q.status}, pass ${q.iterations}, remaining ${q.remainingBytes} B, acked ${q.switchoverAcked}, stalled ${q.stalled}, ${lastPass?.expectedDowntime?.summary ?? 'no pass'}`;
+    src.cancel(watchdog);
+  }, MIGRATION_WATCHDOG_MS);
   try {
     info = await src.migrate(dest.uri, { channels: opts.channels ?? 2 });
   } catch (err) {
     error = err as MigrationError;
     info = src.query();
+  } finally {
+    clearTimeout(timer);
   }
+  if (watchdog) error = new MigrationError('ERR_MIGRATION_CANCELLED', watchdog);
   const destResult = await dest.result;
   await dest.exitCode;
   return { info, error, events, side, src, destResult, close: () => side.close() };
