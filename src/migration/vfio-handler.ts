@@ -444,8 +444,21 @@ export class VfioHandler implements StateHandler {
   }
 
   /** Recent per-write load costs (ms per MiB) and sizes; the median ignores one-off setup spikes. */
-  #loadSamples: { msPerMiB: number; bytes: number }[] = [];
+  #loadSamples: { msPerMiB: number; bytes: number; write: number }[] = [];
   #lastLoadDone = 0;
+  /** Writes so far (a sample names the write it came from). */
+  #writes = 0;
+
+  /**
+   * The source's initial bytes are all loaded. The write that completed them
+   * paid the device's one-off setup for its initial data (what switchover-ack
+   * waits for: 2 s on a slow loader), not a per-MiB cost: taken for a rate,
+   * one such 4 MiB write read 500 ms/MiB and the estimate then never fit the
+   * limit. Its sample goes.
+   */
+  async loadInitialDone(): Promise<void> {
+    this.#loadSamples = this.#loadSamples.filter((s) => s.write !== this.#writes);
+  }
 
   /**
    * The load cost per MiB of data that arrives in bulk (a backlog, stop-copy
@@ -585,8 +598,9 @@ export class VfioHandler implements StateHandler {
     let bytes = 0;
     for (const p of parts) bytes += p.length;
     this.transferredBytes += bytes;
+    this.#writes++;
     if (bytes >= 64 * 1024) {
-      this.#loadSamples.push({ msPerMiB: (ms * (1 << 20)) / bytes, bytes });
+      this.#loadSamples.push({ msPerMiB: (ms * (1 << 20)) / bytes, bytes, write: this.#writes });
       if (this.#loadSamples.length > 64) this.#loadSamples.shift();
     }
   }
