@@ -13,6 +13,8 @@ export type PolicyKind = 'device-aware' | 'classic';
 export interface PolicyInputs {
   pending: PendingBytes[];
   measuredBandwidthBytesPerSec: number;
+  /** Which meter measuredBandwidthBytesPerSec comes from: data arriving at the destination, or data sent. */
+  bandwidthMeter?: 'arriving' | 'sent';
   params: MigrationParameters;
   switchoverAckRequired: boolean;
   switchoverAcked: boolean;
@@ -43,6 +45,9 @@ export interface DowntimeSplit {
   dataMs: number;
   /** Where the switchover bandwidth comes from. */
   dataBasis: 'measured' | 'configured' | 'unknown';
+  /** The switchover bandwidth the data part rests on, bytes/s (0: unknown), and for a measured one, its meter. */
+  bandwidthBytesPerSec: number;
+  bandwidthMeter: 'arriving' | 'sent' | null;
   sourceArcsMs: number;
   destinationArcsMs: number;
   /** Of the counted arcs (source and destination critical paths), ms by basis. */
@@ -255,6 +260,8 @@ export class DowntimePolicy {
     const split: DowntimeSplit = {
       dataMs: xferMs,
       dataBasis,
+      bandwidthBytesPerSec: known ? bandwidth : 0,
+      bandwidthMeter: dataBasis === 'measured' && known ? (input.bandwidthMeter ?? null) : null,
       sourceArcsMs: srcArcs,
       destinationArcsMs: dstArcs,
       arcsByBasis,
@@ -263,7 +270,7 @@ export class DowntimePolicy {
       unmeasured,
       summary: classic
         ? `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}); classic policy: device time not counted`
-        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}${dirtiedBytes > 0 ? `; ${(dirtiedBytes / (1 << 20)).toFixed(1)} MiB dirtied during the arcs` : ''}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}; unmeasured: ${
+        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}${known && xferBytes > 0 ? ` at ${fmt(bandwidth / (1 << 20))} MiB/s${dataBasis === 'measured' && input.bandwidthMeter ? ` ${input.bandwidthMeter}` : ''}` : ''}${dirtiedBytes > 0 ? `; ${(dirtiedBytes / (1 << 20)).toFixed(1)} MiB dirtied during the arcs` : ''}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}; unmeasured: ${
             unmeasured.length ? unmeasured.map((a) => `${a.device} ${a.arc} (${a.side}, assumed ${fmt(a.ms)} ms)`).join(', ') : 'none'
           }`,
     };

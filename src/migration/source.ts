@@ -136,6 +136,14 @@ export class MigrationSource extends MigrationEvents {
    * figures over-reads (500 ms windows read 180 MiB/s of a 119 MiB/s link once).
    */
   #bandwidth = new BandwidthMeter(1000);
+  /**
+   * Every pass that sent anything, the first and the small ones included:
+   * the fallback when no pass filled the pipe. A small state goes out whole
+   * in the first pass and a slow device then re-dirties less than a full
+   * pass: without it the bandwidth stayed unknown, and the switchover never
+   * came (seen: 600 passes in 60 s, 350 KB left, "measuring the bandwidth").
+   */
+  #anyPass = new BandwidthMeter(1000);
   #pending: PendingBytes[] = [];
   #expectedDowntimeMs: number | null = null;
   #warnings: string[] = [];
@@ -450,10 +458,12 @@ export class MigrationSource extends MigrationEvents {
   /** One pass's switchover decision, said in MIGRATION_PASS (and MIGRATION_STALLED, and a warning per assumed arc). */
   async #decide(probePending: boolean): Promise<PolicyDecision> {
     this.#pending = await this.#guard.settle(this.handlers.map((h) => h.pending(true)));
+    const bandwidth = this.#switchoverBandwidth();
     const decision = this.policy.evaluate({
       nowMs: performance.now(),
       pending: this.#pending,
-      measuredBandwidthBytesPerSec: this.#switchoverBandwidth(),
+      measuredBandwidthBytesPerSec: bandwidth.bytesPerSec,
+      bandwidthMeter: bandwidth.meter,
       params: this.#params,
       switchoverAckRequired: this.#caps['switchover-ack'],
       // A handler that saw a REINIT it has not announced yet withdraws the ACK already.
@@ -511,6 +521,7 @@ export class MigrationSource extends MigrationEvents {
     // Only sends that filled the pipe say something about the link.
     // The first pass runs cold (code not yet optimized, the path starting from empty): not the path's rate.
     if (bytes >= 256 * 1024 && this.#iterations > 1) this.#bandwidth.record(bytes, ms);
+    if (bytes > 0) this.#anyPass.record(bytes, ms);
     // A pass that found (almost) nothing waits out its window for dirty
     // data to build up, instead of spinning through thousands of passes.
     if (bytes < 256 * 1024 && ms < decision.idleWaitMs) await sleep(decision.idleWaitMs - ms, undefined, { signal: this.#guard.signal }).catch(() => {});
@@ -699,11 +710,13 @@ export class MigrationSource extends MigrationEvents {
    * spent producing data, and under-states it (by 2x seen on a 2 Gbit/s
    * link). The classic policy keeps QEMU's pass-level figure.
    */
-  #switchoverBandwidth(): number {
-    if (this.policy.kind === 'classic') return this.#bandwidth.bytesPerSec;
+  #switchoverBandwidth(): { bytesPerSec: number; meter: 'arriving' | 'sent' } {
+    const sent = this.#bandwidth.bytesPerSec || this.#anyPass.bytesPerSec;
+    if (this.policy.kind === 'classic') return { bytesPerSec: sent, meter: 'sent' };
     // Both under-state the path (one counts time spent producing data, the other
     // intervals in which the queue ran dry): the larger is the better bound.
-    return Math.max(this.#arrival.bytesPerSec, this.#bandwidth.bytesPerSec);
+    const arriving = this.#arrival.bytesPerSec;
+    return arriving >= sent ? { bytesPerSec: arriving, meter: 'arriving' } : { bytesPerSec: sent, meter: 'sent' };
   }
 
   /** The last second of reports (~100 at 10 ms). */
