@@ -711,7 +711,9 @@ export class MigrationSource extends MigrationEvents {
    * link). The classic policy keeps QEMU's pass-level figure.
    */
   #switchoverBandwidth(): { bytesPerSec: number; meter: 'arriving' | 'sent' } {
-    const sent = this.#bandwidth.bytesPerSec || this.#anyPass.bytesPerSec;
+    // The fallback only once two passes after the first found little to send:
+    // a second pass that fills the pipe is the better figure.
+    const sent = this.#bandwidth.bytesPerSec || (this.#iterations > 3 ? this.#anyPass.bytesPerSec : 0);
     if (this.policy.kind === 'classic') return { bytesPerSec: sent, meter: 'sent' };
     // Both under-state the path (one counts time spent producing data, the other
     // intervals in which the queue ran dry): the larger is the better bound.
