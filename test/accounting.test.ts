@@ -161,3 +161,20 @@ test('policy: the destination works through its backlog while the source stops i
   // behind it and arrives in 10 ms at 100 MiB/s.
   t.is(Math.round(pass(policy, [MiB], { awaitingLoadBytes: 300 * MiB }).split.loadMs), 290 + 2 - 10);
 });
+
+test('policy: a measured rate is not extrapolated past what it rests on: 110 MiB wait for a rate measured on more than one short pass', (t) => {
+  const policy = new DowntimePolicy([modelDevice('ram', { quiesce: 1, stop: 1 })]);
+  const decide = (coveredMs: number, stopcopyBytes: number) =>
+    policy.evaluate({ pending: [{ precopyBytes: stopcopyBytes, stopcopyBytes, exact: true }], measuredBandwidthBytesPerSec: 500 * MiB, bandwidthMeter: 'arriving', bandwidthCoveredMs: coveredMs, params: { ...DEFAULT_PARAMETERS, 'downtime-limit': 300 }, switchoverAckRequired: false, switchoverAcked: false, iteration: 2 });
+  // 110 MiB at 500 MiB/s: 220 ms of data, within the limit, on a rate seen over 27 ms.
+  const early = decide(27, 110 * MiB);
+  t.true(early.expectedDowntimeMs! <= 300);
+  t.false(early.switchover);
+  t.regex(early.reason, /rests on 27 ms of sending/);
+  t.true(decide(300, 110 * MiB).switchover);
+  // A small transfer needs only as much evidence as it lasts.
+  t.true(decide(27, 4 * MiB).switchover);
+  // A configured bandwidth is the user's word: nothing to measure.
+  const configured = policy.evaluate({ pending: [{ precopyBytes: 110 * MiB, stopcopyBytes: 110 * MiB, exact: true }], measuredBandwidthBytesPerSec: 0, bandwidthCoveredMs: 0, params: { ...DEFAULT_PARAMETERS, 'downtime-limit': 300, 'avail-switchover-bandwidth': 500 * MiB }, switchoverAckRequired: false, switchoverAcked: false, iteration: 2 });
+  t.true(configured.switchover);
+});

@@ -74,6 +74,13 @@ export class BandwidthMeter {
     }
   }
 
+  /** Of sending measured in the window, ms: how much the rate rests on. */
+  get coveredMs(): number {
+    let ms = 0;
+    for (const s of this.#samples) ms += s.ms;
+    return ms;
+  }
+
   /** bytes/s, 0 when nothing was measured yet. */
   get bytesPerSec(): number {
     let bytes = 0;

@@ -464,6 +464,7 @@ export class MigrationSource extends MigrationEvents {
       pending: this.#pending,
       measuredBandwidthBytesPerSec: bandwidth.bytesPerSec,
       bandwidthMeter: bandwidth.meter,
+      bandwidthCoveredMs: bandwidth.coveredMs,
       params: this.#params,
       switchoverAckRequired: this.#caps['switchover-ack'],
       // A handler that saw a REINIT it has not announced yet withdraws the ACK already.
@@ -710,15 +711,16 @@ export class MigrationSource extends MigrationEvents {
    * spent producing data, and under-states it (by 2x seen on a 2 Gbit/s
    * link). The classic policy keeps QEMU's pass-level figure.
    */
-  #switchoverBandwidth(): { bytesPerSec: number; meter: 'arriving' | 'sent' } {
+  #switchoverBandwidth(): { bytesPerSec: number; meter: 'arriving' | 'sent'; coveredMs: number } {
     // The fallback only once two passes after the first found little to send:
     // a second pass that fills the pipe is the better figure.
-    const sent = this.#bandwidth.bytesPerSec || (this.#iterations > 3 ? this.#anyPass.bytesPerSec : 0);
-    if (this.policy.kind === 'classic') return { bytesPerSec: sent, meter: 'sent' };
+    const sentMeter = this.#bandwidth.bytesPerSec > 0 || this.#iterations <= 3 ? this.#bandwidth : this.#anyPass;
+    const sent = { bytesPerSec: sentMeter.bytesPerSec, meter: 'sent' as const, coveredMs: sentMeter.coveredMs };
+    if (this.policy.kind === 'classic') return sent;
     // Both under-state the path (one counts time spent producing data, the other
     // intervals in which the queue ran dry): the larger is the better bound.
     const arriving = this.#arrival.bytesPerSec;
-    return arriving >= sent ? { bytesPerSec: arriving, meter: 'arriving' } : { bytesPerSec: sent, meter: 'sent' };
+    return arriving >= sent.bytesPerSec ? { bytesPerSec: arriving, meter: 'arriving', coveredMs: this.#arrival.coveredMs } : sent;
   }
 
   /** The last second of reports (~100 at 10 ms). */
