@@ -34,8 +34,8 @@ async function migrate(opts: {
   let watchdog: string | null = null;
   const timer = setTimeout(() => {
     const q = src.query();
-    const lastPass = events.filter((e) => e.event === 'MIGRATION_PASS').at(-1)?.data as { expectedDowntime?: { summary: string } } | undefined;
-    watchdog = `no switchover within ${MIGRATION_WATCHDOG_MS} ms: status ${q.status}, pass ${q.iterations}, remaining ${q.remainingBytes} B, acked ${q.switchoverAcked}, stalled ${q.stalled}, ${lastPass?.expectedDowntime?.summary ?? 'no pass'}`;
+    const lastPass = events.filter((e) => e.event === 'MIGRATION_PASS').at(-1)?.data as { expectedDowntime?: { summary: string }; reason?: string; downtimeLimitMs?: number } | undefined;
+    watchdog = `no switchover within ${MIGRATION_WATCHDOG_MS} ms: status ${q.status}, pass ${q.iterations}, remaining ${q.remainingBytes} B, acked ${q.switchoverAcked}, stalled ${q.stalled}, limit in force ${lastPass?.downtimeLimitMs} ms, ${lastPass?.expectedDowntime?.summary ?? 'no pass'}; last decision: ${lastPass?.reason ?? 'none'}`;
     src.cancel(watchdog);
   }, MIGRATION_WATCHDOG_MS);
   try {

@@ -24,6 +24,8 @@ export interface MigrationEventMap {
     expectedDowntime: DowntimeSplit;
     /** The limit in force (downtime-limit, or the dynamic limit once it ramped). */
     downtimeLimitMs: number;
+    /** Why this pass switched over or did not (what a migration that goes on waits for). */
+    reason: string;
   };
   /** Reported when the stall starts and again every few seconds while it lasts. */
   MIGRATION_STALLED: { pass: number; remainingBytes: number; suggestedDowntimeLimitMs: number; downtimeLimitMs: number; expectedDowntime: DowntimeSplit; message: string };

@@ -490,6 +490,8 @@ export class MigrationSource extends MigrationEvents {
       bandwidthBytesPerSec: decision.bandwidthBytesPerSec,
       expectedDowntime: decision.split,
       downtimeLimitMs: decision.limitInForceMs,
+      // Why this pass did or did not switch over (what a stuck migration waits for).
+      reason: decision.reason,
     });
     if (decision.stalledNow) {
       const ceiling = this.#params['x-downtime-limit-ceiling'];
