@@ -125,7 +125,7 @@ const PACE_WINDOW_MS = 100;
  * arrival rate read 525 MiB/s, and the switchover then moved 112 MiB at
  * 330; one more pass measured the rate on 300 ms and left 3 MiB to send.
  */
-const MIN_RATE_EVIDENCE_MS = 250;
+export const MIN_RATE_EVIDENCE_MS = 250;
 
 /** Fixed cost of a switchover beyond devices and data: stopping the VM, the final round trip. */
 const SWITCHOVER_OVERHEAD_MS = 3;

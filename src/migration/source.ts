@@ -17,7 +17,7 @@ import { type HelloMessage, type RunningMessage, type SourcePhase, messagePayloa
 import { type MigrationUri, connect, parseUri } from './transport.js';
 import { type TlsOptions, channelBinding, checkTlsOptions, loadTlsConfig, tlsErrorFromPeer } from './tls.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
-import { type DowntimeSplit, DowntimePolicy, type PolicyDecision, type PolicyKind, assumptionParameter } from './policy.js';
+import { type DowntimeSplit, DowntimePolicy, type PolicyDecision, type PolicyKind, MIN_RATE_EVIDENCE_MS, assumptionParameter } from './policy.js';
 
 /** Bytes sent but not arrived above which the path counts as saturated (its arrival rate is its capacity). */
 const SATURATED_QUEUE_BYTES = 1 << 20;
@@ -720,9 +720,13 @@ export class MigrationSource extends MigrationEvents {
     const sent = { bytesPerSec: sentMeter.bytesPerSec, meter: 'sent' as const, coveredMs: sentMeter.coveredMs };
     if (this.policy.kind === 'classic') return sent;
     // Both under-state the path (one counts time spent producing data, the other
-    // intervals in which the queue ran dry): the larger is the better bound.
+    // intervals in which the queue ran dry): the larger is the better bound,
+    // if it rests on as much sending. Under max-bandwidth the queue may have
+    // built up once, in pass 1: that one 11 ms sample then out-rated the
+    // sent meter and, being too thin to trust, held the switchover for 40 s.
     const arriving = this.#arrival.bytesPerSec;
-    return arriving >= sent.bytesPerSec ? { bytesPerSec: arriving, meter: 'arriving', coveredMs: this.#arrival.coveredMs } : sent;
+    const arrivalEnough = this.#arrival.coveredMs >= Math.min(sent.coveredMs, MIN_RATE_EVIDENCE_MS);
+    return arriving >= sent.bytesPerSec && arrivalEnough ? { bytesPerSec: arriving, meter: 'arriving', coveredMs: this.#arrival.coveredMs } : sent;
   }
 
   /** The last second of reports (~100 at 10 ms). */
