@@ -45,6 +45,10 @@ export interface DeviceEstimate {
  */
 export interface DowntimeSplit {
   dataMs: number;
+  /** What the data part moves: stop-copy data, what is still on its way, what devices dirty during the arcs. */
+  dataBytes: number;
+  /** Of dataBytes, sent before the stop but not yet reported received. */
+  inTransitBytes: number;
   /** Where the switchover bandwidth comes from. */
   dataBasis: 'measured' | 'configured' | 'unknown';
   /** The switchover bandwidth the data part rests on, bytes/s (0: unknown), and for a measured one, its meter. */
@@ -237,7 +241,8 @@ export class DowntimePolicy {
             return Math.floor((rate * (quiesceMs + ownStopMs)) / 1000);
           }),
         );
-    const xferBytes = sumBytes([stopcopyBytes, classic ? 0 : (input.inTransitBytes ?? 0), dirtiedBytes]);
+    const inTransit = classic ? 0 : (input.inTransitBytes ?? 0);
+    const xferBytes = sumBytes([stopcopyBytes, inTransit, dirtiedBytes]);
     const xferMs = known ? transferMs(xferBytes, bandwidth) : xferBytes === 0 ? 0 : MAX_REPORTED_MS;
     let srcArcs = 0;
     let dstArcs = 0;
@@ -268,8 +273,11 @@ export class DowntimePolicy {
     const dataBasis: DowntimeSplit['dataBasis'] = params['avail-switchover-bandwidth'] > 0 ? 'configured' : known ? 'measured' : xferBytes === 0 ? 'measured' : 'unknown';
     const loadMs = classic ? 0 : saneMs(extraLoad);
     const fmt = (v: number) => v.toFixed(0);
+    const mib = (bytes: number) => (bytes / (1 << 20)).toFixed(1);
     const split: DowntimeSplit = {
       dataMs: xferMs,
+      dataBytes: xferBytes,
+      inTransitBytes: inTransit,
       dataBasis,
       bandwidthBytesPerSec: known ? bandwidth : 0,
       bandwidthMeter: dataBasis === 'measured' && known ? (input.bandwidthMeter ?? null) : null,
@@ -281,7 +289,7 @@ export class DowntimePolicy {
       unmeasured,
       summary: classic
         ? `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}); classic policy: device time not counted`
-        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}${known && xferBytes > 0 ? ` at ${fmt(bandwidth / (1 << 20))} MiB/s${dataBasis === 'measured' && input.bandwidthMeter ? ` ${input.bandwidthMeter}` : ''}` : ''}${dirtiedBytes > 0 ? `; ${(dirtiedBytes / (1 << 20)).toFixed(1)} MiB dirtied during the arcs` : ''}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}; unmeasured: ${
+        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${xferBytes > 0 ? `${mib(xferBytes)} MiB${inTransit > 0 ? `, ${mib(inTransit)} in transit` : ''}, ` : ''}${dataBasis}${known && xferBytes > 0 ? ` at ${fmt(bandwidth / (1 << 20))} MiB/s${dataBasis === 'measured' && input.bandwidthMeter ? ` ${input.bandwidthMeter}` : ''}` : ''}${dirtiedBytes > 0 ? `; ${mib(dirtiedBytes)} MiB dirtied during the arcs` : ''}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}; unmeasured: ${
             unmeasured.length ? unmeasured.map((a) => `${a.device} ${a.arc} (${a.side}, assumed ${fmt(a.ms)} ms)`).join(', ') : 'none'
           }`,
     };
