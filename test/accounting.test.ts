@@ -114,7 +114,7 @@ const modelDevice = (id: string, arcs: { quiesce: number | null; stop: number | 
   }) as unknown as StateHandler;
 
 const MiB = 1 << 20;
-const pass = (policy: DowntimePolicy, stopcopyBytes: number[], extra: { awaitingLoadBytes?: number; bandwidth?: number } = {}) =>
+const pass = (policy: DowntimePolicy, stopcopyBytes: number[], extra: { awaitingLoadBytes?: number; bandwidth?: number; inTransitBytes?: number; inTransitReportAgeMs?: number } = {}) =>
   policy.evaluate({
     pending: stopcopyBytes.map((b) => ({ precopyBytes: b, stopcopyBytes: b, exact: true })),
     measuredBandwidthBytesPerSec: extra.bandwidth ?? 100 * MiB,
@@ -123,6 +123,8 @@ const pass = (policy: DowntimePolicy, stopcopyBytes: number[], extra: { awaiting
     switchoverAcked: false,
     iteration: 1,
     awaitingLoadBytes: extra.awaitingLoadBytes ?? 0,
+    inTransitBytes: extra.inTransitBytes,
+    inTransitReportAgeMs: extra.inTransitReportAgeMs,
   });
 
 test('policy: an arc this side could not measure takes the figure the destination probed on its idle device; its own resume arcs stay its own', (t) => {
@@ -177,4 +179,22 @@ test('policy: a measured rate is not extrapolated past what it rests on: 110 MiB
   // A configured bandwidth is the user's word: nothing to measure.
   const configured = policy.evaluate({ pending: [{ precopyBytes: 110 * MiB, stopcopyBytes: 110 * MiB, exact: true }], measuredBandwidthBytesPerSec: 0, bandwidthCoveredMs: 0, params: { ...DEFAULT_PARAMETERS, 'downtime-limit': 300, 'avail-switchover-bandwidth': 500 * MiB }, switchoverAckRequired: false, switchoverAcked: false, iteration: 2 });
   t.true(configured.switchover);
+});
+
+test('policy: data in transit drains while the source walks its arcs, and the report it rests on is aged: only what outlasts the arcs is data', (t) => {
+  const policy = new DowntimePolicy([modelDevice('nic', { quiesce: 20, stop: 10 })]);
+  const ms = (extra: Parameters<typeof pass>[2]) => pass(policy, [10 * MiB], { bandwidth: 100 * MiB, ...extra }).split;
+  // 10 MiB of stop-copy data at 100 MiB/s: 100 ms.
+  t.is(Math.round(ms({}).dataMs), 100);
+  // 2 MiB on its way (20 ms) drain within the 30 ms of arcs: no data time.
+  t.is(Math.round(ms({ inTransitBytes: 2 * MiB }).dataMs), 100);
+  // 8 MiB (80 ms): 50 ms outlast the arcs.
+  const backlog = ms({ inTransitBytes: 8 * MiB });
+  t.is(Math.round(backlog.dataMs), 150);
+  t.is(backlog.inTransitBytes, 8 * MiB - Math.floor(0.03 * 100 * MiB));
+  t.regex(backlog.summary, /15\.0 MiB, 5\.0 in transit/);
+  // Reported 10 ms ago: 1 MiB of it arrived since.
+  t.is(Math.round(ms({ inTransitBytes: 8 * MiB, inTransitReportAgeMs: 10 }).dataMs), 140);
+  // The classic policy counts neither.
+  t.is(Math.round(new DowntimePolicy([modelDevice('nic', { quiesce: 20, stop: 10 })], 'classic').evaluate({ pending: [{ precopyBytes: 0, stopcopyBytes: 10 * MiB, exact: true }], measuredBandwidthBytesPerSec: 100 * MiB, params: DEFAULT_PARAMETERS, switchoverAckRequired: false, switchoverAcked: false, iteration: 1, inTransitBytes: 8 * MiB }).split.dataMs), 100);
 });

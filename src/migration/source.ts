@@ -159,6 +159,8 @@ export class MigrationSource extends MigrationEvents {
   #destLoadedBytes = 0;
   /** Section bytes the destination reported as arrived. */
   #destReceivedBytes = 0;
+  /** When the last LoadReport arrived (performance.now()). */
+  #destReportAtMs: number | null = null;
   #destinationError: Error | null = null;
   #running: { resolve: (m: RunningMessage) => void; reject: (e: Error) => void } | null = null;
   #readyToRun: { resolve: () => void; reject: (e: Error) => void } | null = null;
@@ -471,6 +473,7 @@ export class MigrationSource extends MigrationEvents {
       switchoverAcked: this.#switchoverAcked && !this.handlers.some((h) => h.initialRenewPending),
       iteration: this.#iterations,
       inTransitBytes: subtractBytes(this.#transferred, Math.max(this.#destReceivedBytes, this.#destLoadedBytes)),
+      inTransitReportAgeMs: this.#destReportAtMs === null ? 0 : performance.now() - this.#destReportAtMs,
       awaitingLoadBytes: subtractBytes(this.#destReceivedBytes, this.#destLoadedBytes),
     });
     this.#expectedDowntimeMs = decision.expectedDowntimeMs;
@@ -832,6 +835,7 @@ export class MigrationSource extends MigrationEvents {
             const m = parseMessage(FrameType.LoadReport, frame);
             this.#destLoadedBytes = Math.max(this.#destLoadedBytes, m.loadedBytes);
             this.#destReceivedBytes = Math.max(this.#destReceivedBytes, m.receivedBytes);
+            this.#destReportAtMs = performance.now();
             this.#recordArrival();
             for (const r of m.sections) {
               if (r.section >= this.handlers.length) continue;
