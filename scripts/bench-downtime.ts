@@ -17,6 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { MigrationSource, type MigrationInfo } from '../src/migration/source.js';
 import { clearArcHistory } from '../src/migration/vfio-handler.js';
+import { clearSwitchoverHistory } from '../src/migration/switchover-history.js';
 import type { MockProfileInput } from '../src/vfio/mock-profile.js';
 import { onJsonLines } from '../src/json-lines.js';
 import { deviceArgs, sourceSide } from '../test/harness.js';
@@ -189,8 +190,10 @@ try {
       // First contact, without then with the probe; the probed run's arcs
       // (both ends) are the history of the learned run.
       clearArcHistory();
+      clearSwitchoverHistory();
       rows.push(await run(s, link, 'ours', false, 'first contact', 'none'));
       clearArcHistory();
+      clearSwitchoverHistory();
       rows.push(await run(s, link, 'ours', true, 'first contact', learnedFile));
       rows.push(await run(s, link, 'ours', true, 'learned', learnedFile));
       // The classic policy ignores device time, so history changes nothing for it; both rows are run all the same.

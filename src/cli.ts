@@ -14,6 +14,7 @@ import { openMockDevice } from './vfio/mock.js';
 import { PROFILES_DIR, loadProfile, type MockProfileInput } from './vfio/mock-profile.js';
 import { runConformance } from './vfio/conformance.js';
 import { VfioHandler, exportArcHistory, importArcHistory } from './migration/vfio-handler.js';
+import { exportSwitchoverHistory, importSwitchoverHistory } from './migration/switchover-history.js';
 import { RamHandler } from './migration/ram-handler.js';
 import { SyntheticVm } from './migration/vm.js';
 import { MigrationSource, type MigrationInfo } from './migration/source.js';
@@ -235,10 +236,16 @@ function arcHistoryPath(v: Values): string | null {
   return path.join(cache, 'vfio-migration', 'arc-history.json');
 }
 
+/** The arc history file's entry for the switchover's learned control cost (no device model is named so). */
+const SWITCHOVER_KEY = '@switchover-control-ms';
+
 async function loadArcHistory(file: string | null): Promise<void> {
   if (!file) return;
   try {
-    importArcHistory(JSON.parse(await readFile(file, 'utf8')) as Record<string, Record<string, number>>);
+    // The learned control cost of the switchover rides in the same file, under its own key.
+    const { [SWITCHOVER_KEY]: switchover, ...arcs } = JSON.parse(await readFile(file, 'utf8')) as Record<string, Record<string, number>>;
+    importArcHistory(arcs);
+    importSwitchoverHistory(switchover);
   } catch {
     /* no history yet, or unreadable: start from nothing */
   }
@@ -257,6 +264,7 @@ async function saveArcHistory(file: string | null): Promise<void> {
     }
     const merged = { ...onDisk };
     for (const [model, arcs] of Object.entries(exportArcHistory())) merged[model] = { ...(onDisk[model] ?? {}), ...arcs };
+    merged[SWITCHOVER_KEY] = { ...(onDisk[SWITCHOVER_KEY] ?? {}), ...exportSwitchoverHistory() };
     const tmp = `${file}.${process.pid}.tmp`;
     await writeFile(tmp, `${JSON.stringify(merged, null, 1)}\n`);
     await rename(tmp, file);

@@ -27,6 +27,7 @@ export { MigrationDestination, type DestinationOptions, type IncomingOptions, ty
 export type { StateHandler, HandlerContext, SectionDescription, SectionOutput, PendingBytes, DeviceInfo } from './migration/handler.js';
 export type { VmControl } from './migration/vm.js';
 export { VfioHandler, exportArcHistory, importArcHistory } from './migration/vfio-handler.js';
+export { exportSwitchoverHistory, importSwitchoverHistory } from './migration/switchover-history.js';
 export { DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS, type MigrationCapabilities, type MigrationParameters } from './migration/params.js';
 export { MigrationError, describeError, type MigrationErrorCode } from './migration/errors.js';
 export { MigrationTlsError, type TlsOptions, type TlsReason } from './migration/tls.js';

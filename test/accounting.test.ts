@@ -4,6 +4,7 @@ import { MAX_REPORTED_BYTES, MAX_REPORTED_MS, clampDeviceBytes, saneMs, subtract
 import { DowntimePolicy } from '../src/migration/policy.js';
 import { DEFAULT_PARAMETERS } from '../src/migration/params.js';
 import type { StateHandler } from '../src/migration/handler.js';
+import { clearSwitchoverHistory, exportSwitchoverHistory, importSwitchoverHistory, recordControlMs } from '../src/migration/switchover-history.js';
 
 function rng(seed: number) {
   let s = seed >>> 0;
@@ -197,4 +198,32 @@ test('policy: data in transit drains while the source walks its arcs, and the re
   t.is(Math.round(ms({ inTransitBytes: 8 * MiB, inTransitReportAgeMs: 10 }).dataMs), 140);
   // The classic policy counts neither.
   t.is(Math.round(new DowntimePolicy([modelDevice('nic', { quiesce: 20, stop: 10 })], 'classic').evaluate({ pending: [{ precopyBytes: 0, stopcopyBytes: 10 * MiB, exact: true }], measuredBandwidthBytesPerSec: 100 * MiB, params: DEFAULT_PARAMETERS, switchoverAckRequired: false, switchoverAcked: false, iteration: 1, inTransitBytes: 8 * MiB }).split.dataMs), 100);
+});
+
+test('policy: the control exchanges cost what the last migration of the same devices measured, else an assumed few ms; a history file cannot plant an absurd figure', (t) => {
+  clearSwitchoverHistory();
+  const policy = new DowntimePolicy([modelDevice('nic', { quiesce: 20, stop: 10 }), modelDevice('gpu', { quiesce: 20, stop: 10 })]);
+  const other = new DowntimePolicy([modelDevice('nic', { quiesce: 20, stop: 10 })]);
+  const first = pass(policy, [0, 0]).split;
+  t.is(first.overheadBasis, 'assumed');
+  t.regex(first.summary, /overhead 3 \(assumed\)/);
+  recordControlMs(policy.deviceSetKey, 20);
+  const learned = pass(policy, [0, 0]).split;
+  t.is(learned.overheadBasis, 'learned');
+  t.is(learned.overheadMs, 20);
+  t.is(Math.round(pass(policy, [0, 0]).expectedDowntimeMs! - pass(other, [0]).expectedDowntimeMs!), 20 - 3, 'another device set keeps the assumption');
+  // One noisy switchover moves the figure halfway.
+  recordControlMs(policy.deviceSetKey, 40);
+  t.is(pass(policy, [0, 0]).split.overheadMs, 30);
+  recordControlMs(policy.deviceSetKey, Number.NaN);
+  recordControlMs(policy.deviceSetKey, -5);
+  t.is(pass(policy, [0, 0]).split.overheadMs, 30);
+  // What an earlier process saved comes back; what is not a sane duration does not.
+  const saved = exportSwitchoverHistory();
+  clearSwitchoverHistory();
+  importSwitchoverHistory({ ...saved, [other.deviceSetKey]: 1e12, junk: 'x' });
+  importSwitchoverHistory(['not', 'a', 'map']);
+  importSwitchoverHistory(null);
+  t.deepEqual(exportSwitchoverHistory(), saved);
+  clearSwitchoverHistory();
 });

@@ -228,7 +228,7 @@ function raiseOnStall() {
 
 const isExceeded = (d: unknown) => (d as { data?: { kind?: string } }).data?.kind === 'downtime-exceeded';
 
-type PassData = { expectedDowntimeMs: number | null; expectedDowntime: { summary: string; unmeasured: { arc: string }[]; arcsByBasis: Record<string, number> } };
+type PassData = { expectedDowntimeMs: number | null; expectedDowntime: { summary: string; unmeasured: { arc: string }[]; arcsByBasis: Record<string, number>; overheadMs: number; overheadBasis: string } };
 
 test.serial('first contact, probed: a 350 ms P2P quiesce is measured before the stop; the stall suggests a limit that holds and the estimate is within 15%', async (t) => {
   const stalls = raiseOnStall();
@@ -306,12 +306,20 @@ test.serial('a broken promise is said: a 400 ms stop arc that no probe sees give
   t.true((w.data.expected.arcsByBasis.probed ?? 0) > 0);
   t.true(w.data.measured.sourceArcsMs >= 400 && w.data.expected.sourceArcsMs < 100);
   t.true(r.info.warnings.includes(w.message));
+  // The control exchanges' cost was measured, to be learned: the first estimate assumed it.
+  const controlMs = r.info.measuredSwitchover!.controlMs;
+  t.true(controlMs >= 0 && controlMs < r.info.downtimeMs!, `control ${controlMs} ms`);
+  t.is((w.data.expected as unknown as { overheadBasis: string }).overheadBasis, 'assumed');
   await r.close();
   // The same model again (this process keeps its arc history): the 400 ms arc is now learned.
   const again = await migrate({ mock: [['nic-vf', 1]], overrides, destOverrides: idleThere, capabilities: { 'x-probe-switchover-arcs': true }, parameters: { 'downtime-limit': 300, 'x-assumed-arc-ms': 5, 'stall-iterations': 4 }, onSource: (src) => src.on('MIGRATION_STALLED', () => src.cancel('stalled as expected')) });
   const pass = again.events.find((e) => e.event === 'MIGRATION_PASS' && (e.data as PassData).expectedDowntimeMs !== null)!.data as PassData;
   t.log(pass.expectedDowntime.summary);
   t.true((pass.expectedDowntime.arcsByBasis.learned ?? 0) >= 400, pass.expectedDowntime.summary);
+  // And the control cost is the one the first migration measured.
+  t.is(pass.expectedDowntime.overheadBasis, 'learned');
+  t.is(pass.expectedDowntime.overheadMs, controlMs);
+  t.regex(pass.expectedDowntime.summary, /overhead \d+ \(learned\)/);
   t.is(again.info.status, 'cancelled', 'it no longer promises what it cannot keep');
   await again.close();
 });

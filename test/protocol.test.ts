@@ -183,7 +183,7 @@ const VALID: { [T in MessageType]: unknown } = {
   [FrameType.LoadReport]: { sections: [{ section: 0, arcs: [{ arc: 'stop>running-p2p', step: 'resume-p2p', ms: 3, basis: 'measured' }], loadMsPerMiB: 0.5 }], receivedBytes: 100, loadedBytes: 50 },
   [FrameType.InitialLoaded]: { section: 1 },
   [FrameType.Switchover]: { abortAfterMs: 1500, sentAfterStopMs: 2.5 },
-  [FrameType.Running]: { digests: ['ab', null], loadMs: 10, resumeMs: 2 },
+  [FrameType.Running]: { digests: ['ab', null], loadMs: 10, resumeMs: 2, readyWorkMs: 4, resumeWorkMs: 1.5, exchangeArcsMs: 3 },
   [FrameType.Ping]: { seq: 0 },
   [FrameType.Pong]: { seq: 2 },
   [FrameType.SectionEnd]: {},

@@ -6,7 +6,7 @@ import type net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MigrationEvents, type MigrationStatus } from './events.js';
 import { MigrationError, describeError } from './errors.js';
-import type { HandlerContext, StateHandler } from './handler.js';
+import { type HandlerContext, type StateHandler, stepsCriticalMs } from './handler.js';
 import { AbortGuard } from './abort-guard.js';
 import type { VmControl } from './vm.js';
 import { type Channel, PeerWatch, makeChannel, settleAll, withTimeout } from './channels.js';
@@ -130,6 +130,9 @@ class IncomingRun {
   sourceStoppedAt = 0;
   loadStart = 0;
   loadEnd = 0;
+  /** When ReadyToRun left, and when the Commit arrived (performance.now()): the destination's work in the two exchanges. */
+  readySentAt = 0;
+  commitAt = 0;
 
   constructor(context: (signal: AbortSignal) => HandlerContext, teardown: (run: IncomingRun, err: Error) => void) {
     this.guard = new AbortGuard((err) => teardown(this, err));
@@ -662,7 +665,16 @@ export class MigrationDestination extends MigrationEvents {
         return null;
       }
     });
-    const running: RunningMessage = { digests, loadMs: run.loadEnd - run.loadStart, resumeMs: performance.now() - run.loadEnd };
+    const now = performance.now();
+    const resumeArcs = this.handlers.map((h) => h.resumeArcs?.().filter((a) => a.basis === 'measured') ?? []);
+    const running: RunningMessage = {
+      digests,
+      loadMs: run.loadEnd - run.loadStart,
+      resumeMs: now - run.loadEnd,
+      readyWorkMs: Math.max(0, run.readySentAt - run.loadEnd),
+      resumeWorkMs: Math.max(0, now - run.commitAt),
+      exchangeArcsMs: stepsCriticalMs(resumeArcs, ['finish', 'resume-p2p', 'resume']),
+    };
     // Whether or not the source hears of it.
     await main.writer.writeMessage(FrameType.Running, running).catch(() => {});
     try {
@@ -695,6 +707,7 @@ export class MigrationDestination extends MigrationEvents {
     // From here the source decides: it aborts (and says so) or commits.
     run.guard.disarm();
     run.phase = 'ready';
+    run.readySentAt = performance.now();
     await main.writer.write(FrameType.ReadyToRun, 0);
     // A source that never answers (gone without a FIN) must not keep this side waiting forever.
     const nextControl = async () => {
@@ -715,6 +728,7 @@ export class MigrationDestination extends MigrationEvents {
     const answer = await withTimeout(nextControl(), COMMIT_TIMEOUT_MS, `no commit from the source within ${COMMIT_TIMEOUT_MS} ms: the VM stays with the source`);
     if (!answer) throw run.guard.failure ?? new MigrationError('ERR_MIGRATION_CONNECTION', 'the source went away before committing: the VM stays with the source');
     run.committed = true;
+    run.commitAt = performance.now();
     run.phase = 'committed';
   }
 

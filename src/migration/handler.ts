@@ -21,6 +21,17 @@ export type SwitchoverStep = (typeof SWITCHOVER_STEPS)[number];
 /** Which side walks a step. */
 export const stepSide = (step: SwitchoverStep): 'source' | 'destination' => (step === 'quiesce' || step === 'stop' ? 'source' : 'destination');
 
+/** What some steps cost when every handler finishes each step before any starts the next: per step its slowest handler, summed (arcs without a figure count 0). */
+export function stepsCriticalMs(perHandler: readonly (readonly ArcEstimate[])[], steps: readonly SwitchoverStep[]): number {
+  let total = 0;
+  for (const step of steps) {
+    let slowest = 0;
+    for (const arcs of perHandler) slowest = Math.max(slowest, arcs.filter((a) => a.step === step).reduce((ms, a) => ms + (a.ms ?? 0), 0));
+    total += slowest;
+  }
+  return total;
+}
+
 /** One single arc a device walks at switchover, the step that walks it, and what its time rests on (`ms` is null when assumed: the policy supplies the assumption). */
 export interface ArcEstimate {
   /** "from>to", e.g. "pre-copy>pre-copy-p2p": the handler's own name, shown to people. */

@@ -7,6 +7,7 @@
 import { type ArcEstimate, type EstimateBasis, type PendingBytes, type ResolvedArc, type StateHandler, type SwitchoverStep, stepSide } from './handler.js';
 import type { MigrationParameters } from './params.js';
 import { MAX_REPORTED_MS, saneMs, subtractBytes, sumBytes, transferMs } from './accounting.js';
+import { deviceSetKey, learnedControlMs } from './switchover-history.js';
 
 export type PolicyKind = 'device-aware' | 'classic';
 
@@ -62,6 +63,8 @@ export interface DowntimeSplit {
   arcsByBasis: Partial<Record<EstimateBasis, number>>;
   loadMs: number;
   overheadMs: number;
+  /** The control exchanges' cost: learned from the last migration of these devices, or assumed. */
+  overheadBasis: 'learned' | 'assumed';
   /** Arcs counted at an assumed time (never measured, probed or learned). */
   unmeasured: ResolvedArc[];
   /** One line for people: `expected 480 ms: data 120 (measured), arcs 350 (probed), load 10; unmeasured: none`. */
@@ -133,8 +136,12 @@ const PACE_WINDOW_MS = 100;
  */
 export const MIN_RATE_EVIDENCE_MS = 250;
 
-/** Fixed cost of a switchover beyond devices and data: stopping the VM, the final round trip. */
-const SWITCHOVER_OVERHEAD_MS = 3;
+/**
+ * Fixed cost of a switchover beyond devices and data (the control exchanges
+ * and their hops) until a migration of the same devices measured it: then
+ * the learned figure (switchover-history.ts). 10-25 ms on a busy 2-core host.
+ */
+const ASSUMED_CONTROL_MS = 3;
 
 export class DowntimePolicy {
   readonly handlers: StateHandler[];
@@ -162,7 +169,11 @@ export class DowntimePolicy {
   constructor(handlers: StateHandler[], kind: PolicyKind = 'device-aware') {
     this.handlers = handlers;
     this.kind = kind;
+    this.deviceSetKey = deviceSetKey(handlers.map((h) => h.describe().compat));
   }
+
+  /** Which learned control cost applies: these devices, in order. */
+  readonly deviceSetKey: string;
 
   /** The destination's own view of its resume arcs (it knows what it measured and learned). */
   recordDestinationArcs(section: number, arcs: ArcEstimate[]): void {
@@ -276,7 +287,9 @@ export class DowntimePolicy {
       d.loadMs = saneMs(Math.max(0, backlogLeftMs + d.loadMs - xferMs));
       extraLoad = Math.max(extraLoad, d.loadMs);
     }
-    const overheadMs = classic ? 0 : SWITCHOVER_OVERHEAD_MS;
+    const learnedControl = classic ? undefined : learnedControlMs(this.deviceSetKey);
+    const overheadMs = classic ? 0 : (learnedControl ?? ASSUMED_CONTROL_MS);
+    const overheadBasis: DowntimeSplit['overheadBasis'] = learnedControl === undefined ? 'assumed' : 'learned';
     const deviceTimeMs = classic ? 0 : saneMs(srcArcs + dstArcs + extraLoad + overheadMs);
     const estimateMs = saneMs(xferMs + deviceTimeMs);
     const expectedDowntimeMs = known || xferBytes === 0 ? estimateMs : null;
@@ -296,10 +309,11 @@ export class DowntimePolicy {
       arcsByBasis,
       loadMs,
       overheadMs,
+      overheadBasis,
       unmeasured,
       summary: classic
         ? `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${dataBasis}); classic policy: device time not counted`
-        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${xferBytes > 0 ? `${mib(xferBytes)} MiB${inTransitLeftBytes > 0 ? `, ${mib(inTransitLeftBytes)} in transit` : ''}, ` : ''}${dataBasis}${known && xferBytes > 0 ? ` at ${fmt(bandwidth / (1 << 20))} MiB/s${dataBasis === 'measured' && input.bandwidthMeter ? ` ${input.bandwidthMeter}` : ''}` : ''}${dirtiedBytes > 0 ? `; ${mib(dirtiedBytes)} MiB dirtied during the arcs` : ''}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}; unmeasured: ${
+        : `expected ${expectedDowntimeMs === null ? 'unknown' : fmt(estimateMs)} ms: data ${fmt(xferMs)} (${xferBytes > 0 ? `${mib(xferBytes)} MiB${inTransitLeftBytes > 0 ? `, ${mib(inTransitLeftBytes)} in transit` : ''}, ` : ''}${dataBasis}${known && xferBytes > 0 ? ` at ${fmt(bandwidth / (1 << 20))} MiB/s${dataBasis === 'measured' && input.bandwidthMeter ? ` ${input.bandwidthMeter}` : ''}` : ''}${dirtiedBytes > 0 ? `; ${mib(dirtiedBytes)} MiB dirtied during the arcs` : ''}), arcs ${fmt(srcArcs + dstArcs)} (${describeBasis(arcsByBasis)}), load ${fmt(loadMs)}, overhead ${fmt(overheadMs)} (${overheadBasis}); unmeasured: ${
             unmeasured.length ? unmeasured.map((a) => `${a.device} ${a.arc} (${a.side}, assumed ${fmt(a.ms)} ms)`).join(', ') : 'none'
           }`,
     };

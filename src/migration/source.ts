@@ -16,6 +16,7 @@ import { FrameType, WIRE_VERSION, encodeFrame } from './wire.js';
 import { type HelloMessage, type RunningMessage, type SourcePhase, messagePayload, parseMessage, sourceMeaning } from './protocol/index.js';
 import { type MigrationUri, connect, parseUri } from './transport.js';
 import { type TlsOptions, channelBinding, checkTlsOptions, loadTlsConfig, tlsErrorFromPeer } from './tls.js';
+import { recordControlMs } from './switchover-history.js';
 import { BandwidthMeter, sumBytes, saneMs, subtractBytes, MAX_REPORTED_BYTES } from './accounting.js';
 import { type DowntimeSplit, DowntimePolicy, type PolicyDecision, type PolicyKind, MIN_RATE_EVIDENCE_MS, assumptionParameter } from './policy.js';
 
@@ -76,6 +77,12 @@ export interface MeasuredSwitchover {
   destinationLoadMs: number;
   /** Commit to the destination's Running (its resume arcs and a round trip). */
   destinationResumeMs: number;
+  /**
+   * The control cost: the two exchanges' transit (twice the commit -> running
+   * round trip less the destination's work in it) and the destination's work
+   * in them besides its arcs. What the estimate's overhead stands for.
+   */
+  controlMs: number;
   stopCopyBytes: number;
   /** Stop-copy throughput under the switchover's contention (devices stopped, all channels busy); null when too little moved. */
   stopCopyBytesPerSec: number | null;
@@ -175,7 +182,9 @@ export class MigrationSource extends MigrationEvents {
   /** What the switchover decision promised: checked against the measured downtime. */
   #promise: { expectedMs: number | null; limitMs: number; split: DowntimeSplit } | null = null;
   /** Switchover milestones, performance.now(): devices stopped, stream sent, destination ready, commit sent. */
-  #marks = { stopped: 0, streamed: 0, ready: 0, committed: 0 };
+  #marks = { stopped: 0, streamed: 0, ready: 0, committed: 0, running: 0 };
+  /** What the destination said of its work in the two exchanges (Running). */
+  #exchangeWork: { readyWorkMs: number; resumeWorkMs: number; exchangeArcsMs: number } | null = null;
   /** Stop-copy bytes and their transfer rate at the switchover (devices stopped, all channels busy). */
   #switchoverBytes = 0;
   /** The outcome is unknown and the source waits for resumeOnSource(). */
@@ -606,7 +615,9 @@ export class MigrationSource extends MigrationEvents {
     );
     this.#runningThere = true;
     this.#phase = 'done';
-    this.#downtimeMs = performance.now() - this.#stoppedAt;
+    this.#marks.running = performance.now();
+    this.#downtimeMs = this.#marks.running - this.#stoppedAt;
+    this.#exchangeWork = { readyWorkMs: running.readyWorkMs, resumeWorkMs: running.resumeWorkMs, exchangeArcsMs: running.exchangeArcsMs };
     this.#digests = this.handlers.map((h, i) => {
       const src = h.digest?.('saved') ?? null;
       const dst = running.digests[i] ?? null;
@@ -617,6 +628,8 @@ export class MigrationSource extends MigrationEvents {
   /** The VM runs on the destination: what fails from here on is only a warning. */
   async #complete(run: SourceRun): Promise<MigrationInfo> {
     this.#checkPromise();
+    // The next migration of these devices starts from the control cost seen here.
+    if (this.#measured) recordControlMs(this.policy.deviceSetKey, this.#measured.controlMs);
     const cleanup = await Promise.allSettled(this.handlers.map((h) => h.saveCleanup('completed', run.finishCtx)));
     for (const r of cleanup) if (r.status === 'rejected') this.#warn(`cleanup after completion: ${describeError(r.reason).message}`);
     this.#endAt = performance.now();
@@ -746,6 +759,19 @@ export class MigrationSource extends MigrationEvents {
     this.#lastArrival = { atMs: now, receivedBytes: this.#destReceivedBytes, queuedBytes: queued };
   }
 
+  /**
+   * The switchover's control cost, measured. The end of stream -> ready
+   * exchange also carries the drain of the last data, so its transit is
+   * taken as the commit -> running exchange's (same messages, same hops).
+   */
+  #controlMs(): number {
+    const w = this.#exchangeWork;
+    const m = this.#marks;
+    if (!w) return 0;
+    const transitMs = Math.max(0, m.running - m.committed - w.resumeWorkMs);
+    return saneMs(2 * transitMs + Math.max(0, w.readyWorkMs + w.resumeWorkMs - w.exchangeArcsMs));
+  }
+
   /** The switchover as measured, in the parts the estimate has (ms), and the stop-copy rate it saw. */
   #measuredSwitchover(): MeasuredSwitchover | null {
     const m = this.#marks;
@@ -759,6 +785,7 @@ export class MigrationSource extends MigrationEvents {
       destinationLoadMs: m.ready - m.streamed,
       // From the commit to Running: the destination's resume arcs and the round trip.
       destinationResumeMs: this.#stoppedAt + this.#downtimeMs - m.committed,
+      controlMs: this.#controlMs(),
       stopCopyBytes: this.#switchoverBytes,
       stopCopyBytesPerSec: dataMs > 0 && this.#switchoverBytes > 0 ? (this.#switchoverBytes / dataMs) * 1000 : null,
     };

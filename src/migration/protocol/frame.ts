@@ -24,7 +24,7 @@ export const WIRE_MAGIC = 0x56464d47; // "VFMG"
  * durations instead of the source's wall clock. 4: each arc in a LoadReport
  * names its switchover step.
  */
-export const WIRE_VERSION = 4;
+export const WIRE_VERSION = 5;
 export const FRAME_HEADER_BYTES = 20;
 /** Largest payload a peer may send in one frame. */
 export const MAX_FRAME_PAYLOAD_BYTES = 8 << 20;

@@ -101,7 +101,13 @@ export const MESSAGE_SCHEMAS = {
     /** From the VM's stop to this frame's send, on the source's monotonic clock (never a wall clock: hosts' clocks differ). */
     sentAfterStopMs: ms,
   }),
-  [FrameType.Running]: object({ digests: array(nullable(string({ maxLength: 256 })), { maxLength: 65535 }), loadMs: ms, resumeMs: ms }),
+  /**
+   * `readyWorkMs`: from the end of the last stream to ReadyToRun; `resumeWorkMs`:
+   * from the Commit to this message; `exchangeArcsMs`: of both, the device arcs
+   * (finish, resume-p2p, resume steps). The source keeps the rest, and the
+   * exchanges' transit, as the switchover's control cost.
+   */
+  [FrameType.Running]: object({ digests: array(nullable(string({ maxLength: 256 })), { maxLength: 65535 }), loadMs: ms, resumeMs: ms, readyWorkMs: ms, resumeWorkMs: ms, exchangeArcsMs: ms }),
   [FrameType.Ping]: object({ seq: number({ integer: true, min: 0, max: 2 ** 31 }) }),
   [FrameType.Pong]: object({ seq: number({ integer: true, min: 0, max: 2 ** 31 }) }),
   [FrameType.SectionEnd]: object({}),
