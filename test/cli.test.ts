@@ -3,7 +3,8 @@
 import test from 'ava';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { readdir } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { CLI } from './harness.js';
 import { onJsonLines } from '../src/json-lines.js';
@@ -276,4 +277,41 @@ test('CLI: profiles lists every shipped profile, fault profiles included, each w
   const text = await run(['profiles']);
   t.regex(text.stdout, /^faults\/corrupt-save +Fault profile: /m);
   t.regex(text.stdout, /^nic-vf +A NIC virtual function/m);
+});
+
+test('CLI: the arc history file keeps the learned control cost beside the arcs; the next migration counts it, and junk in its place is ignored', async (t) => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'vfio-cli-history-'));
+  const file = path.join(dir, 'arc-history.json');
+  const KEY = '@switchover-control-ms';
+  const migrateOnce = async () => {
+    const dest = await incoming(['--mock', 'serial']);
+    const src = await run(['migrate', '--to', dest.uri, '--json', '--arc-history', file, '--mock', 'serial']);
+    await dest.done;
+    t.is(src.code, 0, src.stderr);
+    const passes = src.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { event?: string; data?: { expectedDowntime?: { overheadMs: number; overheadBasis: string } } })
+      .filter((o) => o.event === 'MIGRATION_PASS')
+      .map((o) => o.data!.expectedDowntime!);
+    t.true(passes.length > 0);
+    return passes[0]!;
+  };
+  const saved = async () => JSON.parse(await readFile(file, 'utf8')) as Record<string, Record<string, unknown>>;
+  t.is((await migrateOnce()).overheadBasis, 'assumed', 'a first contact assumes it');
+  const history = await saved();
+  const entries = Object.entries(history[KEY] ?? {});
+  t.is(entries.length, 1, JSON.stringify(history));
+  const [deviceSet, ms] = entries[0]!;
+  t.true(typeof ms === 'number' && ms >= 0 && ms < 10_000, String(ms));
+  t.true(Object.keys(history).some((k) => k !== KEY), 'the arcs are saved beside it');
+  const again = await migrateOnce();
+  t.is(again.overheadBasis, 'learned');
+  t.is(again.overheadMs, ms as number);
+  // Junk in its place (a hand-edited or corrupt file) teaches nothing.
+  for (const junk of ['soon', -4, 1e15]) {
+    await writeFile(file, JSON.stringify({ ...history, [KEY]: { [deviceSet]: junk } }));
+    t.is((await migrateOnce()).overheadBasis, 'assumed', String(junk));
+  }
+  await rm(dir, { recursive: true, force: true });
 });
