@@ -39,15 +39,16 @@ for (const skewS of [+4, -4]) {
     t.teardown(() => side.close());
     const src = new MigrationSource({ handlers: side.handlers, vm: side.vm, parameters: { ...bound, 'x-assumed-p2p-arc-ms': 5 }, capabilities: { 'switchover-abort': true } });
     let stoppedAt = 0;
-    let sourceAbort: { measuredDowntimeMs: number } | null = null;
+    const sourceAborts: { measuredDowntimeMs: number; side: string }[] = [];
     src.on('MIGRATION', (d) => {
       if (d.status === 'device') stoppedAt = performance.now();
     });
-    src.on('SWITCHOVER_ABORT', (d) => (sourceAbort = d));
+    src.on('SWITCHOVER_ABORT', (d) => sourceAborts.push(d));
     const destAbort = peer.waitFor((o) => o.event === 'SWITCHOVER_ABORT', 20_000).then((line) => ({ line, seenAt: performance.now() }));
     const err = await t.throwsAsync(src.migrate(uri), { instanceOf: MigrationError });
     t.is(err?.code, 'ERR_MIGRATION_SWITCHOVER_ABORTED', err?.message);
-    t.truthy(sourceAbort, 'the source aborted');
+    // Said once on this side too, whichever side's clock reached the bound first.
+    t.is(sourceAborts.length, 1, JSON.stringify(sourceAborts));
     t.true(side.vm.running, 'the VM runs on the source');
     const downtime = src.query().vmDowntimeOnAbortMs!;
     t.true(downtime >= BOUND_MS - EARLY_MS && downtime <= BOUND_MS + MARGIN_MS, `source: VM stopped ${downtime.toFixed(0)} ms for a bound of ${BOUND_MS} ms`);

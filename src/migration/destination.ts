@@ -128,6 +128,9 @@ class IncomingRun {
   loadedBytes = 0;
   /** The source's VM stop on this host's monotonic clock, from the Switchover frame (0 before it). */
   sourceStoppedAt = 0;
+  /** The switchover bound the source sent (ms after its stop), and whether an abort of it was said here. */
+  abortAfterMs = 0;
+  abortSaid = false;
   loadStart = 0;
   loadEnd = 0;
   /** When ReadyToRun left, and when the Commit arrived (performance.now()): the destination's work in the two exchanges. */
@@ -620,6 +623,15 @@ export class MigrationDestination extends MigrationEvents {
   async #rollback(run: IncomingRun, err: Error): Promise<Error> {
     const cause = run.guard.failure ?? err;
     run.guard.disarm();
+    // The source's clock reached the bound first: its abort is said here too.
+    if ((cause as MigrationError).code === 'ERR_MIGRATION_SWITCHOVER_ABORTED' && !run.abortSaid && run.sourceStoppedAt) {
+      run.abortSaid = true;
+      try {
+        this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: performance.now() - run.sourceStoppedAt, abortAfterMs: run.abortAfterMs, side: 'source' });
+      } catch {
+        // A throwing listener changes nothing in the rollback.
+      }
+    }
     const main = run.channels[0];
     // `notRunning`: the source may resume the VM. True before this side's
     // commit (nothing ever ran here, even if this crosses the source's
@@ -871,6 +883,7 @@ export class MigrationDestination extends MigrationEvents {
           // arrival less its time on the source and on the way (half the
           // handshake's round trip). The hosts' wall clocks never meet.
           run.sourceStoppedAt = performance.now() - (m.sentAfterStopMs + (run.oneWayMs ?? 0));
+          run.abortAfterMs = m.abortAfterMs;
           this.#armSwitchoverAbort(run, m.abortAfterMs);
           break;
         }
@@ -950,7 +963,8 @@ export class MigrationDestination extends MigrationEvents {
    */
   #armSwitchoverAbort(run: IncomingRun, abortAfterMs: number): void {
     run.guard.armBound(run.sourceStoppedAt, abortAfterMs, (measured) => {
-      if (this.#status === 'completed') return;
+      if (this.#status === 'completed' || run.guard.failure) return;
+      run.abortSaid = true;
       this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs, side: 'destination' });
       const err = new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted on the destination: ${measured.toFixed(0)} ms since the source stopped, past downtime-limit + switchover-limit (${abortAfterMs} ms)`);
       const main = run.channels[0];

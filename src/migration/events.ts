@@ -34,6 +34,7 @@ export interface MigrationEventMap {
   SWITCHOVER_ACK: { afterMs: number; renewals: number };
   /** A device announced new initial bytes (VFIO_PRECOPY_INFO_REINIT): they go out before the switchover, and with switchover-ack the source waits for a new ACK. */
   INITIAL_RENEWED: { device: string; section: number; renewals: number; afterMs: number };
+  /** Said on both sides, once: `side` is the one whose clock reached the bound first (each runs it). */
   SWITCHOVER_ABORT: { measuredDowntimeMs: number; abortAfterMs: number; side: 'source' | 'destination' };
   /** The source told the destination to run the VM: from here on it never resumes the VM by itself (no split brain). */
   MIGRATION_COMMITTED: { afterStopMs: number };

@@ -715,6 +715,8 @@ export class MigrationSource extends MigrationEvents {
   #armSwitchoverAbort(): void {
     const after = this.#abortAfterMs();
     this.#guard.armBound(this.#stoppedAt, after, (measured) => {
+      // The destination's abort (or another failure) got here first: it was said already.
+      if (this.#guard.failure) return;
       this.emitEvent('SWITCHOVER_ABORT', { measuredDowntimeMs: measured, abortAfterMs: after, side: 'source' });
       this.#fail(new MigrationError('ERR_MIGRATION_SWITCHOVER_ABORTED', `switchover aborted: downtime reached ${measured.toFixed(0)} ms, past downtime-limit + switchover-limit (${after} ms); the VM resumes on the source`));
     });
@@ -893,6 +895,10 @@ export class MigrationSource extends MigrationEvents {
             const e = parseMessage(FrameType.Error, frame);
             // Before the commit nothing ever ran there; after it, only the destination's word says so.
             if (this.#phase !== 'committed' || e.notRunning === true) this.#destinationNotRunning = true;
+            // Both sides run the bound; when the destination's clock fires first, this side's
+            // listeners still learn that the switchover was aborted (and by which side).
+            if (e.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED' && this.#phase === 'switchover' && !this.#guard.failure)
+              this.#emitSafely('SWITCHOVER_ABORT', { measuredDowntimeMs: performance.now() - this.#stoppedAt, abortAfterMs: this.#abortAfterMs(), side: 'destination' });
             this.#destinationError = new MigrationError(e.code === 'ERR_MIGRATION_SWITCHOVER_ABORTED' ? 'ERR_MIGRATION_SWITCHOVER_ABORTED' : 'ERR_MIGRATION_DESTINATION', `destination failed: ${e.message}`);
             this.#fail(this.#destinationError);
             return;
